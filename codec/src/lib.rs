@@ -1,0 +1,18 @@
+//! MQTT 3.1.1 and 5.0 wire format.
+//!
+//! This crate is the broker's security boundary: every length read from the
+//! wire is checked against the bytes actually present and against the
+//! configured maximum packet size *before* anything is allocated. Payloads and
+//! topics are sliced out of the read buffer (`Bytes`), never copied, so one
+//! received PUBLISH can be fanned out to many subscribers without touching the
+//! payload again.
+
+mod decode;
+mod encode;
+mod error;
+pub mod packet;
+
+pub use decode::decode;
+pub use encode::{encode, encode_publish, publish_encoded_len};
+pub use error::{DecodeError, EncodeError};
+pub use packet::*;

@@ -1,0 +1,222 @@
+//! Broker configuration: the TOML file the operator writes into a ConfigMap
+//! and `starling-broker --config` reads. Every field has a default, so an
+//! empty file (or no file) is the local development setup from DESIGN.md.
+//!
+//! Sections are single words so that the environment override
+//! `STARLING_<SECTION>_<KEY>` is unambiguous: the section is everything up to
+//! the first `_` after the prefix, the key is the rest (`STARLING_LIMITS_MAX_CONNECTIONS`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::topic::TopicPolicy;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub broker: BrokerSection,
+    /// Plain MQTT over TCP.
+    pub mqtt: ListenerConfig,
+    /// MQTT over TLS.
+    pub mqtts: ListenerConfig,
+    /// Plain HTTP: MQTT over WebSocket at `/mqtt`, later `/broker/` and topic streams.
+    pub http: ListenerConfig,
+    /// The same over TLS.
+    pub https: ListenerConfig,
+    /// Admin REST API and `/metrics`.
+    pub admin: ListenerConfig,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub topics: TopicsConfig,
+    pub auth: AuthConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    /// The broker's name: one of the accepted MQTT usernames for token auth,
+    /// and the name shown by the admin API.
+    pub name: String,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            name: "starling".into(),
+        }
+    }
+}
+
+/// When a listener runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enabled {
+    /// Plain listeners: on. TLS listeners: on when a certificate is
+    /// configured or `--self-signed` is given.
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default = "auto")]
+    pub enabled: Enabled,
+    /// `host:port`. Port 0 picks a free port (printed in the banner).
+    pub bind: String,
+}
+
+fn auto() -> Enabled {
+    Enabled::Auto
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            enabled: Enabled::Auto,
+            bind: String::new(),
+        }
+    }
+}
+
+impl ListenerConfig {
+    fn on(bind: &str) -> Self {
+        ListenerConfig {
+            enabled: Enabled::Auto,
+            bind: bind.into(),
+        }
+    }
+}
+
+/// Local defaults (loopback only). The operator writes in-cluster binds.
+pub mod defaults {
+    pub const MQTT: &str = "127.0.0.1:1883";
+    pub const MQTTS: &str = "127.0.0.1:8883";
+    pub const HTTP: &str = "127.0.0.1:1884";
+    /// 443 needs privileges on a workstation; in-cluster configs set 0.0.0.0:443.
+    pub const HTTPS: &str = "127.0.0.1:8443";
+    pub const ADMIN: &str = "127.0.0.1:8081";
+}
+
+impl BrokerConfig {
+    /// Fills empty `bind` fields with the local defaults. Called after all
+    /// layers (file, env, flags) are merged, so an explicit bind always wins.
+    pub fn with_default_binds(mut self) -> Self {
+        for (l, d) in [
+            (&mut self.mqtt, defaults::MQTT),
+            (&mut self.mqtts, defaults::MQTTS),
+            (&mut self.http, defaults::HTTP),
+            (&mut self.https, defaults::HTTPS),
+            (&mut self.admin, defaults::ADMIN),
+        ] {
+            if l.bind.is_empty() {
+                *l = ListenerConfig {
+                    enabled: l.enabled,
+                    ..ListenerConfig::on(d)
+                };
+            }
+        }
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; reloaded when the file changes.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Generate a self-signed certificate at startup (development only).
+    pub self_signed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted or sent, in bytes (v5 Maximum Packet Size).
+    pub max_packet_size: u32,
+    /// Keepalive cap in seconds; clients asking for more (or 0) get this as
+    /// v5 Server Keep Alive. 0 disables the cap.
+    pub max_keepalive: u16,
+    /// Receive Maximum: QoS 1/2 messages in flight per direction per client.
+    pub max_inflight: u16,
+    /// Messages queued per session beyond the inflight window (online or
+    /// offline). Over the cap new QoS 0 messages are dropped first, then the
+    /// oldest; every drop is counted.
+    pub max_queued_messages: usize,
+    /// Bytes queued per session (payloads), a second cap beside the count.
+    pub max_queued_bytes: usize,
+    /// Topic aliases a v5 client may use towards the broker.
+    pub max_topic_aliases: u16,
+    /// Upper bound for v5 session expiry (seconds).
+    pub max_session_expiry: u32,
+    /// Seconds a new socket may take for TLS/WebSocket handshake and CONNECT.
+    pub connect_timeout: u64,
+    /// Bytes buffered towards one client before its messages start dropping.
+    pub max_write_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_packet_size: 1024 * 1024,
+            max_keepalive: 120,
+            max_inflight: 64,
+            max_queued_messages: 1000,
+            max_queued_bytes: 16 * 1024 * 1024,
+            max_topic_aliases: 64,
+            max_session_expiry: 7 * 24 * 3600,
+            connect_timeout: 10,
+            max_write_buffer: 1024 * 1024,
+        }
+    }
+}
+
+/// Optional topic policy for MQTT (HTTP applies shiftr limits on its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicsConfig {
+    pub max_length: Option<usize>,
+    /// Characters allowed besides ASCII letters and digits, e.g. "/-_.".
+    pub allowed_chars: Option<String>,
+}
+
+impl TopicsConfig {
+    pub fn policy(&self) -> TopicPolicy {
+        TopicPolicy {
+            max_len: self.max_length,
+            allowed_extra: self.allowed_chars.clone(),
+        }
+    }
+}
+
+/// Who may connect without a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Anonymous {
+    /// Anonymous clients allowed from loopback addresses only.
+    #[default]
+    Loopback,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub anonymous: Anonymous,
+    /// Auth bundle file (tokens and ACLs); watched for changes.
+    pub bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: Option<PathBuf>,
+}

@@ -1,0 +1,6 @@
+//! The one source of truth for everything the operator writes and the broker
+//! reads. Kept free of tokio, networking and Kubernetes so both sides (and
+//! tests) can depend on it cheaply and the two can never drift.
+
+pub mod config;
+pub mod topic;

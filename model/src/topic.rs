@@ -1,0 +1,222 @@
+//! Topic names, topic filters and matching — pure functions, no allocation on
+//! the matching path.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TopicError {
+    #[error("topic is empty")]
+    Empty,
+    #[error("topic contains a NUL character")]
+    Nul,
+    #[error("topic name contains a wildcard ('+' or '#')")]
+    WildcardInName,
+    #[error("'#' must be the last level of a filter and stand alone in it")]
+    MisplacedHash,
+    #[error("'+' must stand alone in a level")]
+    MisplacedPlus,
+    #[error("topic is {len} characters long; the limit is {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("topic contains the character {0:?}, which the topic policy does not allow")]
+    ForbiddenChar(char),
+    #[error("invalid shared subscription: {0}")]
+    InvalidShare(&'static str),
+}
+
+/// Checks a topic *name* (what PUBLISH carries): non-empty, no wildcards, no NUL.
+pub fn validate_name(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    for b in topic.bytes() {
+        match b {
+            b'+' | b'#' => return Err(TopicError::WildcardInName),
+            0 => return Err(TopicError::Nul),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a topic *filter* (what SUBSCRIBE carries, after any `$share/group/`
+/// prefix has been removed).
+pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if filter.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
+            return Err(TopicError::MisplacedHash);
+        }
+        if level.contains('+') && level != "+" {
+            return Err(TopicError::MisplacedPlus);
+        }
+    }
+    Ok(())
+}
+
+/// Does `filter` match topic name `topic`? Topics starting with `$` are not
+/// matched by a wildcard in the first level (MQTT 4.7.2).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// A subscription filter split into its parts: `$share/<group>/<filter>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionFilter<'a> {
+    pub share_group: Option<&'a str>,
+    pub filter: &'a str,
+}
+
+/// Splits off a `$share/group/` prefix and validates what remains.
+pub fn parse_subscription(raw: &str) -> Result<SubscriptionFilter<'_>, TopicError> {
+    let (share_group, filter) = match raw.strip_prefix("$share/") {
+        Some(rest) => {
+            let (group, filter) = rest
+                .split_once('/')
+                .ok_or(TopicError::InvalidShare("missing filter after the group"))?;
+            if group.is_empty() || group.contains(['+', '#']) {
+                return Err(TopicError::InvalidShare(
+                    "group name must be non-empty without wildcards",
+                ));
+            }
+            (Some(group), filter)
+        }
+        None => (None, raw),
+    };
+    validate_filter(filter)?;
+    Ok(SubscriptionFilter {
+        share_group,
+        filter,
+    })
+}
+
+/// An optional topic policy (length and character set) applied to topic names
+/// and filters. MQTT defaults to no policy; the HTTP API defaults to
+/// [`TopicPolicy::shiftr`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopicPolicy {
+    /// Maximum length in characters.
+    pub max_len: Option<usize>,
+    /// Extra characters allowed besides ASCII letters and digits; `None` means
+    /// any character is allowed.
+    pub allowed_extra: Option<String>,
+}
+
+impl TopicPolicy {
+    /// shiftr.io's limits: 128 characters; letters, digits and `.,:;-_$/+#`.
+    pub fn shiftr() -> Self {
+        TopicPolicy {
+            max_len: Some(128),
+            allowed_extra: Some(".,:;-_$/+#".to_string()),
+        }
+    }
+
+    pub fn check(&self, topic: &str) -> Result<(), TopicError> {
+        if let Some(max) = self.max_len {
+            let len = topic.chars().count();
+            if len > max {
+                return Err(TopicError::TooLong { len, max });
+            }
+        }
+        if let Some(extra) = &self.allowed_extra {
+            if let Some(c) = topic
+                .chars()
+                .find(|c| !c.is_ascii_alphanumeric() && !extra.contains(*c))
+            {
+                return Err(TopicError::ForbiddenChar(c));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("a/b").is_ok());
+        assert!(validate_name("/").is_ok());
+        assert_eq!(validate_name(""), Err(TopicError::Empty));
+        assert_eq!(validate_name("a/+"), Err(TopicError::WildcardInName));
+        assert_eq!(validate_name("a/#"), Err(TopicError::WildcardInName));
+        assert_eq!(validate_name("a\0"), Err(TopicError::Nul));
+    }
+
+    #[test]
+    fn filters() {
+        for ok in ["#", "+", "a/#", "+/+/c", "a//b", "/", "$SYS/#", "a/+/#"] {
+            assert!(validate_filter(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(validate_filter("a/#/b"), Err(TopicError::MisplacedHash));
+        assert_eq!(validate_filter("a#"), Err(TopicError::MisplacedHash));
+        assert_eq!(validate_filter("a/b+"), Err(TopicError::MisplacedPlus));
+        assert_eq!(validate_filter(""), Err(TopicError::Empty));
+    }
+
+    #[test]
+    fn matching_table() {
+        let cases = [
+            ("a/b/c", "a/b/c", true),
+            ("a/+/c", "a/b/c", true),
+            ("a/+/c", "a/b/d", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("#", "a/b", true),
+            ("+", "a", true),
+            ("+", "a/b", false),
+            ("+/+", "/a", true),
+            ("a/+", "a/", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("a/b", "a/b/c", false),
+            ("a/b/c", "a/b", false),
+        ];
+        for (f, t, want) in cases {
+            assert_eq!(matches(f, t), want, "{f} vs {t}");
+        }
+    }
+
+    #[test]
+    fn shared() {
+        let s = parse_subscription("$share/g1/a/+").unwrap();
+        assert_eq!(s.share_group, Some("g1"));
+        assert_eq!(s.filter, "a/+");
+        assert!(parse_subscription("$share/g1").is_err());
+        assert!(parse_subscription("$share//a").is_err());
+        assert!(parse_subscription("$share/g+/a").is_err());
+        assert_eq!(parse_subscription("a/b").unwrap().share_group, None);
+    }
+
+    #[test]
+    fn policy() {
+        let p = TopicPolicy::shiftr();
+        assert!(p.check("a/b-c_d.e:f;g,h$/#+").is_ok());
+        assert_eq!(p.check("a b"), Err(TopicError::ForbiddenChar(' ')));
+        assert!(matches!(
+            p.check(&"x".repeat(129)),
+            Err(TopicError::TooLong { .. })
+        ));
+        assert!(TopicPolicy::default().check("any thing ✓").is_ok());
+    }
+}
