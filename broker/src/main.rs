@@ -1,1 +1,99 @@
-fn main() {}
+//! `starling-broker`: run the broker (local default with no arguments).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use starling_broker::Broker;
+use starling_broker::settings::{self, Overrides};
+use tracing_subscriber::EnvFilter;
+
+/// Starling MQTT broker.
+///
+/// With no arguments it runs the local default: MQTT on 127.0.0.1:1883,
+/// HTTP (MQTT over WebSocket at /mqtt) on 127.0.0.1:1884, admin on
+/// 127.0.0.1:8081, anonymous access from loopback only.
+///
+/// Every config key can also be set in the environment as
+/// STARLING_<SECTION>_<KEY>, e.g. STARLING_MQTT_BIND=0.0.0.0:1883 or
+/// STARLING_LIMITS_MAX_CONNECTIONS=5000. Flags win over the environment,
+/// the environment over the file.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// TOML config file (sections: broker, mqtt, mqtts, http, https, admin,
+    /// tls, limits, topics, auth, storage).
+    #[arg(long, env = "STARLING_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for persistent state.
+    #[arg(long, env = "STARLING_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Auth bundle (tokens and ACLs), watched for changes.
+    #[arg(long, env = "STARLING_AUTH_BUNDLE", value_name = "FILE")]
+    auth_bundle: Option<PathBuf>,
+    /// Serve the TLS listeners with a generated certificate (development).
+    #[arg(long)]
+    self_signed: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the effective configuration (after file, environment and flags) as TOML.
+    Config,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let overrides = Overrides {
+        config: cli.config.clone(),
+        data_dir: cli.data_dir.clone(),
+        auth_bundle: cli.auth_bundle.clone(),
+        self_signed: cli.self_signed,
+    };
+    let config = settings::load(&overrides, std::env::vars())?;
+    if let Some(Command::Config) = cli.command {
+        print!(
+            "{}",
+            toml::to_string(&config).context("rendering the configuration")?
+        );
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(config))
+}
+
+async fn run(config: starling_model::config::BrokerConfig) -> anyhow::Result<()> {
+    let handle = Broker::start(config).await?;
+    print!(
+        "{}",
+        starling_broker::banner::render(&handle.shared.config, &handle.listeners)
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    handle.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

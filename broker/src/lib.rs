@@ -1,0 +1,19 @@
+//! Starling broker library: everything the `starling-broker` binary runs,
+//! exposed so integration tests and the operator's contract test can use the
+//! same types.
+//!
+//! A packet travels codec → `session` (per-connection state machine) →
+//! `router` (topic index, retained store, delivery into subscriber queues) →
+//! the subscriber's `session` → codec, whatever listener it came in on
+//! (`listen`: TCP, TLS, WebSocket).
+
+pub mod banner;
+pub mod listen;
+pub mod metrics;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod settings;
+pub mod tls;
+
+pub use server::{Broker, BrokerHandle};

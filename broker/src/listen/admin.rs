@@ -1,0 +1,25 @@
+//! Admin listener: health, readiness and Prometheus metrics. The admin REST
+//! API (NanoMQ/EMQX shapes) joins this router in its own issue.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use super::SharedRef;
+
+pub fn router(shared: SharedRef) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+async fn metrics(State(shared): State<SharedRef>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(),
+    )
+}

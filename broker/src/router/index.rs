@@ -1,0 +1,360 @@
+//! The topic index: a trie keyed by topic level, so a publish visits only
+//! the branches its levels (and `+`/`#`) select instead of every
+//! subscription.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use starling_codec::QoS;
+
+use crate::session::Session;
+
+/// Options of one subscription (MQTT 5 subscription options; v3.1.1 uses
+/// only `qos`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SubOptions {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: u8,
+    /// v5 subscription identifier; 0 = none.
+    pub sub_id: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SubEntry {
+    pub session: Arc<Session>,
+    pub opts: SubOptions,
+}
+
+/// A `$share/<name>/<filter>` group: each message goes to one member.
+#[derive(Debug)]
+struct SharedGroup {
+    name: Arc<str>,
+    members: Vec<SubEntry>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    subs: Vec<SubEntry>,
+    shared: Vec<SharedGroup>,
+}
+
+impl Slot {
+    fn is_empty(&self) -> bool {
+        self.subs.is_empty() && self.shared.is_empty()
+    }
+
+    /// Adds or replaces; returns true if the subscription is new.
+    fn insert(&mut self, share: Option<&str>, entry: SubEntry) -> bool {
+        let list = match share {
+            None => &mut self.subs,
+            Some(name) => {
+                let pos = match self.shared.iter().position(|g| &*g.name == name) {
+                    Some(p) => p,
+                    None => {
+                        self.shared.push(SharedGroup {
+                            name: Arc::from(name),
+                            members: Vec::new(),
+                            next: AtomicUsize::new(0),
+                        });
+                        self.shared.len() - 1
+                    }
+                };
+                &mut self.shared[pos].members
+            }
+        };
+        match list.iter_mut().find(|e| e.session.key == entry.session.key) {
+            Some(e) => {
+                *e = entry;
+                false
+            }
+            None => {
+                list.push(entry);
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, share: Option<&str>, key: u64) -> bool {
+        match share {
+            None => {
+                let before = self.subs.len();
+                self.subs.retain(|e| e.session.key != key);
+                before != self.subs.len()
+            }
+            Some(name) => {
+                let Some(pos) = self.shared.iter().position(|g| &*g.name == name) else {
+                    return false;
+                };
+                let g = &mut self.shared[pos];
+                let before = g.members.len();
+                g.members.retain(|e| e.session.key != key);
+                let removed = before != g.members.len();
+                if g.members.is_empty() {
+                    self.shared.swap_remove(pos);
+                }
+                removed
+            }
+        }
+    }
+
+    fn collect(&self, out: &mut Vec<SubEntry>) {
+        out.extend(self.subs.iter().cloned());
+        for g in &self.shared {
+            if let Some(e) = pick_member(g) {
+                out.push(e.clone());
+            }
+        }
+    }
+}
+
+/// Round robin over the group, skipping members whose client is offline
+/// while any member is online (an offline member would only queue it).
+fn pick_member(g: &SharedGroup) -> Option<&SubEntry> {
+    let n = g.members.len();
+    if n == 0 {
+        return None;
+    }
+    let start = g.next.fetch_add(1, Ordering::Relaxed);
+    (0..n)
+        .map(|i| &g.members[(start + i) % n])
+        .find(|e| e.session.is_online())
+        .or_else(|| g.members.get(start % n))
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    plus: Option<Box<Node>>,
+    /// Filters that end at this node.
+    exact: Slot,
+    /// Filters that end with `/#` below this node (or `#` at the root).
+    hash: Slot,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.exact.is_empty()
+            && self.hash.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct TopicIndex {
+    root: Node,
+    count: usize,
+}
+
+impl TopicIndex {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds (or updates) a subscription to a validated `filter`. Returns
+    /// true if it did not exist before.
+    pub fn insert(&mut self, filter: &str, share: Option<&str>, entry: SubEntry) -> bool {
+        let mut node = &mut self.root;
+        let mut levels = filter.split('/').peekable();
+        let mut slot = None;
+        while let Some(level) = levels.next() {
+            if level == "#" {
+                slot = Some(&mut node.hash);
+                break;
+            }
+            node = if level == "+" {
+                node.plus.get_or_insert_with(Default::default)
+            } else {
+                node.children.entry(Box::from(level)).or_default()
+            };
+            if levels.peek().is_none() {
+                slot = Some(&mut node.exact);
+            }
+        }
+        let added = slot.is_some_and(|s| s.insert(share, entry));
+        if added {
+            self.count += 1;
+        }
+        added
+    }
+
+    /// Removes `key`'s subscription to `filter`; prunes empty branches.
+    pub fn remove(&mut self, filter: &str, share: Option<&str>, key: u64) -> bool {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = remove_in(&mut self.root, &levels, share, key);
+        if removed {
+            self.count -= 1;
+        }
+        removed
+    }
+
+    /// Appends every subscription matching `topic` to `out` (shared groups
+    /// contribute one member each). A session can appear more than once if
+    /// several of its filters match.
+    pub fn matches(&self, topic: &str, out: &mut Vec<SubEntry>) {
+        // MQTT 4.7.2: wildcards at the first level do not match `$` topics.
+        let dollar = topic.starts_with('$');
+        collect(&self.root, topic.split('/'), dollar, out);
+    }
+}
+
+fn collect(
+    node: &Node,
+    mut levels: std::str::Split<'_, char>,
+    skip_wild: bool,
+    out: &mut Vec<SubEntry>,
+) {
+    if !skip_wild {
+        node.hash.collect(out);
+    }
+    let Some(level) = levels.next() else {
+        node.exact.collect(out);
+        return;
+    };
+    if let Some(child) = node.children.get(level) {
+        collect(child, levels.clone(), false, out);
+    }
+    if !skip_wild {
+        if let Some(plus) = &node.plus {
+            collect(plus, levels, false, out);
+        }
+    }
+}
+
+fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) -> bool {
+    let Some((&level, rest)) = levels.split_first() else {
+        return false;
+    };
+    if level == "#" {
+        return node.hash.remove(share, key);
+    }
+    let removed;
+    if level == "+" {
+        let Some(child) = node.plus.as_deref_mut() else {
+            return false;
+        };
+        removed = if rest.is_empty() {
+            child.exact.remove(share, key)
+        } else {
+            remove_in(child, rest, share, key)
+        };
+        if child.is_empty() {
+            node.plus = None;
+        }
+    } else {
+        let Some(child) = node.children.get_mut(level) else {
+            return false;
+        };
+        removed = if rest.is_empty() {
+            child.exact.remove(share, key)
+        } else {
+            remove_in(child, rest, share, key)
+        };
+        if child.is_empty() {
+            node.children.remove(level);
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::state::QueueLimits;
+
+    fn session(key: u64) -> Arc<Session> {
+        Arc::new(Session::new(
+            key,
+            Arc::from(format!("c{key}")),
+            QueueLimits {
+                max_messages: 10,
+                max_bytes: 1000,
+            },
+        ))
+    }
+
+    fn entry(s: &Arc<Session>) -> SubEntry {
+        SubEntry {
+            session: s.clone(),
+            opts: SubOptions::default(),
+        }
+    }
+
+    fn keys(idx: &TopicIndex, topic: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        idx.matches(topic, &mut out);
+        let mut k: Vec<u64> = out.iter().map(|e| e.session.key).collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn agrees_with_the_reference_matcher() {
+        let filters = [
+            "#", "+", "a", "a/#", "a/+", "a/+/c", "+/b/#", "a//c", "$SYS/#", "+/+", "a/b/c", "/#",
+        ];
+        let topics = [
+            "a", "a/b", "a/b/c", "a//c", "$SYS/x", "/", "/x", "b/b/d", "a/",
+        ];
+        let mut idx = TopicIndex::default();
+        let sessions: Vec<_> = (0..filters.len() as u64).map(session).collect();
+        for (f, s) in filters.iter().zip(&sessions) {
+            assert!(idx.insert(f, None, entry(s)));
+        }
+        assert_eq!(idx.len(), filters.len());
+        for t in topics {
+            let want: Vec<u64> = filters
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| starling_model::topic::matches(f, t))
+                .map(|(i, _)| i as u64)
+                .collect();
+            assert_eq!(keys(&idx, t), want, "topic {t}");
+        }
+        for (f, s) in filters.iter().zip(&sessions) {
+            assert!(idx.remove(f, None, s.key), "{f}");
+        }
+        assert!(idx.is_empty());
+        assert!(idx.root.is_empty(), "branches pruned");
+    }
+
+    #[test]
+    fn resubscribe_replaces() {
+        let mut idx = TopicIndex::default();
+        let s = session(1);
+        assert!(idx.insert("a/b", None, entry(&s)));
+        assert!(!idx.insert("a/b", None, entry(&s)));
+        assert_eq!(keys(&idx, "a/b"), vec![1]);
+        assert!(!idx.remove("a/c", None, 1));
+    }
+
+    #[test]
+    fn shared_groups_pick_one_member_each() {
+        let mut idx = TopicIndex::default();
+        let (a, b, c) = (session(1), session(2), session(3));
+        idx.insert("t", Some("g"), entry(&a));
+        idx.insert("t", Some("g"), entry(&b));
+        idx.insert("t", Some("h"), entry(&c));
+        let mut seen = [0; 4];
+        for _ in 0..10 {
+            let k = keys(&idx, "t");
+            assert_eq!(k.len(), 2);
+            assert!(k.contains(&3));
+            for x in k {
+                seen[x as usize] += 1;
+            }
+        }
+        assert_eq!(seen[1] + seen[2], 10);
+        assert!(seen[1] > 0 && seen[2] > 0, "round robin");
+        assert!(idx.remove("t", Some("g"), 1));
+        assert_eq!(keys(&idx, "t"), vec![2, 3]);
+    }
+}

@@ -1,0 +1,90 @@
+//! What travels from a publisher to its subscribers.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use starling_codec::{ByteString, Properties, QoS};
+use tokio::time::Instant;
+
+/// A published message as the router hands it out. Cloning it is a few
+/// reference-count increments: topic and payload are slices of the
+/// publisher's read buffer, shared by every subscriber.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: ByteString,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// v5 properties forwarded to subscribers (user properties, content
+    /// type, response topic, …). `None` for v3.1.1 publishers and v5
+    /// publishes without properties, so the common case allocates nothing.
+    pub properties: Option<Arc<Properties>>,
+    pub expires_at: Option<Instant>,
+    /// Session that published it (for the v5 no-local option); 0 = none.
+    pub origin: u64,
+}
+
+impl Message {
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Remaining message expiry in whole seconds (v5 says the server
+    /// forwards the remaining lifetime, not the original).
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|t| {
+            let left = t.saturating_duration_since(now);
+            u32::try_from(left.as_secs()).unwrap_or(u32::MAX).max(1)
+        })
+    }
+}
+
+/// Subscription identifiers attached to one delivery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SubIds {
+    #[default]
+    None,
+    One(u32),
+    Many(Arc<[u32]>),
+}
+
+impl SubIds {
+    pub fn as_slice(&self) -> &[u32] {
+        match self {
+            SubIds::None => &[],
+            SubIds::One(id) => std::slice::from_ref(id),
+            SubIds::Many(ids) => ids,
+        }
+    }
+
+    pub fn push(&mut self, id: u32) {
+        if id == 0 {
+            return;
+        }
+        *self = match std::mem::take(self) {
+            SubIds::None => SubIds::One(id),
+            SubIds::One(a) if a == id => SubIds::One(a),
+            SubIds::One(a) => SubIds::Many(Arc::from([a, id])),
+            SubIds::Many(v) if v.contains(&id) => SubIds::Many(v),
+            SubIds::Many(v) => SubIds::Many(v.iter().copied().chain([id]).collect()),
+        };
+    }
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Message,
+    /// min(publish QoS, subscription QoS).
+    pub qos: QoS,
+    /// Retain flag as sent: true for retained messages sent on subscribe,
+    /// or with retain-as-published.
+    pub retain: bool,
+    pub sub_ids: SubIds,
+}
+
+impl Delivery {
+    pub fn cost(&self) -> usize {
+        self.msg.payload.len() + self.msg.topic.len()
+    }
+}

@@ -1,0 +1,258 @@
+//! Starting and stopping a broker: bind listeners, spawn accept loops, run
+//! housekeeping, and shut down gracefully.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use starling_model::config::{BrokerConfig, Enabled, ListenerConfig};
+use starling_model::topic::{TopicError, TopicPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::listen;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::session::Registry;
+use crate::tls;
+
+/// State every connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: BrokerConfig,
+    pub router: Router,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Sender<bool>,
+    topic_policy: Option<TopicPolicy>,
+    client_seq: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: BrokerConfig) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics::default());
+        let policy = config.topics.policy();
+        Arc::new(Shared {
+            router: Router::new(metrics.clone()),
+            registry: Registry::default(),
+            metrics,
+            shutdown: watch::channel(false).0,
+            topic_policy: (policy != TopicPolicy::default()).then_some(policy),
+            client_seq: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    /// The configured MQTT topic policy (none by default, as the spec says).
+    pub fn check_topic(&self, topic: &str) -> Result<(), TopicError> {
+        match &self.topic_policy {
+            Some(p) => p.check(topic),
+            None => Ok(()),
+        }
+    }
+
+    pub fn assign_client_id(&self) -> String {
+        let n = self.client_seq.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("starling-{nanos:08x}-{n}")
+    }
+}
+
+/// A listener that is up.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub name: &'static str,
+    pub scheme: &'static str,
+    pub addr: SocketAddr,
+    pub note: String,
+}
+
+/// A running broker.
+pub struct BrokerHandle {
+    pub shared: Arc<Shared>,
+    pub listeners: Vec<Bound>,
+    tasks: JoinSet<()>,
+}
+
+/// Namespace for starting a broker.
+pub struct Broker;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Mqtt,
+    Http,
+    Admin,
+}
+
+impl Broker {
+    /// Binds every enabled listener and starts serving.
+    pub async fn start(config: BrokerConfig) -> anyhow::Result<BrokerHandle> {
+        let tls_resolver = tls_resolver(&config)?;
+        let shared = Shared::new(config);
+        let cfg = &shared.config;
+        let mut tasks = JoinSet::new();
+        let mut listeners = Vec::new();
+        let tls_on = tls_resolver.is_some();
+        let plan: [(&'static str, &ListenerConfig, bool, Kind); 5] = [
+            ("mqtt", &cfg.mqtt, false, Kind::Mqtt),
+            ("mqtts", &cfg.mqtts, true, Kind::Mqtt),
+            ("http", &cfg.http, false, Kind::Http),
+            ("https", &cfg.https, true, Kind::Http),
+            ("admin", &cfg.admin, false, Kind::Admin),
+        ];
+        for (name, lc, wants_tls, kind) in plan {
+            let on = match lc.enabled {
+                Enabled::Off => false,
+                Enabled::On => true,
+                Enabled::Auto => !wants_tls || tls_on,
+            };
+            if !on {
+                continue;
+            }
+            let tls_cfg = if wants_tls {
+                let resolver = tls_resolver.clone().with_context(|| {
+                    format!("{name} listener is on but no certificate is configured (set [tls] cert/key or --self-signed)")
+                })?;
+                let alpn: &[&[u8]] = if kind == Kind::Http {
+                    &[b"http/1.1"]
+                } else {
+                    &[b"mqtt"]
+                };
+                Some(tls::server_config(resolver, alpn)?)
+            } else {
+                None
+            };
+            let (listener, note) = bind(name, &lc.bind, kind == Kind::Http).await?;
+            let addr = listener.local_addr()?;
+            let scheme = match (kind, wants_tls) {
+                (Kind::Mqtt, false) => "mqtt",
+                (Kind::Mqtt, true) => "mqtts",
+                (Kind::Http, false) | (Kind::Admin, _) => "http",
+                (Kind::Http, true) => "https",
+            };
+            let note = match kind {
+                Kind::Http => format!("MQTT over WebSocket at /mqtt{note}"),
+                Kind::Admin => format!("/metrics, /healthz, /readyz{note}"),
+                Kind::Mqtt => format!("MQTT 3.1.1 and 5.0{note}"),
+            };
+            listeners.push(Bound {
+                name,
+                scheme,
+                addr,
+                note,
+            });
+            let s = shared.clone();
+            match kind {
+                Kind::Mqtt => {
+                    tasks.spawn(listen::tcp::accept_loop(s, listener, tls_cfg));
+                }
+                Kind::Http => {
+                    let app = listen::http::router(s.clone());
+                    tasks.spawn(listen::http::serve(s, listener, tls_cfg, app, true));
+                }
+                Kind::Admin => {
+                    let app = listen::admin::router(s.clone());
+                    tasks.spawn(listen::http::serve(s, listener, None, app, false));
+                }
+            }
+        }
+        tasks.spawn(reap_sessions(shared.clone()));
+        Ok(BrokerHandle {
+            shared,
+            listeners,
+            tasks,
+        })
+    }
+}
+
+fn tls_resolver(cfg: &BrokerConfig) -> anyhow::Result<Option<Arc<tls::ReloadingResolver>>> {
+    match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(cert), Some(key)) => {
+            let k = tls::load_pem(cert, key)?;
+            let r = tls::ReloadingResolver::new(k);
+            tls::watch(r.clone(), cert.clone(), key.clone(), Duration::from_secs(2));
+            Ok(Some(r))
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            anyhow::bail!("[tls] needs both cert and key")
+        }
+        (None, None) if cfg.tls.self_signed => {
+            Ok(Some(tls::ReloadingResolver::new(tls::self_signed()?)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Binds `addr`. A taken port is a clear error, except for the local HTTP
+/// listener, which moves to a free port (and says so) like shiftr Desktop.
+async fn bind(name: &str, addr: &str, may_move: bool) -> anyhow::Result<(TcpListener, String)> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok((l, String::new())),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && may_move => {
+            let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or("127.0.0.1");
+            let l = TcpListener::bind((host.trim_matches(['[', ']']), 0))
+                .await
+                .with_context(|| {
+                    format!("{name} listener: {addr} is in use and no free port was found")
+                })?;
+            Ok((l, format!(" (port of {addr} was in use; moved)")))
+        }
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
+            "{name} listener: {addr} is already in use (is another MQTT broker running?). \
+             Set STARLING_{}_BIND or [{name}] bind to another address.",
+            name.to_ascii_uppercase()
+        )),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("{name} listener: cannot bind {addr}")))
+        }
+    }
+}
+
+/// Drops sessions whose expiry interval has passed since their client left.
+async fn reap_sessions(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        for s in shared.registry.take_expired(tokio::time::Instant::now()) {
+            shared.router.drop_session(&s);
+        }
+    }
+}
+
+impl BrokerHandle {
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.addr)
+    }
+
+    /// Stops accepting, tells every client (v5: DISCONNECT 0x8B) after
+    /// flushing what is queued for it, and waits up to `deadline` for the
+    /// connections to close.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        let _ = self.shared.shutdown.send(true);
+        let until = tokio::time::Instant::now() + deadline;
+        while self
+            .shared
+            .metrics
+            .connections_current
+            .load(Ordering::Relaxed)
+            > 0
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.tasks.abort_all();
+    }
+}

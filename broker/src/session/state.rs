@@ -1,0 +1,206 @@
+//! Per-session state that outlives a connection: the outbound queue, the
+//! outgoing inflight window, QoS 2 receive state and the subscription list.
+//!
+//! Publishers push into a subscriber's queue under its own mutex (no global
+//! lock on the delivery path) and wake the one connection task attached to
+//! the session through its [`ConnLink`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use starling_codec::{ByteString, QoS};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::metrics::{self, Metrics};
+use crate::router::{Delivery, SubOptions};
+
+/// The wake-up line between publishers (and the registry) and the one
+/// connection task currently serving a session.
+#[derive(Debug, Default)]
+pub struct ConnLink {
+    pub wake: Notify,
+    /// Non-zero: the connection must close, sending this v5 reason code
+    /// (0x8E session taken over, 0x8B server shutting down, 0x87 not authorized…).
+    kicked: AtomicU8,
+}
+
+impl ConnLink {
+    pub fn kick(&self, reason: u8) {
+        self.kicked.store(reason.max(1), Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub fn kicked(&self) -> Option<u8> {
+        match self.kicked.load(Ordering::Acquire) {
+            0 => None,
+            r => Some(r),
+        }
+    }
+}
+
+/// Caps on what one session may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+/// An outgoing QoS 1/2 message the client has not finished acknowledging.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub pkid: u16,
+    pub delivery: Delivery,
+    /// QoS 2 only: PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    pub released: bool,
+}
+
+#[derive(Debug)]
+pub struct SessionState {
+    pub queue: VecDeque<Delivery>,
+    pub queued_bytes: usize,
+    pub inflight: VecDeque<Inflight>,
+    next_pkid: u16,
+    /// QoS 2 packet ids received (PUBREC sent) and not yet released: a
+    /// re-sent PUBLISH with one of these ids is a duplicate and not routed again.
+    pub incoming_qos2: HashSet<u16>,
+    /// Raw filter as the client sent it (with any `$share/g/` prefix) → options.
+    pub subscriptions: HashMap<ByteString, SubOptions>,
+    pub link: Option<Arc<ConnLink>>,
+    /// Session expiry interval; zero means the session ends with its connection.
+    pub expiry: Duration,
+    pub disconnected_at: Option<Instant>,
+    pub limits: QueueLimits,
+}
+
+/// A client session, keyed by client id in the registry.
+#[derive(Debug)]
+pub struct Session {
+    /// Unique per session instance (a clean start makes a new one), used as
+    /// the subscriber key in the topic index and for no-local.
+    pub key: u64,
+    pub client_id: Arc<str>,
+    /// Mirrors `state.link.is_some()` so shared-subscription selection can
+    /// prefer online members without taking each member's lock.
+    online: AtomicBool,
+    state: Mutex<SessionState>,
+}
+
+impl Session {
+    pub fn new(key: u64, client_id: Arc<str>, limits: QueueLimits) -> Self {
+        Session {
+            key,
+            client_id,
+            online: AtomicBool::new(false),
+            state: Mutex::new(SessionState {
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                inflight: VecDeque::new(),
+                next_pkid: 0,
+                incoming_qos2: HashSet::new(),
+                subscriptions: HashMap::new(),
+                link: None,
+                expiry: Duration::ZERO,
+                disconnected_at: None,
+                limits,
+            }),
+        }
+    }
+
+    /// Locks the state. A panic while holding the lock cannot leave the
+    /// state half-updated in a way that matters more than losing the
+    /// session, so a poisoned lock is simply taken over.
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    /// Attaches a connection, kicking the previous one (session takeover).
+    pub fn attach(&self, link: Arc<ConnLink>, expiry: Duration) {
+        let mut st = self.lock();
+        if let Some(old) = st.link.replace(link) {
+            old.kick(starling_codec::reason::SESSION_TAKEN_OVER);
+        }
+        st.expiry = expiry;
+        st.disconnected_at = None;
+        self.online.store(true, Ordering::Relaxed);
+    }
+
+    /// Detaches `link` if it is still the attached one. Returns false when
+    /// another connection has taken the session over meanwhile.
+    pub fn detach(&self, link: &Arc<ConnLink>, expiry: Duration) -> bool {
+        let mut st = self.lock();
+        match &st.link {
+            Some(cur) if Arc::ptr_eq(cur, link) => {
+                st.link = None;
+                st.expiry = expiry;
+                st.disconnected_at = Some(Instant::now());
+                // QoS 0 messages are not kept for offline sessions.
+                let before = st.queue.len();
+                st.queue.retain(|d| d.qos != QoS::AtMostOnce);
+                let dropped = before - st.queue.len();
+                st.queued_bytes = st.queue.iter().map(Delivery::cost).sum();
+                self.online.store(false, Ordering::Relaxed);
+                let _ = dropped;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues a delivery for this session. Offline sessions keep only QoS 1/2;
+    /// a full queue drops the new message (counted), like mosquitto's
+    /// `max_queued_messages`, so a slow or absent subscriber never grows
+    /// broker memory without bound.
+    pub fn enqueue(&self, d: Delivery, metrics: &Metrics) {
+        let mut st = self.lock();
+        let qos = d.qos as usize;
+        if st.link.is_none() && d.qos == QoS::AtMostOnce {
+            metrics::inc(&metrics.messages_dropped[qos]);
+            return;
+        }
+        let cost = d.cost();
+        if st.queue.len() >= st.limits.max_messages || st.queued_bytes + cost > st.limits.max_bytes
+        {
+            metrics::inc(&metrics.messages_dropped[qos]);
+            return;
+        }
+        st.queued_bytes += cost;
+        st.queue.push_back(d);
+        if let Some(link) = &st.link {
+            link.wake.notify_one();
+        }
+    }
+}
+
+impl SessionState {
+    /// Next free outgoing packet id (1..=65535, skipping ids in flight).
+    pub fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid == 0 {
+                self.next_pkid = 1;
+            }
+            let id = self.next_pkid;
+            if !self.inflight.iter().any(|i| i.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    pub fn pop_queued(&mut self) -> Option<Delivery> {
+        let d = self.queue.pop_front()?;
+        self.queued_bytes = self.queued_bytes.saturating_sub(d.cost());
+        Some(d)
+    }
+
+    pub fn take_inflight(&mut self, pkid: u16) -> Option<Inflight> {
+        let pos = self.inflight.iter().position(|i| i.pkid == pkid)?;
+        self.inflight.remove(pos)
+    }
+}
