@@ -2,5 +2,8 @@
 //! reads. Kept free of tokio, networking and Kubernetes so both sides (and
 //! tests) can depend on it cheaply and the two can never drift.
 
+pub mod acl;
+pub mod bundle;
 pub mod config;
+pub mod token;
 pub mod topic;

@@ -78,6 +78,85 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Does a filter's first level hold a wildcard? Such filters never match
+/// `$`-topics (MQTT 4.7.2), which both [`covers`] and [`overlaps`] must honour
+/// to agree with [`matches`].
+fn wildcard_first(filter: &str) -> bool {
+    filter.starts_with('+') || filter.starts_with('#')
+}
+
+/// Does `outer` match every topic that `inner` matches? An ACL allows a
+/// subscription only when an allowed filter covers it; matching a single
+/// topic is not enough because the subscriber would then also receive topics
+/// the rule never granted (`a/+/c` must not grant `a/#`).
+///
+/// Exact for valid filters (see [`validate_filter`]): it returns `true` if and
+/// only if no topic name exists that `inner` matches and `outer` does not. A
+/// `$share/group/` prefix must be removed first.
+pub fn covers(outer: &str, inner: &str) -> bool {
+    if wildcard_first(outer) && inner.starts_with('$') {
+        return false;
+    }
+    let mut o = outer.split('/');
+    let mut i = inner.split('/');
+    let mut level = 0;
+    let mut first_empty = false;
+    loop {
+        match (o.next(), i.next()) {
+            (Some("#"), _) | (None, None) => return true,
+            // `#` also matches the parent level ("a/#" matches "a"), which
+            // `+/#` does not, unless that parent would be the empty string
+            // (no topic at all, or the single level ""), which is not a
+            // topic name: there `+/#` and `#` match the same topics.
+            (Some("+"), Some("#")) => {
+                return empty_prefix(level, first_empty) && o.next() == Some("#");
+            }
+            (Some(ol), Some(il)) if ol == "+" || ol == il => {
+                if level == 0 {
+                    first_empty = il.is_empty();
+                }
+            }
+            _ => return false,
+        }
+        level += 1;
+    }
+}
+
+/// Could some topic name match both `a` and `b`? A subscription must be
+/// refused when a deny rule overlaps it; otherwise messages on the denied
+/// topics would reach the subscriber through the wider filter.
+///
+/// Exact for valid filters, like [`covers`]. Symmetric.
+pub fn overlaps(a: &str, b: &str) -> bool {
+    if (wildcard_first(a) && b.starts_with('$')) || (wildcard_first(b) && a.starts_with('$')) {
+        return false;
+    }
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    let mut level = 0;
+    let mut first_empty = false;
+    loop {
+        match (x.next(), y.next()) {
+            // The only common topic is the levels seen so far; it must not
+            // be the empty string ("/#" and "+" share only "").
+            (Some("#"), None) | (None, Some("#")) => return !empty_prefix(level, first_empty),
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {
+                if level == 0 {
+                    first_empty = p.is_empty() || q.is_empty();
+                }
+            }
+            _ => return false,
+        }
+        level += 1;
+    }
+}
+
+/// Would a topic made of the first `level` levels be the empty string?
+fn empty_prefix(level: usize, first_empty: bool) -> bool {
+    level == 0 || (level == 1 && first_empty)
+}
+
 /// A subscription filter split into its parts: `$share/<group>/<filter>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscriptionFilter<'a> {
@@ -136,13 +215,13 @@ impl TopicPolicy {
                 return Err(TopicError::TooLong { len, max });
             }
         }
-        if let Some(extra) = &self.allowed_extra {
-            if let Some(c) = topic
+        let forbidden = self.allowed_extra.as_ref().and_then(|extra| {
+            topic
                 .chars()
                 .find(|c| !c.is_ascii_alphanumeric() && !extra.contains(*c))
-            {
-                return Err(TopicError::ForbiddenChar(c));
-            }
+        });
+        if let Some(c) = forbidden {
+            return Err(TopicError::ForbiddenChar(c));
         }
         Ok(())
     }
