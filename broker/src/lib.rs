@@ -7,6 +7,7 @@
 //! the subscriber's `session` → codec, whatever listener it came in on
 //! (`listen`: TCP, TLS, WebSocket).
 
+pub mod auth;
 pub mod banner;
 pub mod listen;
 pub mod metrics;
@@ -15,5 +16,6 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod tls;
+pub mod tokens;
 
 pub use server::{Broker, BrokerHandle};

@@ -43,15 +43,60 @@ struct Cli {
 enum Command {
     /// Print the effective configuration (after file, environment and flags) as TOML.
     Config,
+    /// Manage tokens in an auth bundle (standalone use; in Kubernetes the
+    /// operator does this).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token. Prints its secret once. With --bundle, adds the token
+    /// to that bundle file (created if missing); without, prints a new
+    /// bundle holding just this token.
+    New {
+        /// Token name (also usable as MQTT username).
+        #[arg(long)]
+        name: String,
+        /// Broker name for a new bundle.
+        #[arg(long, default_value = "starling")]
+        broker: String,
+        /// Auth bundle file to add the token to.
+        #[arg(long, value_name = "FILE")]
+        bundle: Option<PathBuf>,
+        /// Expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Token(TokenCommand::New {
+        name,
+        broker,
+        bundle,
+        expires_at,
+        json,
+    })) = &cli.command
+    {
+        return starling_broker::tokens::new_token(
+            name,
+            broker,
+            bundle.as_deref(),
+            expires_at.as_deref(),
+            *json,
+        );
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let overrides = Overrides {
         config: cli.config.clone(),

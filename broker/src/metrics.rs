@@ -21,6 +21,8 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub acl_refusals: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
+    pub bundle_reloads: AtomicU64,
+    pub bundle_errors: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64) {
@@ -111,6 +113,18 @@ impl Metrics {
             "counter",
             "Connections closed by keepalive timeout.",
             g(&self.keepalive_timeouts),
+        );
+        one(
+            "starling_auth_bundle_reloads_total",
+            "counter",
+            "Auth bundles put in force by a reload.",
+            g(&self.bundle_reloads),
+        );
+        one(
+            "starling_auth_bundle_errors_total",
+            "counter",
+            "Auth bundles rejected (the old one stayed in force).",
+            g(&self.bundle_errors),
         );
         for (name, help, arr) in [
             (

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::auth::{self, AuthHub};
 use crate::listen;
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -24,6 +25,7 @@ use crate::tls;
 #[derive(Debug)]
 pub struct Shared {
     pub config: BrokerConfig,
+    pub auth: AuthHub,
     pub router: Router,
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
@@ -33,10 +35,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: BrokerConfig) -> Arc<Shared> {
+    pub fn new(config: BrokerConfig, auth: AuthHub) -> Arc<Shared> {
         let metrics = Arc::new(Metrics::default());
         let policy = config.topics.policy();
         Arc::new(Shared {
+            auth,
             router: Router::new(metrics.clone()),
             registry: Registry::default(),
             metrics,
@@ -95,7 +98,11 @@ impl Broker {
     /// Binds every enabled listener and starts serving.
     pub async fn start(config: BrokerConfig) -> anyhow::Result<BrokerHandle> {
         let tls_resolver = tls_resolver(&config)?;
-        let shared = Shared::new(config);
+        let hub = match &config.auth.bundle {
+            Some(path) => AuthHub::with_state(&config, auth::watch::load(path)?),
+            None => AuthHub::open(&config),
+        };
+        let shared = Shared::new(config, hub);
         let cfg = &shared.config;
         let mut tasks = JoinSet::new();
         let mut listeners = Vec::new();
@@ -164,6 +171,10 @@ impl Broker {
             }
         }
         tasks.spawn(reap_sessions(shared.clone()));
+        if let Some(path) = shared.config.auth.bundle.clone() {
+            tasks.spawn(auth::watch::watch_file(shared.clone(), path));
+        }
+        tasks.spawn(auth::watch::expiry_timer(shared.clone()));
         Ok(BrokerHandle {
             shared,
             listeners,

@@ -146,8 +146,8 @@ pub struct Limits {
     /// Receive Maximum: QoS 1/2 messages in flight per direction per client.
     pub max_inflight: u16,
     /// Messages queued per session beyond the inflight window (online or
-    /// offline). Over the cap new QoS 0 messages are dropped first, then the
-    /// oldest; every drop is counted.
+    /// offline). Over the cap a new message is dropped and counted (as
+    /// mosquitto's `max_queued_messages`); offline sessions queue QoS 1/2 only.
     pub max_queued_messages: usize,
     /// Bytes queued per session (payloads), a second cap beside the count.
     pub max_queued_bytes: usize,
@@ -157,8 +157,6 @@ pub struct Limits {
     pub max_session_expiry: u32,
     /// Seconds a new socket may take for TLS/WebSocket handshake and CONNECT.
     pub connect_timeout: u64,
-    /// Bytes buffered towards one client before its messages start dropping.
-    pub max_write_buffer: usize,
 }
 
 impl Default for Limits {
@@ -173,7 +171,6 @@ impl Default for Limits {
             max_topic_aliases: 64,
             max_session_expiry: 7 * 24 * 3600,
             connect_timeout: 10,
-            max_write_buffer: 1024 * 1024,
         }
     }
 }
@@ -207,12 +204,26 @@ pub enum Anonymous {
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub anonymous: Anonymous,
     /// Auth bundle file (tokens and ACLs); watched for changes.
     pub bundle: Option<PathBuf>,
+    /// Failed authentications allowed per source address per minute; past
+    /// it, that address is refused without checking until the minute is
+    /// over. 0 disables the limit.
+    pub max_failures_per_minute: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            anonymous: Anonymous::default(),
+            bundle: None,
+            max_failures_per_minute: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -20,6 +20,7 @@ use crate::listen::transport::Transport;
 use crate::metrics;
 use crate::router::{Delivery, Message, SubEntry, SubOptions};
 use crate::server::Shared;
+use starling_model::acl::Principal;
 
 /// Stop filling the write buffer past this; it is flushed and the drain resumes.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -127,6 +128,11 @@ struct Connection {
     version: ProtocolVersion,
     agreed: Agreed,
     will: Option<LastWill>,
+    /// The token this connection authenticated with (or anonymous).
+    principal: Arc<Principal>,
+    /// Publish decisions per topic for the principal above; cleared when
+    /// the principal is refreshed after a bundle change.
+    acl_cache: HashMap<ByteString, bool>,
     peer: SocketAddr,
     wbuf: BytesMut,
     last_rx: Instant,
@@ -163,13 +169,22 @@ impl Connection {
             let _ = t.write_all(&out).await;
             return None;
         }
-        if !handshake::anonymous_allowed(shared.config.auth.anonymous, peer.ip()) {
-            metrics::inc(&shared.metrics.auth_failures);
-            tracing::info!(%peer, client_id = %c.client_id, "refused anonymous connection");
-            let _ = codec::encode(&refuse(handshake::not_authorized(v)), v, &mut out);
-            let _ = t.write_all(&out).await;
-            return None;
-        }
+        let principal = match shared.auth.authenticate(
+            c.username.as_deref(),
+            c.password.as_deref(),
+            peer.ip(),
+            &shared.metrics,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                // The reason is logged, never the secret.
+                tracing::info!(%peer, client_id = %c.client_id, username = ?c.username.as_deref(), reason = %e, "authentication failed");
+                let code = handshake::refusal_code(v, &e);
+                let _ = codec::encode(&refuse(code), v, &mut out);
+                let _ = t.write_all(&out).await;
+                return None;
+            }
+        };
         let agreed = match handshake::negotiate(&c, limits, || shared.assign_client_id()) {
             Ok(a) => a,
             Err(handshake::Refused(code)) => {
@@ -217,6 +232,8 @@ impl Connection {
             version: v,
             agreed,
             will: c.will,
+            principal,
+            acl_cache: HashMap::new(),
             peer,
             wbuf: BytesMut::with_capacity(4096),
             last_rx: Instant::now(),
@@ -259,6 +276,11 @@ impl Connection {
                     if let Some(r) = self.link.kicked() {
                         return End::Server(r);
                     }
+                    if self.link.take_recheck() {
+                        if let Some(end) = self.reauthorize() {
+                            return end;
+                        }
+                    }
                 }
                 n = t.read_into(rbuf) => {
                     match n {
@@ -283,6 +305,52 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Publish check with a per-connection cache (topics repeat; the ACL
+    /// walk need not). The cache is bounded and dropped on bundle change.
+    fn may_publish(&mut self, topic: &ByteString) -> bool {
+        if let Some(&allowed) = self.acl_cache.get(topic) {
+            return allowed;
+        }
+        let allowed = self.principal.may_publish(topic);
+        if self.acl_cache.len() >= 1024 {
+            self.acl_cache.clear();
+        }
+        self.acl_cache.insert(topic.clone(), allowed);
+        allowed
+    }
+
+    /// After a bundle change or a token expiry: refresh the principal (or
+    /// end the connection if its token is gone) and drop subscriptions the
+    /// new rules no longer allow.
+    fn reauthorize(&mut self) -> Option<End> {
+        let state = self.shared.auth.current();
+        match state.refresh(&self.principal, std::time::SystemTime::now()) {
+            Ok(p) => {
+                self.principal = p;
+                self.acl_cache.clear();
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, reason = %e, "closing connection: token no longer valid");
+                return Some(End::Server(reason::NOT_AUTHORIZED));
+            }
+        }
+        let subs: Vec<ByteString> = self.session.lock().subscriptions.keys().cloned().collect();
+        for raw in subs {
+            let Ok(parsed) = starling_model::topic::parse_subscription(&raw) else {
+                continue;
+            };
+            if !self.principal.may_subscribe(parsed.filter) {
+                self.session.lock().subscriptions.remove(&raw);
+                self.shared
+                    .router
+                    .unsubscribe(self.session.key, parsed.filter, parsed.share_group);
+                metrics::inc(&self.shared.metrics.acl_refusals);
+                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, filter = %raw, "subscription removed: no longer allowed");
+            }
+        }
+        None
     }
 
     fn window_open(&self) -> bool {
@@ -448,6 +516,12 @@ impl Connection {
             Err(_) => {
                 metrics::inc(&m.messages_dropped[p.qos as usize]);
                 reason::TOPIC_NAME_INVALID
+            }
+            Ok(()) if !self.may_publish(&p.topic) => {
+                metrics::inc(&m.acl_refusals);
+                metrics::inc(&m.messages_dropped[p.qos as usize]);
+                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), topic = %p.topic, "publish refused by ACL");
+                reason::NOT_AUTHORIZED
             }
             Ok(()) => {
                 let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
@@ -732,7 +806,15 @@ impl Connection {
         {
             self.shared.router.drop_session(&self.session);
         }
-        if let Some(will) = self.will.take().filter(|_| publish_will) {
+        let will = self.will.take().filter(|w| {
+            let allowed = self.principal.may_publish(&w.topic);
+            if publish_will && !allowed {
+                metrics::inc(&self.shared.metrics.acl_refusals);
+                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), topic = %w.topic, "will refused by ACL");
+            }
+            publish_will && allowed
+        });
+        if let Some(will) = will {
             let delay = will
                 .properties
                 .will_delay_interval

@@ -95,6 +95,21 @@ pub fn anonymous_allowed(mode: Anonymous, peer: IpAddr) -> bool {
     }
 }
 
+/// CONNACK code for a failed authentication: 3.1.1 has only "not
+/// authorized" (0x05) for all of them; v5 separates bad credentials (0x86),
+/// no access (0x87) and too many attempts (0x9F).
+pub fn refusal_code(version: ProtocolVersion, r: &crate::auth::Refusal) -> u8 {
+    use crate::auth::Refusal;
+    if !version.is_v5() {
+        return reason::v3::NOT_AUTHORIZED;
+    }
+    match r {
+        Refusal::BadToken(_) => reason::BAD_USER_NAME_OR_PASSWORD,
+        Refusal::AnonymousNotAllowed => reason::NOT_AUTHORIZED,
+        Refusal::RateLimited => reason::CONNECTION_RATE_EXCEEDED,
+    }
+}
+
 /// "Not authorized" in the client's protocol version.
 pub fn not_authorized(version: ProtocolVersion) -> u8 {
     if version.is_v5() {

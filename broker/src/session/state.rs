@@ -25,12 +25,24 @@ pub struct ConnLink {
     /// Non-zero: the connection must close, sending this v5 reason code
     /// (0x8E session taken over, 0x8B server shutting down, 0x87 not authorized…).
     kicked: AtomicU8,
+    /// Set when the auth bundle changed or a token expired: the connection
+    /// must re-check its token and subscriptions.
+    recheck: AtomicBool,
 }
 
 impl ConnLink {
     pub fn kick(&self, reason: u8) {
         self.kicked.store(reason.max(1), Ordering::Release);
         self.wake.notify_one();
+    }
+
+    pub fn request_recheck(&self) {
+        self.recheck.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub fn take_recheck(&self) -> bool {
+        self.recheck.swap(false, Ordering::AcqRel)
     }
 
     pub fn kicked(&self) -> Option<u8> {
@@ -141,12 +153,9 @@ impl Session {
                 st.expiry = expiry;
                 st.disconnected_at = Some(Instant::now());
                 // QoS 0 messages are not kept for offline sessions.
-                let before = st.queue.len();
                 st.queue.retain(|d| d.qos != QoS::AtMostOnce);
-                let dropped = before - st.queue.len();
                 st.queued_bytes = st.queue.iter().map(Delivery::cost).sum();
                 self.online.store(false, Ordering::Relaxed);
-                let _ = dropped;
                 true
             }
             _ => false,

@@ -1,0 +1,100 @@
+//! Authentication and authorization at the broker's edge: which token a
+//! connection is, whether it may publish or subscribe, and live reloads of
+//! the auth bundle. The decisions themselves are pure functions in
+//! `starling_model::acl`; this module holds the current bundle and applies
+//! it to connections.
+
+pub mod limiter;
+pub mod watch;
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime};
+
+use starling_model::acl::{AuthError, AuthState, Principal};
+use starling_model::config::BrokerConfig;
+use tokio::sync::Notify;
+
+use crate::metrics::{self, Metrics};
+pub use limiter::FailureLimiter;
+
+/// Why a connection was not let in.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    BadToken(#[from] AuthError),
+    #[error("anonymous access is not allowed from this address")]
+    AnonymousNotAllowed,
+    #[error("too many failed authentications from this address")]
+    RateLimited,
+}
+
+/// The auth bundle in force plus the failure limiter.
+#[derive(Debug)]
+pub struct AuthHub {
+    state: RwLock<Arc<AuthState>>,
+    limiter: FailureLimiter,
+    anonymous: starling_model::config::Anonymous,
+    /// Woken when the bundle changes (the expiry timer re-plans).
+    pub changed: Notify,
+}
+
+impl AuthHub {
+    /// No bundle: everything allowed (subject to the anonymous mode).
+    pub fn open(cfg: &BrokerConfig) -> Self {
+        Self::with_state(cfg, AuthState::open(cfg.broker.name.clone()))
+    }
+
+    pub fn with_state(cfg: &BrokerConfig, state: AuthState) -> Self {
+        AuthHub {
+            state: RwLock::new(Arc::new(state)),
+            limiter: FailureLimiter::new(cfg.auth.max_failures_per_minute),
+            anonymous: cfg.auth.anonymous,
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn current(&self) -> Arc<AuthState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a new bundle in force; returns the one it replaced.
+    pub fn replace(&self, new: AuthState) -> Arc<AuthState> {
+        let old = std::mem::replace(
+            &mut *self.state.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(new),
+        );
+        self.changed.notify_one();
+        old
+    }
+
+    /// Decides who a CONNECT is. `password: None` asks for anonymous access.
+    pub fn authenticate(
+        &self,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        peer: IpAddr,
+        metrics: &Metrics,
+    ) -> Result<Arc<Principal>, Refusal> {
+        let now = Instant::now();
+        if self.limiter.is_blocked(peer, now) {
+            metrics::inc(&metrics.auth_failures);
+            return Err(Refusal::RateLimited);
+        }
+        let result = match password {
+            None if crate::session::handshake::anonymous_allowed(self.anonymous, peer) => {
+                Ok(self.current().anonymous())
+            }
+            None => Err(Refusal::AnonymousNotAllowed),
+            Some(secret) => self
+                .current()
+                .authenticate(username, secret, SystemTime::now())
+                .map_err(Refusal::from),
+        };
+        if result.is_err() {
+            metrics::inc(&metrics.auth_failures);
+            self.limiter.record_failure(peer, now);
+        }
+        result
+    }
+}
