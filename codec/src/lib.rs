@@ -11,6 +11,10 @@ mod decode;
 mod encode;
 mod error;
 pub mod packet;
+mod properties;
+mod reader;
+#[cfg(test)]
+mod tests;
 
 pub use decode::decode;
 pub use encode::{encode, encode_publish, publish_encoded_len};
