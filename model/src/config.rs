@@ -66,6 +66,8 @@ pub struct ListenerConfig {
     #[serde(default = "auto")]
     pub enabled: Enabled,
     /// `host:port`. Port 0 picks a free port (printed in the banner).
+    /// Empty: the local default for this listener.
+    #[serde(default)]
     pub bind: String,
 }
 

@@ -222,10 +222,8 @@ fn collect(
     if let Some(child) = node.children.get(level) {
         collect(child, levels.clone(), false, out);
     }
-    if !skip_wild {
-        if let Some(plus) = &node.plus {
-            collect(plus, levels, false, out);
-        }
+    if !skip_wild && let Some(plus) = &node.plus {
+        collect(plus, levels, false, out);
     }
 }
 

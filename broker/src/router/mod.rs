@@ -77,10 +77,10 @@ impl Router {
         let subs: Vec<_> = session.lock().subscriptions.drain().collect();
         let mut index = write(&self.index);
         for (raw, _) in subs {
-            if let Ok(f) = starling_model::topic::parse_subscription(&raw) {
-                if index.remove(f.filter, f.share_group, session.key) {
-                    metrics::dec(&self.metrics.subscriptions);
-                }
+            if let Ok(f) = starling_model::topic::parse_subscription(&raw)
+                && index.remove(f.filter, f.share_group, session.key)
+            {
+                metrics::dec(&self.metrics.subscriptions);
             }
         }
     }

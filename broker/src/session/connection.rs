@@ -198,17 +198,17 @@ impl Connection {
                 return None;
             }
         };
-        if let Some(w) = &c.will {
-            if shared.check_topic(&w.topic).is_err() {
-                let code = if v.is_v5() {
-                    reason::TOPIC_NAME_INVALID
-                } else {
-                    reason::v3::NOT_AUTHORIZED
-                };
-                let _ = codec::encode(&refuse(code), v, &mut out);
-                let _ = t.write_all(&out).await;
-                return None;
-            }
+        if let Some(w) = &c.will
+            && shared.check_topic(&w.topic).is_err()
+        {
+            let code = if v.is_v5() {
+                reason::TOPIC_NAME_INVALID
+            } else {
+                reason::v3::NOT_AUTHORIZED
+            };
+            let _ = codec::encode(&refuse(code), v, &mut out);
+            let _ = t.write_all(&out).await;
+            return None;
         }
         let link = Arc::new(ConnLink::default());
         let opened = shared.registry.open(
@@ -276,11 +276,10 @@ impl Connection {
                     if let Some(r) = self.link.kicked() {
                         return End::Server(r);
                     }
-                    if self.link.take_recheck() {
-                        if let Some(end) = self.reauthorize() {
+                    if self.link.take_recheck()
+                        && let Some(end) = self.reauthorize() {
                             return end;
                         }
-                    }
                 }
                 n = t.read_into(rbuf) => {
                     match n {
@@ -447,17 +446,16 @@ impl Connection {
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => self.write_packet(&Packet::PingResp),
             Packet::Disconnect(d) => {
-                if self.version.is_v5() {
-                    if let Some(e) = d.properties.session_expiry_interval {
-                        // MQTT-3.14.2-2: cannot turn a 0-expiry session persistent here.
-                        if self.agreed.session_expiry.is_zero() && e > 0 {
-                            return self.protocol_error(
-                                "session expiry set on DISCONNECT after 0 on CONNECT",
-                            );
-                        }
-                        let capped = e.min(self.shared.config.limits.max_session_expiry);
-                        self.agreed.session_expiry = Duration::from_secs(u64::from(capped));
+                if self.version.is_v5()
+                    && let Some(e) = d.properties.session_expiry_interval
+                {
+                    // MQTT-3.14.2-2: cannot turn a 0-expiry session persistent here.
+                    if self.agreed.session_expiry.is_zero() && e > 0 {
+                        return self
+                            .protocol_error("session expiry set on DISCONNECT after 0 on CONNECT");
                     }
+                    let capped = e.min(self.shared.config.limits.max_session_expiry);
+                    self.agreed.session_expiry = Duration::from_secs(u64::from(capped));
                 }
                 return Some(End::ClientDisconnect {
                     will: d.reason == reason::DISCONNECT_WITH_WILL,
@@ -641,12 +639,10 @@ impl Connection {
         let mut codes = Vec::with_capacity(u.filters.len());
         for raw in &u.filters {
             let existed = self.session.lock().subscriptions.remove(raw).is_some();
-            if existed {
-                if let Ok(p) = starling_model::topic::parse_subscription(raw) {
-                    self.shared
-                        .router
-                        .unsubscribe(self.session.key, p.filter, p.share_group);
-                }
+            if existed && let Ok(p) = starling_model::topic::parse_subscription(raw) {
+                self.shared
+                    .router
+                    .unsubscribe(self.session.key, p.filter, p.share_group);
             }
             codes.push(if existed {
                 reason::SUCCESS
@@ -753,15 +749,15 @@ impl Connection {
             subscription_identifiers: d.sub_ids.as_slice(),
             message_expiry_interval: msg.remaining_expiry(Instant::now()),
         };
-        if let Some(max) = self.agreed.client_max_packet {
-            if codec::publish_encoded_len(&p, self.version) > max as usize {
-                // MQTT-3.1.2-25: too large for the client: discard as if sent.
-                metrics::inc(&self.shared.metrics.messages_dropped[d.qos as usize]);
-                if alias.is_some() && !topic.is_empty() {
-                    self.aliases_out.remove(&msg.topic);
-                }
-                return false;
+        if let Some(max) = self.agreed.client_max_packet
+            && codec::publish_encoded_len(&p, self.version) > max as usize
+        {
+            // MQTT-3.1.2-25: too large for the client: discard as if sent.
+            metrics::inc(&self.shared.metrics.messages_dropped[d.qos as usize]);
+            if alias.is_some() && !topic.is_empty() {
+                self.aliases_out.remove(&msg.topic);
             }
+            return false;
         }
         codec::encode_publish(&p, self.version, &mut self.wbuf);
         metrics::inc(&self.shared.metrics.messages_out[d.qos as usize]);
