@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{SharedRef, admit};
-use crate::listen::transport::StreamTransport;
+use crate::listen::transport::{StreamTransport, TcpTransport};
 use crate::session::connection;
 
 /// Accepts until shutdown. TLS handshakes run in the connection's own task
@@ -42,7 +42,7 @@ pub async fn accept_loop(
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             match acceptor {
-                None => connection::serve(shared, StreamTransport(stream), peer).await,
+                None => connection::serve(shared, TcpTransport(stream), peer).await,
                 Some(acc) => {
                     match tokio::time::timeout(handshake_timeout, acc.accept(stream)).await {
                         Ok(Ok(tls)) => connection::serve(shared, StreamTransport(tls), peer).await,

@@ -6,6 +6,7 @@ use std::io;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Read size per syscall: big enough that a busy publisher's pipelined
 /// packets arrive in one read.
@@ -21,7 +22,36 @@ pub trait Transport: Send + 'static {
     fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-/// Any byte stream: TCP or TLS.
+/// Plain TCP. Waits for readability *before* reserving the read buffer, so
+/// an idle connection holds no read buffer at all (the session drops an
+/// empty one after each batch): idle connections cost bytes, not 64 KiB.
+pub struct TcpTransport(pub TcpStream);
+
+impl Transport for TcpTransport {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            self.0.readable().await?;
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            match self.0.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.0.write_all(data).await
+    }
+
+    async fn close(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// Any other byte stream (TLS). Its reads need buffer space up front; TLS
+/// keeps its own record buffers anyway, so a smaller first reserve is used.
 pub struct StreamTransport<S>(pub S);
 
 impl<S> Transport for StreamTransport<S>
@@ -29,8 +59,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        let spare = buf.capacity() - buf.len();
+        if spare < 1024 {
+            // Grow towards READ_CHUNK only while data keeps coming.
+            buf.reserve(if buf.capacity() == 0 {
+                4096
+            } else {
+                READ_CHUNK
+            });
         }
         self.0.read_buf(buf).await
     }

@@ -43,7 +43,7 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
     let m = &shared.metrics;
     metrics::inc(&m.connections_total);
     metrics::inc(&m.connections_current);
-    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::new();
     let limits = &shared.config.limits;
     let max_packet = limits.max_packet_size as usize;
     let connect = timeout(
@@ -235,7 +235,7 @@ impl Connection {
             principal,
             acl_cache: HashMap::new(),
             peer,
-            wbuf: BytesMut::with_capacity(4096),
+            wbuf: BytesMut::new(),
             last_rx: Instant::now(),
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
@@ -289,6 +289,11 @@ impl Connection {
                             self.last_rx = Instant::now();
                             if let Some(end) = self.process(rbuf) {
                                 return end;
+                            }
+                            if rbuf.is_empty() {
+                                // Frozen payload slices keep the block alive for
+                                // subscribers; this connection lets go of it.
+                                *rbuf = BytesMut::new();
                             }
                         }
                     }
@@ -361,7 +366,9 @@ impl Connection {
         match timeout(WRITE_STALL, t.write_all(&self.wbuf)).await {
             Ok(Ok(())) => {
                 metrics::add(&self.shared.metrics.bytes_out, n as u64);
-                self.wbuf.clear();
+                // Released rather than kept: an idle connection should hold
+                // no buffers; a busy one pays one allocation per batch.
+                self.wbuf = BytesMut::new();
                 None
             }
             Ok(Err(_)) => Some(End::Lost),
@@ -471,12 +478,11 @@ impl Connection {
     }
 
     fn on_publish(&mut self, mut p: Publish) -> Option<End> {
-        let m = self.shared.metrics.clone();
-        metrics::inc(&m.messages_in[p.qos as usize]);
+        metrics::inc(&self.shared.metrics.messages_in[p.qos as usize]);
         if self.version.is_v5() {
             if let Some(alias) = p.properties.topic_alias.take() {
                 if alias == 0 || alias > self.shared.config.limits.max_topic_aliases {
-                    metrics::inc(&m.protocol_errors);
+                    metrics::inc(&self.shared.metrics.protocol_errors);
                     return Some(End::Server(reason::TOPIC_ALIAS_INVALID));
                 }
                 if p.topic.is_empty() {
@@ -505,19 +511,19 @@ impl Connection {
             }
             if st.incoming_qos2.len() >= usize::from(self.shared.config.limits.max_inflight) {
                 drop(st);
-                metrics::inc(&m.protocol_errors);
+                metrics::inc(&self.shared.metrics.protocol_errors);
                 return Some(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
             }
             st.incoming_qos2.insert(p.pkid);
         }
         let code = match self.shared.check_topic(&p.topic) {
             Err(_) => {
-                metrics::inc(&m.messages_dropped[p.qos as usize]);
+                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
                 reason::TOPIC_NAME_INVALID
             }
             Ok(()) if !self.may_publish(&p.topic) => {
-                metrics::inc(&m.acl_refusals);
-                metrics::inc(&m.messages_dropped[p.qos as usize]);
+                metrics::inc(&self.shared.metrics.acl_refusals);
+                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
                 tracing::debug!(peer = %self.peer, token = ?self.principal.name(), topic = %p.topic, "publish refused by ACL");
                 reason::NOT_AUTHORIZED
             }
@@ -679,12 +685,12 @@ impl Connection {
     fn drain(&mut self) {
         let window = usize::from(self.agreed.send_window);
         let mut batch = std::mem::take(&mut self.batch);
+        let mut bytes = 0;
         {
             let mut st = self.session.lock();
-            let mut bytes = 0;
             while bytes < WRITE_BATCH && st.inflight.len() < window {
                 let Some(d) = st.pop_queued() else { break };
-                bytes += d.cost() + 8;
+                bytes += d.cost() + 16;
                 let pkid = if d.qos == QoS::AtMostOnce {
                     0
                 } else {
@@ -699,6 +705,9 @@ impl Connection {
                 batch.push((pkid, d));
             }
         }
+        // One allocation for the whole batch (the buffer is released after
+        // each flush).
+        self.wbuf.reserve(bytes + 64);
         let now = Instant::now();
         for (pkid, d) in batch.drain(..) {
             if d.msg.is_expired(now) {
