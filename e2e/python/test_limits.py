@@ -1,0 +1,65 @@
+"""Configured limits, each on its own broker process (STARLING_LIMITS_*)."""
+
+import time
+
+import pytest
+
+import mqttraw as raw
+from clients import V5, V311, Client, ClientFactory, uid
+
+
+@pytest.fixture
+def factory():
+    made = []
+
+    def make(broker):
+        f = ClientFactory(broker.mqtt)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close_all()
+
+
+@pytest.mark.parametrize("asked", [60, 0])
+def test_server_keepalive_cap_v5(run_broker, asked):
+    """STARLING_LIMITS_MAX_KEEPALIVE=1: a v5 client asking for more (or 0) gets
+    Server Keep Alive 1 in CONNACK and, idle, is closed within about 1.5 s."""
+    b = run_broker({"STARLING_LIMITS_MAX_KEEPALIVE": "1"}, name="kacap")
+    with raw.RawClient(b.mqtt, raw.V5) as r:
+        ack = r.connect(uid("cap"), keepalive=asked)
+        t0 = time.monotonic()
+        ska = ack.fields["props"].get(raw.P_SERVER_KEEP_ALIVE)
+        assert ska == 1, f"asked keepalive {asked}, cap 1: CONNACK Server Keep Alive = {ska}"
+        pkts = r.wait_closed(5.0)
+        dt = time.monotonic() - t0
+        assert all(p.ptype == raw.DISCONNECT and p.reason == 0x8D for p in pkts), [p.fields for p in pkts]
+        assert 0.9 <= dt <= 5.0, f"closed after {dt:.2f}s"
+
+
+def test_offline_queue_is_bounded(run_broker, factory, version):
+    """STARLING_LIMITS_MAX_QUEUED_MESSAGES=5: a persistent session offline while
+    20 QoS 1 messages arrive gets at most 5 of them, in order (which ones
+    survive is the broker's documented drop policy, not checked here)."""
+    b = run_broker({"STARLING_LIMITS_MAX_QUEUED_MESSAGES": "5"}, name="queue")
+    clients = factory(b)
+    topic, cid = uid("q/"), uid("q")
+    kw = dict(client_id=cid, session_expiry=300) if version == V5 else dict(client_id=cid, clean=False)
+    first = clients(version, **kw)
+    first.subscribe(topic, 1)
+    first.disconnect()
+    pub = clients(version)
+    for i in range(20):
+        pub.publish(topic, str(i).encode(), qos=1)
+    again = clients(version, **({**kw, "clean": False}))
+    assert again.session_present
+    pub.publish(topic, b"sentinel", qos=1)
+    got = []
+    while True:
+        m = again.get()
+        if m.payload == b"sentinel":
+            break
+        got.append(int(m.payload))
+    assert 1 <= len(got) <= 5, f"offline queue cap 5, delivered {len(got)}: {got}"
+    assert got == sorted(got), f"queued messages out of order: {got}"
