@@ -819,10 +819,12 @@ impl Connection {
             }
             publish_will && allowed
         });
-        if let Some(will) = will {
+        if let Some(mut will) = will {
+            // Will Delay Interval is a CONNECT property, never a PUBLISH one.
             let delay = will
                 .properties
                 .will_delay_interval
+                .take()
                 .map(|d| Duration::from_secs(u64::from(d)).min(self.agreed.session_expiry))
                 .unwrap_or_default();
             let msg = self.message_from(
