@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The one command for Starling's benchmarks (see BENCHMARKS.md).
+#
+#   bench/run.sh            full side-by-side comparison: Starling, mosquitto,
+#                           rumqttd; installs mosquitto if missing, builds
+#                           everything in release, writes
+#                           bench/results/<timestamp>.jsonl and the table in
+#                           BENCHMARKS.md (about 15 minutes on 2 cores)
+#   bench/run.sh --smoke    a few seconds per scenario against Starling only
+#                           (CI): fails if a scenario delivers nothing or loses
+#                           QoS 1 messages. Uses $STARLING_BROKER_BIN if set,
+#                           otherwise builds and uses the debug broker.
+#
+# Extra arguments go to `starling-bench compare` (or `smoke`), e.g.
+#   bench/run.sh --repeat 5 --only a-,c-
+#   bench/run.sh --brokers mosquitto,rumqttd --secs 2
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root=$PWD
+
+mode=full
+if [[ "${1:-}" == "--smoke" ]]; then
+    mode=smoke
+    shift
+fi
+
+# Where cargo puts binaries (honours CARGO_TARGET_DIR and config).
+target_dir() {
+    cargo metadata --format-version 1 --no-deps |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
+}
+
+if [[ $mode == smoke ]]; then
+    cargo build -p starling-bench
+    tdir=$(target_dir)
+    if [[ -z "${STARLING_BROKER_BIN:-}" ]]; then
+        cargo build -p starling-broker
+        export STARLING_BROKER_BIN="$tdir/debug/starling-broker"
+    fi
+    exec "$tdir/debug/starling-bench" smoke "$@"
+fi
+
+# --- peers -----------------------------------------------------------------
+if ! command -v mosquitto >/dev/null 2>&1 && [[ ! -x /usr/sbin/mosquitto ]]; then
+    echo "run.sh: installing mosquitto (Debian package)" >&2
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q mosquitto
+fi
+mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+
+# rumqttd lives in its own Cargo project (not a workspace member, not built
+# by CI), with its own target directory.
+echo "run.sh: building the rumqttd peer (bench/peers/rumqttd)" >&2
+env -u CARGO_TARGET_DIR cargo build --release --quiet \
+    --manifest-path bench/peers/rumqttd/Cargo.toml
+rumqttd_bin="$root/bench/peers/rumqttd/target/release/starling-bench-rumqttd"
+
+# --- Starling and the generator ----------------------------------------------
+echo "run.sh: building starling-broker and starling-bench (release)" >&2
+cargo build --release -p starling-broker -p starling-bench
+tdir=$(target_dir)
+
+mkdir -p bench/results
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out="bench/results/$stamp.jsonl"
+
+"$tdir/release/starling-bench" compare \
+    --starling-bin "$tdir/release/starling-broker" \
+    --mosquitto-bin "$mosquitto_bin" \
+    --rumqttd-bin "$rumqttd_bin" \
+    --out "$out" \
+    --markdown BENCHMARKS.md \
+    --command "bench/run.sh${*:+ $*}" \
+    "$@"
+
+echo "run.sh: results in $out, table in BENCHMARKS.md" >&2

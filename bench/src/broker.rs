@@ -1,0 +1,296 @@
+//! Starting and stopping the brokers under test, each in its own working
+//! directory with an explicit configuration, pinned to its own CPU.
+
+use crate::mqtt::{Conn, Version};
+use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Starling,
+    Mosquitto,
+    Rumqttd,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Starling, Kind::Mosquitto, Kind::Rumqttd];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Starling => "starling",
+            Kind::Mosquitto => "mosquitto",
+            Kind::Rumqttd => "rumqttd",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Kind::Starling => "Starling",
+            Kind::Mosquitto => "mosquitto",
+            Kind::Rumqttd => "rumqttd",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name() == s.trim().to_ascii_lowercase())
+            .with_context(|| format!("unknown broker {s:?} (starling, mosquitto, rumqttd)"))
+    }
+}
+
+/// Values mirrored into the peers' configs so that queues are sized alike
+/// (Starling's defaults, see model/src/config.rs `Limits`).
+pub const MAX_QUEUED_MESSAGES: usize = 1000;
+pub const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_INFLIGHT: usize = 64;
+
+pub struct StartOpts<'a> {
+    pub bin: &'a Path,
+    /// CPU to pin the broker to with `taskset` (None: not pinned).
+    pub pin_cpu: Option<usize>,
+    pub taskset: Option<&'a Path>,
+    pub max_connections: usize,
+    /// Working directory for config, data and logs (created).
+    pub dir: PathBuf,
+}
+
+pub struct Broker {
+    pub kind: Kind,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    child: Child,
+    pub dir: PathBuf,
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("pick a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn mosquitto_conf(port: u16) -> String {
+    format!(
+        "# Written by starling-bench for one benchmark run.\n\
+         per_listener_settings false\n\
+         listener {port} 127.0.0.1\n\
+         allow_anonymous true\n\
+         persistence false\n\
+         # Queues sized like Starling's defaults.\n\
+         max_queued_messages {MAX_QUEUED_MESSAGES}\n\
+         max_queued_bytes {MAX_QUEUED_BYTES}\n\
+         max_inflight_messages {MAX_INFLIGHT}\n\
+         max_connections -1\n\
+         set_tcp_nodelay true\n\
+         connection_messages false\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n"
+    )
+}
+
+/// One MQTT connect + CONNACK round trip, bounded in time.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let fut = async {
+        let s = TcpStream::connect(addr).await.context("connect")?;
+        Conn::open(s, Version::V311, "starling-bench-probe", 60, 4096).await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .context("probe timed out")?
+}
+
+impl Broker {
+    pub async fn start(kind: Kind, o: &StartOpts<'_>) -> Result<Broker> {
+        std::fs::create_dir_all(&o.dir).with_context(|| format!("create {}", o.dir.display()))?;
+        let port = free_port()?;
+        let mut cmd = match (o.pin_cpu, o.taskset) {
+            (Some(cpu), Some(ts)) => {
+                let mut c = Command::new(ts);
+                c.arg("-c").arg(cpu.to_string()).arg(o.bin);
+                c
+            }
+            _ => Command::new(o.bin),
+        };
+        cmd.current_dir(&o.dir).stdin(Stdio::null());
+        match kind {
+            Kind::Starling => {
+                let data = o.dir.join("data");
+                std::fs::create_dir_all(&data)?;
+                cmd.env("STARLING_MQTT_BIND", format!("127.0.0.1:{port}"))
+                    .env("STARLING_HTTP_BIND", "127.0.0.1:0")
+                    .env("STARLING_ADMIN_BIND", "127.0.0.1:0")
+                    .env("STARLING_DATA_DIR", &data)
+                    .env(
+                        "STARLING_LIMITS_MAX_CONNECTIONS",
+                        o.max_connections.to_string(),
+                    );
+            }
+            Kind::Mosquitto => {
+                let conf = o.dir.join("mosquitto.conf");
+                std::fs::write(&conf, mosquitto_conf(port))
+                    .with_context(|| format!("write {}", conf.display()))?;
+                cmd.arg("-c").arg(&conf);
+            }
+            Kind::Rumqttd => {
+                cmd.arg(port.to_string()).arg(o.dir.join("rumqttd.toml"));
+            }
+        }
+        let stdout = std::fs::File::create(o.dir.join("stdout.log"))?;
+        let stderr = std::fs::File::create(o.dir.join("stderr.log"))?;
+        cmd.stdout(stdout).stderr(stderr);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {} ({})", kind.name(), o.bin.display()))?;
+        let mut b = Broker {
+            kind,
+            pid: child.id(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+            dir: o.dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        if let Err(e) = b.wait_ready(deadline).await {
+            let tail = b.log_tail();
+            b.stop();
+            bail!("{} did not become ready: {e:#}\n{tail}", kind.name());
+        }
+        Ok(b)
+    }
+
+    async fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
+        if self.kind == Kind::Starling {
+            // Starling says when it serves: listener lines, then `ready`.
+            loop {
+                self.check_alive()?;
+                let out = std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default();
+                let mut ready = false;
+                for line in out.lines() {
+                    if let Some(addr) = parse_listener(line, "mqtt") {
+                        self.addr = addr;
+                    }
+                    ready |= line.trim() == "ready";
+                }
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("no `ready` line on stdout within 30 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Everyone: a real CONNECT/CONNACK round trip, retried (bounded).
+        loop {
+            self.check_alive()?;
+            match probe(self.addr, Duration::from_secs(2)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("no CONNACK from {}", self.addr)));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => bail!("{} exited: {st}", self.kind.name()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e).context("wait for broker"),
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let mut s = String::new();
+        for f in ["stdout.log", "stderr.log"] {
+            let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(15);
+            if !lines.is_empty() {
+                s.push_str(&format!("--- {} {f} (last lines)\n", self.kind.name()));
+                for l in &lines[from..] {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+
+    /// SIGTERM, then SIGKILL after 3 s.
+    pub fn stop(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        crate::sys::send_signal(self.pid, libc::SIGTERM);
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `listener NAME SCHEME://ADDR` → ADDR when NAME matches.
+pub fn parse_listener(line: &str, want: &str) -> Option<SocketAddr> {
+    let rest = line.trim_start().strip_prefix("listener ")?;
+    let mut it = rest.split_whitespace();
+    let name = it.next()?;
+    let url = it.next()?;
+    if name != want {
+        return None;
+    }
+    let (_, addr) = url.split_once("://")?;
+    addr.trim_end_matches('/').parse().ok()
+}
+
+/// `mosquitto 2.0.11`, from its help text.
+pub fn mosquitto_version(bin: &Path) -> String {
+    let out = Command::new(bin).arg("-h").output();
+    let text = match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).to_string(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("mosquitto version "))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_lines() {
+        assert_eq!(
+            parse_listener("  listener mqtt   tcp://127.0.0.1:1883", "mqtt"),
+            Some("127.0.0.1:1883".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listener("listener http http://127.0.0.1:1884", "mqtt"),
+            None
+        );
+        assert_eq!(parse_listener("ready", "mqtt"), None);
+    }
+}

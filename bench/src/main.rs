@@ -1,0 +1,785 @@
+//! starling-bench: the load generator and harness that compares Starling with
+//! mosquitto and rumqttd on the same machine, in one run, as ratios.
+//!
+//! `bench/run.sh` is the one command; this binary does the work:
+//! - `compare`: start each broker per run (pinned to its own CPU), run the
+//!   scenarios interleaved (A B C A B C …), write JSON lines and the
+//!   Markdown table;
+//! - `smoke`: a few seconds per scenario against Starling only (CI);
+//! - `run`: scenarios against a broker that is already running;
+//! - `report`: rebuild the Markdown from JSON lines.
+
+mod broker;
+mod mqtt;
+mod report;
+mod scenario;
+mod sys;
+
+use anyhow::{Context, Result, bail};
+use broker::{Broker, Kind, StartOpts};
+use clap::{Args, Parser, Subcommand};
+use scenario::{Ctx, Durations, Record, Scenario};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "starling-bench",
+    about = "MQTT broker benchmark harness for Starling"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Full side-by-side comparison (brokers started by the harness).
+    Compare(CompareArgs),
+    /// Short functional run against Starling only; fails on no delivery or QoS 1 loss.
+    Smoke(SmokeArgs),
+    /// Run scenarios against an already running broker.
+    Run(RunArgs),
+    /// Rebuild the Markdown table from JSON lines.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    /// MQTT protocol version of the generator: 3.1.1 or 5.
+    #[arg(long, default_value = "3.1.1")]
+    mqtt: String,
+    /// Measured seconds of throughput / fan-out scenarios.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Measured seconds of latency scenarios.
+    #[arg(long, default_value_t = 10.0)]
+    latency_secs: f64,
+    /// Measured seconds of the connection-setup scenario.
+    #[arg(long, default_value_t = 5.0)]
+    connect_secs: f64,
+    /// Idle connection counts (each run only if `ulimit -n` allows).
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+    idle: Vec<usize>,
+    /// Only scenarios whose id starts with one of these (e.g. `a-,c-latency-q1`).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// QoS 1 messages a publisher may have unacknowledged.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Most messages per write when publishing at an unlimited rate.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Do not pin generator and broker to separate CPUs.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Brokers, in the order they take turns.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "starling,mosquitto,rumqttd"
+    )]
+    brokers: Vec<String>,
+    #[arg(long, default_value = "target/release/starling-broker")]
+    starling_bin: PathBuf,
+    #[arg(long, default_value = "mosquitto")]
+    mosquitto_bin: PathBuf,
+    #[arg(
+        long,
+        default_value = "bench/peers/rumqttd/target/release/starling-bench-rumqttd"
+    )]
+    rumqttd_bin: PathBuf,
+    /// Repetitions of every (scenario, broker) pair.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// JSON lines output (one line per run).
+    #[arg(long)]
+    out: PathBuf,
+    /// Markdown file to put the table into (between its result markers).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// The command line to record in the report.
+    #[arg(long, default_value = "bench/run.sh")]
+    command: String,
+}
+
+#[derive(Args)]
+struct SmokeArgs {
+    #[arg(
+        long,
+        env = "STARLING_BROKER_BIN",
+        default_value = "target/debug/starling-broker"
+    )]
+    starling_bin: PathBuf,
+    /// Measured seconds per scenario.
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+    /// Idle connections in the smoke.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// JSON lines output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Broker address.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Broker process id, to measure its CPU and memory.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Name to put in the records.
+    #[arg(long, default_value = "external")]
+    name: String,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// JSON lines written by `compare`.
+    input: PathBuf,
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("starling-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let nofile = sys::raise_nofile();
+    let no_pin = match &cli.cmd {
+        Cmd::Compare(a) => a.load.no_pin,
+        Cmd::Run(a) => a.load.no_pin,
+        Cmd::Smoke(_) => false,
+        Cmd::Report(_) => true,
+    };
+    let pin = plan_pinning(no_pin)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        match cli.cmd {
+            Cmd::Compare(a) => compare(a, &pin, nofile).await,
+            Cmd::Smoke(a) => smoke(a, &pin, nofile).await,
+            Cmd::Run(a) => run_external(a, &pin, nofile).await,
+            Cmd::Report(a) => report_cmd(a),
+        }
+    })
+}
+
+struct Pinning {
+    gen_cpu: Option<usize>,
+    broker_cpu: Option<usize>,
+    taskset: Option<PathBuf>,
+    desc: String,
+    gen_cores: f64,
+    broker_cores: f64,
+}
+
+/// Generator on the first allowed CPU, broker on the second, when there are
+/// two and `taskset` exists.
+fn plan_pinning(no_pin: bool) -> Result<Pinning> {
+    let cpus = sys::allowed_cpus();
+    let taskset = sys::find_in_path("taskset");
+    let nproc = cpus.len().max(1) as f64;
+    if !no_pin && cpus.len() >= 2 && taskset.is_some() {
+        let (g, b) = (cpus[0], cpus[1]);
+        sys::pin_self(g)?;
+        return Ok(Pinning {
+            gen_cpu: Some(g),
+            broker_cpu: Some(b),
+            taskset,
+            desc: format!(
+                "broker pinned to CPU {b} (taskset), generator to CPU {g} (sched_setaffinity)"
+            ),
+            gen_cores: 1.0,
+            broker_cores: 1.0,
+        });
+    }
+    let why = if no_pin {
+        "--no-pin"
+    } else if cpus.len() < 2 {
+        "fewer than 2 CPUs"
+    } else {
+        "taskset not found"
+    };
+    Ok(Pinning {
+        gen_cpu: None,
+        broker_cpu: None,
+        taskset: None,
+        desc: format!("not pinned ({why})"),
+        gen_cores: 1.0,
+        broker_cores: nproc,
+    })
+}
+
+fn version(s: &str) -> Result<mqtt::Version> {
+    match s {
+        "3.1.1" | "3" | "4" => Ok(mqtt::Version::V311),
+        "5" | "5.0" => Ok(mqtt::Version::V5),
+        _ => bail!("--mqtt must be 3.1.1 or 5"),
+    }
+}
+
+fn select(load: &LoadArgs, nofile: u64) -> (Vec<Scenario>, Vec<String>) {
+    let d = Durations {
+        throughput: load.secs,
+        latency: load.latency_secs,
+        connect: load.connect_secs,
+    };
+    let (all, mut notes) = scenario::all(&d, nofile, &load.idle);
+    let keep =
+        |id: &str| load.only.is_empty() || load.only.iter().any(|p| id.starts_with(p.as_str()));
+    notes.retain(|n| load.only.is_empty() || keep(n));
+    (all.into_iter().filter(|s| keep(&s.id)).collect(), notes)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn shell(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = std::process::Command::new(cmd).args(args).output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn summary_line(r: &Record) -> String {
+    let f = report::fmt_num;
+    let mut s = format!("{:<22} {:<9} rep {}: ", r.scenario, r.broker, r.rep);
+    if !r.ok {
+        s.push_str(&format!("FAILED {}", r.errors.join("; ")));
+        return s;
+    }
+    match r.kind.as_str() {
+        "idle" => s.push_str(&format!(
+            "{} conns ({} alive), {} B/conn",
+            r.conns.unwrap_or(0),
+            r.conns_alive.unwrap_or(0),
+            f(r.rss_per_conn.unwrap_or(0.0))
+        )),
+        "connect" => s.push_str(&format!(
+            "{} conn/s, p99 {} µs, {} failed",
+            f(r.conn_per_s.unwrap_or(0.0)),
+            f(r.lat_us.as_ref().map(|l| l.p99).unwrap_or(0.0)),
+            r.conns_failed.unwrap_or(0)
+        )),
+        _ => {
+            let l = r.lat_us.clone().unwrap_or_default();
+            s.push_str(&format!(
+                "{} msg/s delivered (pub {}/s), loss {:.3}%, p50/p99/p99.9 {}/{}/{} µs",
+                f(r.msg_per_s.unwrap_or(0.0)),
+                f(r.pub_per_s.unwrap_or(0.0)),
+                r.lost_pct.unwrap_or(0.0),
+                f(l.p50),
+                f(l.p99),
+                f(l.p999)
+            ));
+            if let Some(c) = r.broker_cpu_us_per_msg {
+                s.push_str(&format!(", {} µs CPU/msg", f(c)));
+            }
+        }
+    }
+    s.push_str(&format!(
+        " | gen {:.0}% broker {:.0}% rss {} MiB → {}",
+        r.gen_cpu_util * 100.0,
+        r.broker_cpu_util.unwrap_or(0.0) * 100.0,
+        f(r.broker_peak_rss_mib.unwrap_or(0.0)),
+        r.limit
+    ));
+    if r.ok && !r.errors.is_empty() {
+        s.push_str(&format!(" [errors: {}]", r.errors.join("; ")));
+    }
+    s
+}
+
+/// What every run of one invocation shares.
+struct RunEnv<'a> {
+    pin: &'a Pinning,
+    v: mqtt::Version,
+    load: &'a LoadArgs,
+    work: &'a Path,
+}
+
+/// Start `kind`, run one scenario, stop it: one record.
+async fn one_run(
+    env: &RunEnv<'_>,
+    kind: Kind,
+    bin: &Path,
+    sc: &Scenario,
+    rep: u32,
+    broker_version: &str,
+) -> Record {
+    let RunEnv { pin, v, load, work } = *env;
+    let mut rec = Record {
+        scenario: sc.id.clone(),
+        title: sc.title.clone(),
+        kind: sc.kind().into(),
+        broker: kind.name().into(),
+        broker_version: broker_version.into(),
+        rep,
+        unix_time: now_unix(),
+        pinning: pin.desc.clone(),
+        ..Default::default()
+    };
+    let dir = work.join(format!("{rep}-{}-{}", sc.id, kind.name()));
+    let opts = StartOpts {
+        bin,
+        pin_cpu: pin.broker_cpu,
+        taskset: pin.taskset.as_deref(),
+        max_connections: sc.connections() + 1000,
+        dir: dir.clone(),
+    };
+    let mut b = match Broker::start(kind, &opts).await {
+        Ok(b) => b,
+        Err(e) => {
+            rec.errors.push(format!("{e:#}"));
+            return rec;
+        }
+    };
+    let ctx = Ctx {
+        addr: b.addr,
+        broker_pid: Some(b.pid),
+        v,
+        gen_cores: pin.gen_cores,
+        broker_cores: pin.broker_cores,
+        pinning: pin.desc.clone(),
+        gen_cpu: pin.gen_cpu,
+        broker_cpu: pin.broker_cpu,
+        window: load.window,
+        batch: load.batch,
+    };
+    let limit = Duration::from_secs_f64(sc.secs + 120.0);
+    let res = tokio::time::timeout(limit, scenario::run_scenario(&ctx, sc, &mut rec)).await;
+    if let Ok(m) = sys::proc_mem(b.pid) {
+        rec.broker_rss_mib = Some(m.rss as f64 / 1048576.0);
+        rec.broker_peak_rss_mib = Some(m.hwm as f64 / 1048576.0);
+        rec.broker_threads = Some(m.threads);
+    }
+    let alive = b.alive();
+    match res {
+        Ok(Ok(())) if alive => rec.ok = true,
+        Ok(Ok(())) => rec
+            .errors
+            .push(format!("broker exited during the run\n{}", b.log_tail())),
+        Ok(Err(e)) => rec.errors.push(format!("{e:#}")),
+        Err(_) => rec
+            .errors
+            .push(format!("run exceeded {} s", limit.as_secs())),
+    }
+    b.stop();
+    drop(b);
+    if rec.ok {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    rec
+}
+
+fn bin_for(a: &CompareArgs, k: Kind) -> Result<PathBuf> {
+    let p = match k {
+        Kind::Starling => &a.starling_bin,
+        Kind::Mosquitto => &a.mosquitto_bin,
+        Kind::Rumqttd => &a.rumqttd_bin,
+    };
+    sys::find_in_path(&p.to_string_lossy())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .with_context(|| {
+            format!(
+                "{} binary not found at {} (bench/run.sh builds and installs everything)",
+                k.name(),
+                p.display()
+            )
+        })
+}
+
+fn append_line(f: &mut std::fs::File, v: &impl serde::Serialize) -> Result<()> {
+    let line = serde_json::to_string(v)?;
+    writeln!(f, "{line}")?;
+    f.flush()?;
+    Ok(())
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default, Clone)]
+struct Meta {
+    date: String,
+    command: String,
+    machine: String,
+    pinning: String,
+    nofile: u64,
+    versions: Vec<String>,
+    mqtt: String,
+    repeat: u32,
+    secs: String,
+    load_before: String,
+    notes: Vec<String>,
+    brokers: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct MetaLine<'a> {
+    meta: &'a Meta,
+}
+
+async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
+    let v = version(&a.load.mqtt)?;
+    let kinds: Vec<Kind> = a
+        .brokers
+        .iter()
+        .map(|b| Kind::parse(b))
+        .collect::<Result<_>>()?;
+    let mut bins = Vec::new();
+    for k in &kinds {
+        bins.push(bin_for(&a, *k)?);
+    }
+    let (scenarios, notes) = select(&a.load, nofile);
+    if scenarios.is_empty() {
+        bail!("no scenario selected");
+    }
+    let m = sys::machine();
+    let mut versions = Vec::new();
+    for (k, bin) in kinds.iter().zip(&bins) {
+        versions.push(match k {
+            Kind::Starling => format!(
+                "Starling {} (commit {})",
+                bin.display(),
+                shell("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "?".into())
+            ),
+            Kind::Mosquitto => format!(
+                "mosquitto {} (Debian package)",
+                broker::mosquitto_version(bin)
+            ),
+            Kind::Rumqttd => "rumqttd 0.20.0 (crates.io, bench/peers/rumqttd)".into(),
+        });
+    }
+    let meta = Meta {
+        date: shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+        command: a.command.clone(),
+        machine: format!(
+            "{} × {}, {}, Linux {}",
+            m.nproc, m.cpu_model, m.mem_total, m.kernel
+        ),
+        pinning: pin.desc.clone(),
+        nofile,
+        versions,
+        mqtt: a.load.mqtt.clone(),
+        repeat: a.repeat,
+        secs: format!(
+            "throughput/fan-out {} s, latency {} s, connect {} s (+ warm-up and drain)",
+            a.load.secs, a.load.latency_secs, a.load.connect_secs
+        ),
+        load_before: std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        notes: notes.clone(),
+        brokers: kinds.iter().map(|k| k.name().to_string()).collect(),
+    };
+    if let Some(dir) = a.out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    let mut out =
+        std::fs::File::create(&a.out).with_context(|| format!("create {}", a.out.display()))?;
+    append_line(&mut out, &MetaLine { meta: &meta })?;
+    let work = std::env::temp_dir().join(format!("starling-bench-{}", std::process::id()));
+    let total = scenarios.len() * kinds.len() * a.repeat as usize;
+    eprintln!(
+        "starling-bench: {} scenarios × {} brokers × {} reps = {total} runs; {}",
+        scenarios.len(),
+        kinds.len(),
+        a.repeat,
+        pin.desc
+    );
+    let started = Instant::now();
+    let env = RunEnv {
+        pin,
+        v,
+        load: &a.load,
+        work: &work,
+    };
+    let mut recs = Vec::new();
+    let mut i = 0;
+    // Repetition outermost, brokers innermost: A B C A B C … so slow drift
+    // (other work on the machine) hits every broker alike.
+    for rep in 1..=a.repeat {
+        for sc in &scenarios {
+            for (k, bin) in kinds.iter().zip(&bins) {
+                i += 1;
+                let ver = match k {
+                    Kind::Mosquitto => broker::mosquitto_version(bin),
+                    Kind::Rumqttd => "0.20.0".into(),
+                    Kind::Starling => shell("git", &["rev-parse", "--short", "HEAD"])
+                        .unwrap_or_else(|| "?".into()),
+                };
+                let mut rec = one_run(&env, *k, bin, sc, rep, &ver).await;
+                rec.mqtt = a.load.mqtt.clone();
+                append_line(&mut out, &rec)?;
+                eprintln!("[{i}/{total}] {}", summary_line(&rec));
+                recs.push(rec);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!(
+        "starling-bench: {total} runs in {:.1} min → {}",
+        started.elapsed().as_secs_f64() / 60.0,
+        a.out.display()
+    );
+    if let Some(md) = &a.markdown {
+        write_markdown(md, &meta, &recs, Some(started.elapsed()), &a.out)?;
+    }
+    Ok(())
+}
+
+fn header(meta: &Meta, recs: &[Record], took: Option<Duration>, jsonl: &Path) -> String {
+    let others: Vec<f64> = recs.iter().filter_map(|r| r.others_cpu_util).collect();
+    let avg = others.iter().sum::<f64>() / others.len().max(1) as f64;
+    let max = others.iter().cloned().fold(0.0, f64::max);
+    let mut s = String::new();
+    s.push_str("## Latest full comparison\n\n");
+    s.push_str(&format!(
+        "- Date: {}{}\n",
+        meta.date,
+        took.map(|t| format!(", took {:.1} min", t.as_secs_f64() / 60.0))
+            .unwrap_or_default()
+    ));
+    s.push_str(&format!("- Command: `{}`\n", meta.command));
+    s.push_str(&format!("- Machine: {}\n", meta.machine));
+    s.push_str(&format!("- Pinning: {}\n", meta.pinning));
+    s.push_str(&format!("- Brokers: {}\n", meta.versions.join("; ")));
+    s.push_str(&format!(
+        "- Load: MQTT {}, {} repetitions interleaved ({} {}, …), {}\n",
+        meta.mqtt,
+        meta.repeat,
+        meta.brokers.join(", "),
+        meta.brokers.first().cloned().unwrap_or_default(),
+        meta.secs
+    ));
+    s.push_str(&format!(
+        "- Other processes on the machine used {avg:.2} cores on average during the measured windows (max {max:.2}); load average before the run: {}{}\n",
+        meta.load_before,
+        if max > 0.3 {
+            ". **Shared machine: other work competed for the CPUs, so absolute numbers are noisy; compare the ratios.**"
+        } else {
+            ""
+        }
+    ));
+    s.push_str(&format!(
+        "- Raw results (one JSON line per run): `{}`\n",
+        jsonl.display()
+    ));
+    s
+}
+
+fn write_markdown(
+    md: &Path,
+    meta: &Meta,
+    recs: &[Record],
+    took: Option<Duration>,
+    jsonl: &Path,
+) -> Result<()> {
+    let kinds: Vec<Kind> = meta
+        .brokers
+        .iter()
+        .filter_map(|b| Kind::parse(b).ok())
+        .collect();
+    let section = report::markdown(recs, &kinds, &header(meta, recs, took, jsonl), &meta.notes);
+    let existing = std::fs::read_to_string(md).ok();
+    std::fs::write(md, report::splice(existing.as_deref(), &section))
+        .with_context(|| format!("write {}", md.display()))?;
+    eprintln!("starling-bench: table written to {}", md.display());
+    Ok(())
+}
+
+fn report_cmd(a: ReportArgs) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&a.input).with_context(|| format!("read {}", a.input.display()))?;
+    let mut meta = Meta::default();
+    let mut recs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("line {}", n + 1))?;
+        if let Some(m) = v.get("meta") {
+            meta = serde_json::from_value(m.clone()).context("meta line")?;
+        } else {
+            recs.push(
+                serde_json::from_value::<Record>(v).with_context(|| format!("line {}", n + 1))?,
+            );
+        }
+    }
+    if meta.brokers.is_empty() {
+        let mut b: Vec<String> = recs.iter().map(|r| r.broker.clone()).collect();
+        b.dedup();
+        meta.brokers = b;
+    }
+    match &a.markdown {
+        Some(md) => write_markdown(md, &meta, &recs, None, &a.input),
+        None => {
+            let kinds: Vec<Kind> = meta
+                .brokers
+                .iter()
+                .filter_map(|b| Kind::parse(b).ok())
+                .collect();
+            println!(
+                "{}",
+                report::markdown(
+                    &recs,
+                    &kinds,
+                    &header(&meta, &recs, None, &a.input),
+                    &meta.notes
+                )
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
+    let bin = sys::find_in_path(&a.starling_bin.to_string_lossy())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .with_context(|| {
+            format!(
+                "Starling binary not found at {} (set STARLING_BROKER_BIN)",
+                a.starling_bin.display()
+            )
+        })?;
+    let load = LoadArgs {
+        mqtt: "3.1.1".into(),
+        secs: a.secs,
+        latency_secs: a.secs,
+        connect_secs: a.secs,
+        idle: vec![a.idle],
+        only: [
+            "a-fanin-q0-64B",
+            "a-fanin-q1-64B",
+            "b-fanout-100-fixed",
+            "c-latency-q0",
+            "c-latency-q1",
+            "d-idle",
+            "e-connect",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        window: 64,
+        batch: 32,
+        no_pin: false,
+    };
+    let (scenarios, _) = select(&load, nofile);
+    let work = std::env::temp_dir().join(format!("starling-bench-smoke-{}", std::process::id()));
+    let mut out = match &a.out {
+        Some(p) => {
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).ok();
+            }
+            Some(std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?)
+        }
+        None => None,
+    };
+    let mut failed = Vec::new();
+    println!("starling-bench smoke: {} ({})", bin.display(), pin.desc);
+    for sc in &scenarios {
+        let env = RunEnv {
+            pin,
+            v: mqtt::Version::V311,
+            load: &load,
+            work: &work,
+        };
+        let mut rec = one_run(&env, Kind::Starling, &bin, sc, 1, "smoke").await;
+        rec.mqtt = "3.1.1".into();
+        if let Some(f) = out.as_mut() {
+            append_line(f, &rec)?;
+        }
+        let verdict = scenario::smoke_check(&rec);
+        println!(
+            "{} {}",
+            if verdict.is_ok() { "ok  " } else { "FAIL" },
+            summary_line(&rec)
+        );
+        if let Err(e) = verdict {
+            failed.push(format!("{}: {e:#}", sc.id));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let passed = scenarios.len() - failed.len();
+    println!("smoke: {} passed, {} failed", passed, failed.len());
+    if !failed.is_empty() {
+        for f in &failed {
+            eprintln!("  {f}");
+        }
+        bail!("smoke failed: {} scenario(s)", failed.len());
+    }
+    Ok(())
+}
+
+async fn run_external(a: RunArgs, pin: &Pinning, nofile: u64) -> Result<()> {
+    let v = version(&a.load.mqtt)?;
+    let (scenarios, notes) = select(&a.load, nofile);
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+    broker::probe(a.addr, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("no MQTT broker answering at {}", a.addr))?;
+    let ctx = Ctx {
+        addr: a.addr,
+        broker_pid: a.pid,
+        v,
+        gen_cores: pin.gen_cores,
+        broker_cores: if a.pid.is_some() {
+            1.0
+        } else {
+            pin.broker_cores
+        },
+        pinning: format!("{} (broker started by the user)", pin.desc),
+        gen_cpu: pin.gen_cpu,
+        broker_cpu: None,
+        window: a.load.window,
+        batch: a.load.batch,
+    };
+    for sc in &scenarios {
+        let mut rec = Record {
+            broker: a.name.clone(),
+            rep: 1,
+            unix_time: now_unix(),
+            ..Default::default()
+        };
+        match scenario::run_scenario(&ctx, sc, &mut rec).await {
+            Ok(()) => rec.ok = true,
+            Err(e) => rec.errors.push(format!("{e:#}")),
+        }
+        if let Some(pid) = a.pid
+            && let Ok(m) = sys::proc_mem(pid)
+        {
+            rec.broker_rss_mib = Some(m.rss as f64 / 1048576.0);
+            rec.broker_peak_rss_mib = Some(m.hwm as f64 / 1048576.0);
+        }
+        eprintln!("{}", summary_line(&rec));
+        println!("{}", serde_json::to_string(&rec)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,1141 @@
+//! The benchmark scenarios and the load they generate.
+//!
+//! Everything runs on one thread (a current-thread tokio runtime inside a
+//! `LocalSet`), so all connections share one epoll instance and counters are
+//! plain `Cell`s: no atomics, no locks, no allocation per message. Reads are
+//! 64 KiB, all packets produced by one wake-up of a connection go out in one
+//! write, and every socket has TCP_NODELAY.
+//!
+//! Every PUBLISH payload starts with a 20-byte header: send time (ns since the
+//! run's base instant, little endian u64), publisher index (u32) and sequence
+//! number (u64). Subscribers take the latency from it and count loss and
+//! reordering per publisher.
+
+use crate::mqtt::{self, Conn, PUBACK, PUBLISH, Version};
+use crate::sys;
+use anyhow::{Context, Result, anyhow, bail};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+
+pub const PAYLOAD_HEADER: usize = 20;
+
+/// What a scenario does.
+#[derive(Clone, Debug)]
+pub enum Spec {
+    /// Publishers → subscribers. `fan_in`: each publisher has its own topic
+    /// and subscribers use a `+` wildcard; otherwise all share one topic.
+    PubSub {
+        pubs: usize,
+        subs: usize,
+        qos: u8,
+        payload: usize,
+        /// Messages per second per publisher; None = as fast as possible.
+        rate: Option<f64>,
+        fan_in: bool,
+    },
+    /// Open `conns` connections, hold them idle, measure the broker's RSS.
+    Idle { conns: usize },
+    /// `workers` loops of connect / CONNACK / DISCONNECT.
+    Connect { workers: usize },
+    // ------------------------------------------------------------------
+    // SLOT: HTTP scenario (to be added with Starling's HTTP interface):
+    // `POST /broker/<topic>` over keep-alive connections → MQTT subscriber,
+    // requests/s and delivered msg/s. Add a variant here, a runner in
+    // `run_scenario`, and a row in `report::metrics`. Until then the
+    // scenario list carries `f-http` as "reserved" (see `all`).
+    // ------------------------------------------------------------------
+}
+
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub id: String,
+    pub title: String,
+    pub spec: Spec,
+    /// Measured window, seconds.
+    pub secs: f64,
+}
+
+impl Scenario {
+    /// Connections the broker must accept (for Starling's limit env).
+    pub fn connections(&self) -> usize {
+        match self.spec {
+            Spec::PubSub { pubs, subs, .. } => pubs + subs,
+            Spec::Idle { conns } => conns,
+            Spec::Connect { workers } => workers,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match &self.spec {
+            Spec::PubSub { rate: None, .. } => "throughput",
+            Spec::PubSub { fan_in: true, .. } => "latency",
+            Spec::PubSub { .. } => "fixed",
+            Spec::Idle { .. } => "idle",
+            Spec::Connect { .. } => "connect",
+        }
+    }
+}
+
+pub struct Durations {
+    pub throughput: f64,
+    pub latency: f64,
+    pub connect: f64,
+}
+
+/// The full list (a–e), with the idle connection counts that fit `nofile`.
+/// Returns the scenarios and notes about the ones left out.
+pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>, Vec<String>) {
+    let mut v = Vec::new();
+    let mut notes = Vec::new();
+    for qos in [0u8, 1] {
+        for (payload, pl) in [(64usize, "64B"), (1024, "1KiB")] {
+            v.push(Scenario {
+                id: format!("a-fanin-q{qos}-{pl}"),
+                title: format!("a. fan-in 8→1 (wildcard), QoS {qos}, {pl}, unlimited"),
+                spec: Spec::PubSub {
+                    pubs: 8,
+                    subs: 1,
+                    qos,
+                    payload,
+                    rate: None,
+                    fan_in: true,
+                },
+                secs: d.throughput,
+            });
+        }
+    }
+    // Fixed rate: 50,000 deliveries/s in both fan-outs, below every peer's
+    // ceiling, so CPU per delivery and latency compare at equal load.
+    for (subs, fixed) in [(100usize, 500.0), (1000, 50.0)] {
+        for rate in [Some(fixed), None] {
+            let (tag, what) = match rate {
+                Some(r) => ("fixed", format!("{r} msg/s")),
+                None => ("max", "unlimited".to_string()),
+            };
+            v.push(Scenario {
+                id: format!("b-fanout-{subs}-{tag}"),
+                title: format!("b. fan-out 1→{subs}, QoS 0, 64B, {what}"),
+                spec: Spec::PubSub {
+                    pubs: 1,
+                    subs,
+                    qos: 0,
+                    payload: 64,
+                    rate,
+                    fan_in: false,
+                },
+                secs: d.throughput,
+            });
+        }
+    }
+    for qos in [0u8, 1] {
+        v.push(Scenario {
+            id: format!("c-latency-q{qos}"),
+            title: format!("c. latency 10×1,000 msg/s→1, QoS {qos}, 64B"),
+            spec: Spec::PubSub {
+                pubs: 10,
+                subs: 1,
+                qos,
+                payload: 64,
+                rate: Some(1000.0),
+                fan_in: true,
+            },
+            secs: d.latency,
+        });
+    }
+    for &n in idle_counts {
+        // The generator holds n sockets, the broker n + a few.
+        if (n as u64) + 200 > nofile {
+            notes.push(format!(
+                "d-idle-{}k skipped: `ulimit -n` hard limit {nofile} < {} connections + margin",
+                n / 1000,
+                n
+            ));
+            continue;
+        }
+        v.push(Scenario {
+            id: format!("d-idle-{}k", n / 1000),
+            title: format!("d. {n} idle connections"),
+            spec: Spec::Idle { conns: n },
+            secs: 2.0,
+        });
+    }
+    v.push(Scenario {
+        id: "e-connect".into(),
+        title: "e. connection setup (16 loops of connect/CONNACK/DISCONNECT)".into(),
+        spec: Spec::Connect { workers: 16 },
+        secs: d.connect,
+    });
+    // SLOT: HTTP scenario goes here (see `Spec`).
+    notes.push(
+        "f-http (POST /broker/... keep-alive): reserved, added with the HTTP interface".into(),
+    );
+    (v, notes)
+}
+
+/// Percentiles in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Lat {
+    pub n: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// One JSON line: one scenario, one broker, one repetition.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Record {
+    pub scenario: String,
+    pub kind: String,
+    pub title: String,
+    pub broker: String,
+    pub broker_version: String,
+    pub rep: u32,
+    pub unix_time: u64,
+    pub mqtt: String,
+    pub ok: bool,
+    /// Measured window, seconds (wall clock).
+    pub secs: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publishers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscribers: Option<usize>,
+    /// Target publish rate, all publishers together, msg/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_target: Option<f64>,
+    /// Publish rate achieved in the window, msg/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pub_per_s: Option<f64>,
+    /// Deliveries (all subscribers) per second in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msg_per_s: Option<f64>,
+    /// Messages the broker took responsibility for (QoS 0: written; QoS 1: PUBACKed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published: Option<u64>,
+    /// QoS 1 messages written but never PUBACKed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unacked: Option<u64>,
+    /// published × subscribers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<u64>,
+    /// Deliveries seen (new sequence numbers), whole run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<u64>,
+    /// QoS 1 and fixed rates: expected − delivered. QoS 0 at an unlimited
+    /// rate: `gaps` (messages the broker read and dropped; what was still
+    /// unread in socket buffers at the end is not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+    /// Sequence numbers skipped, summed over subscribers and publishers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gaps: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_pct: Option<f64>,
+    /// Deliveries whose sequence number was not above the last seen one
+    /// (duplicates or reordering).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_of_order: Option<u64>,
+    /// Send → receive (pub/sub) or connect → CONNACK (connect), microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lat_us: Option<Lat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conns_failed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conns_alive: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_per_conn: Option<f64>,
+    pub broker_cpu_s: Option<f64>,
+    /// Broker CPU time / wall time (1.0 = one core busy).
+    pub broker_cpu_util: Option<f64>,
+    /// Broker CPU µs per delivered message (or per connection).
+    pub broker_cpu_us_per_msg: Option<f64>,
+    pub broker_rss_mib: Option<f64>,
+    pub broker_peak_rss_mib: Option<f64>,
+    pub broker_threads: Option<u64>,
+    pub gen_cpu_s: f64,
+    pub gen_cpu_util: f64,
+    /// CPU used by other processes on the machine during the window, cores.
+    pub others_cpu_util: Option<f64>,
+    /// Busy share of the generator's / broker's CPU, all processes (when pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_core_busy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_core_busy: Option<f64>,
+    /// What limited the run: generator | broker | fixed rate | neither.
+    pub limit: String,
+    pub pinning: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// Where the run goes and what is measured around it.
+pub struct Ctx {
+    pub addr: SocketAddr,
+    pub broker_pid: Option<u32>,
+    pub v: Version,
+    /// CPU cores the generator / broker can use (for the limit verdict).
+    pub gen_cores: f64,
+    pub broker_cores: f64,
+    pub pinning: String,
+    /// CPUs the generator and the broker are pinned to.
+    pub gen_cpu: Option<usize>,
+    pub broker_cpu: Option<usize>,
+    /// Publisher window (QoS 1 messages not yet PUBACKed).
+    pub window: usize,
+    /// Most messages per write when publishing without a rate.
+    pub batch: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Phase {
+    Warmup,
+    Measure,
+    Drain,
+    Stop,
+}
+
+struct Shared {
+    base: Instant,
+    phase: Cell<Phase>,
+    sent: Cell<u64>,
+    published: Cell<u64>,
+    delivered: Cell<u64>,
+    out_of_order: Cell<u64>,
+    gaps: Cell<u64>,
+    malformed: Cell<u64>,
+    pubs_done: Cell<usize>,
+    conns: Cell<u64>,
+    failed: Cell<u64>,
+    hist: RefCell<Histogram<u64>>,
+    errors: RefCell<Vec<String>>,
+}
+
+impl Shared {
+    fn new() -> Result<Rc<Shared>> {
+        Ok(Rc::new(Shared {
+            base: Instant::now(),
+            phase: Cell::new(Phase::Warmup),
+            sent: Cell::new(0),
+            published: Cell::new(0),
+            delivered: Cell::new(0),
+            out_of_order: Cell::new(0),
+            gaps: Cell::new(0),
+            malformed: Cell::new(0),
+            pubs_done: Cell::new(0),
+            conns: Cell::new(0),
+            failed: Cell::new(0),
+            hist: RefCell::new(
+                Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
+            ),
+            errors: RefCell::new(Vec::new()),
+        }))
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    fn add(c: &Cell<u64>, n: u64) {
+        c.set(c.get() + n);
+    }
+
+    fn error(&self, what: String) {
+        let mut e = self.errors.borrow_mut();
+        if e.len() < 5 {
+            e.push(what);
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.phase.get() == Phase::Stop
+    }
+}
+
+/// CPU and wall clock at one instant.
+struct Meter {
+    t: Instant,
+    gen_cpu: Duration,
+    broker_cpu: Option<Duration>,
+    machine: Option<Vec<(u64, u64)>>,
+}
+
+fn meter(ctx: &Ctx) -> Meter {
+    Meter {
+        t: Instant::now(),
+        gen_cpu: sys::self_cpu(),
+        broker_cpu: ctx.broker_pid.and_then(|p| sys::proc_cpu(p).ok()),
+        machine: sys::machine_cpu(),
+    }
+}
+
+/// Fill the CPU fields of `rec` from two meters; returns the wall time.
+fn account(ctx: &Ctx, a: &Meter, b: &Meter, rec: &mut Record) -> f64 {
+    let wall = (b.t - a.t).as_secs_f64().max(1e-9);
+    let gen_cpu = (b.gen_cpu.saturating_sub(a.gen_cpu)).as_secs_f64();
+    rec.secs = wall;
+    rec.gen_cpu_s = gen_cpu;
+    rec.gen_cpu_util = gen_cpu / wall;
+    let broker = match (a.broker_cpu, b.broker_cpu) {
+        (Some(x), Some(y)) => Some(y.saturating_sub(x).as_secs_f64()),
+        _ => None,
+    };
+    rec.broker_cpu_s = broker;
+    rec.broker_cpu_util = broker.map(|c| c / wall);
+    if let (Some(x), Some(y)) = (&a.machine, &b.machine) {
+        let busy = |i: usize| -> Option<f64> {
+            let (b0, t0) = *x.get(i)?;
+            let (b1, t1) = *y.get(i)?;
+            let total = t1.saturating_sub(t0);
+            (total > 0).then(|| b1.saturating_sub(b0) as f64 / total as f64)
+        };
+        if let (Some(&(b0, _)), Some(&(b1, _))) = (x.first(), y.first()) {
+            let all = sys::jiffies_to_secs(b1.saturating_sub(b0));
+            rec.others_cpu_util = Some(((all - gen_cpu - broker.unwrap_or(0.0)) / wall).max(0.0));
+        }
+        rec.gen_core_busy = ctx.gen_cpu.and_then(|c| busy(c + 1));
+        rec.broker_core_busy = ctx.broker_cpu.and_then(|c| busy(c + 1));
+    }
+    rec.pinning = ctx.pinning.clone();
+    wall
+}
+
+/// Generator or broker: whichever was close to its CPU capacity. A pinned
+/// core that was saturated by the generator/broker together with other
+/// processes (a shared machine) counts as a limit too, and says so.
+pub fn verdict(rec: &Record, gen_cores: f64, broker_cores: f64, rate_met: Option<bool>) -> String {
+    let g = rec.gen_cpu_util / gen_cores;
+    let b = rec.broker_cpu_util.unwrap_or(0.0) / broker_cores;
+    let gc = rec.gen_core_busy.unwrap_or(g).max(g);
+    let bc = rec.broker_core_busy.unwrap_or(b).max(b);
+    let gen_full = g >= 0.85 || gc >= 0.92;
+    let broker_full = b >= 0.85 || bc >= 0.92;
+    let shared = |own: f64| {
+        if own < 0.85 {
+            " (core shared with other processes)"
+        } else {
+            ""
+        }
+    };
+    match (gen_full, broker_full) {
+        (true, true) if (g - b).abs() < 0.05 => "both".into(),
+        (true, true) if g > b => format!("generator{}", shared(g)),
+        (true, false) => format!("generator{}", shared(g)),
+        (_, true) => format!("broker{}", shared(b)),
+        (false, false) => match rate_met {
+            Some(true) => "fixed rate".into(),
+            Some(false) => "rate missed".into(),
+            None => "neither (flow control)".into(),
+        },
+    }
+}
+
+fn put_payload(buf: &mut Vec<u8>, ts: u64, publisher: u32, seq: u64, len: usize) {
+    buf.extend_from_slice(&ts.to_le_bytes());
+    buf.extend_from_slice(&publisher.to_le_bytes());
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.resize(buf.len() + len.saturating_sub(PAYLOAD_HEADER), 0);
+}
+
+fn get_payload(p: &[u8]) -> Option<(u64, usize, u64)> {
+    let ts = u64::from_le_bytes(p.get(0..8)?.try_into().ok()?);
+    let publisher = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?);
+    let seq = u64::from_le_bytes(p.get(12..20)?.try_into().ok()?);
+    Some((ts, publisher as usize, seq))
+}
+
+/// Run `make(i)` for i in 0..n with at most `limit` at once; results in order.
+async fn bounded<T, F, Fut>(n: usize, limit: usize, mut make: F) -> Vec<Result<T>>
+where
+    T: 'static,
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<T>> + 'static,
+{
+    let mut out: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+    let mut set = JoinSet::new();
+    let mut next = 0;
+    loop {
+        while next < n && set.len() < limit {
+            let fut = make(next);
+            let i = next;
+            set.spawn_local(async move { (i, fut.await) });
+            next += 1;
+        }
+        match set.join_next().await {
+            None => break,
+            Some(Ok((i, r))) => out[i] = Some(r),
+            Some(Err(e)) => {
+                return vec![Err(anyhow!("connection task failed: {e}"))];
+            }
+        }
+    }
+    out.into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(anyhow!("connection task lost"))))
+        .collect()
+}
+
+/// Connect from a given loopback source address (127.0.0.1 unless many
+/// thousands of connections need more source ports).
+async fn tcp_from(addr: SocketAddr, src: Ipv4Addr) -> Result<TcpStream> {
+    let sock = TcpSocket::new_v4().context("socket")?;
+    if src != Ipv4Addr::LOCALHOST {
+        sock.bind(SocketAddr::from((src, 0)))
+            .with_context(|| format!("bind {src}"))?;
+    }
+    sock.connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))
+}
+
+async fn open(ctx_addr: SocketAddr, v: Version, id: String, rbuf: usize) -> Result<Conn> {
+    let s = tcp_from(ctx_addr, Ipv4Addr::LOCALHOST).await?;
+    tokio::time::timeout(Duration::from_secs(15), Conn::open(s, v, &id, 300, rbuf))
+        .await
+        .with_context(|| format!("{id}: no CONNACK within 15 s"))?
+        .with_context(|| format!("{id}: connect"))
+}
+
+fn run_tag() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("{:x}", t % 0xffff_ffff)
+}
+
+fn lat_from(h: &Histogram<u64>) -> Lat {
+    let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
+    Lat {
+        n: h.len(),
+        p50: us(h.value_at_quantile(0.50)),
+        p99: us(h.value_at_quantile(0.99)),
+        p999: us(h.value_at_quantile(0.999)),
+        max: us(h.max()),
+    }
+}
+
+pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, rec: &mut Record) -> Result<()> {
+    rec.scenario = sc.id.clone();
+    rec.title = sc.title.clone();
+    rec.kind = sc.kind().into();
+    rec.mqtt = match ctx.v {
+        Version::V311 => "3.1.1".into(),
+        Version::V5 => "5".into(),
+    };
+    match &sc.spec {
+        Spec::PubSub {
+            pubs,
+            subs,
+            qos,
+            payload,
+            rate,
+            fan_in,
+        } => {
+            let p = PubSubParams {
+                pubs: *pubs,
+                subs: *subs,
+                qos: *qos,
+                payload: (*payload).max(PAYLOAD_HEADER),
+                rate: *rate,
+                fan_in: *fan_in,
+            };
+            run_pubsub(ctx, &p, sc.secs, rec).await
+        }
+        Spec::Idle { conns } => run_idle(ctx, *conns, sc.secs, rec).await,
+        Spec::Connect { workers } => run_connect(ctx, *workers, sc.secs, rec).await,
+    }
+}
+
+struct PubSubParams {
+    pubs: usize,
+    subs: usize,
+    qos: u8,
+    payload: usize,
+    rate: Option<f64>,
+    fan_in: bool,
+}
+
+async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) -> Result<()> {
+    let sh = Shared::new()?;
+    let tag = run_tag();
+    let (filter, topic_of): (String, Box<dyn Fn(usize) -> String>) = if p.fan_in {
+        let t = tag.clone();
+        (
+            format!("bench/{tag}/in/+"),
+            Box::new(move |i| format!("bench/{t}/in/{i}")),
+        )
+    } else {
+        let t = format!("bench/{tag}/out");
+        (t.clone(), Box::new(move |_| t.clone()))
+    };
+    rec.qos = Some(p.qos);
+    rec.payload = Some(p.payload);
+    rec.publishers = Some(p.pubs);
+    rec.subscribers = Some(p.subs);
+    rec.rate_target = p.rate.map(|r| r * p.pubs as f64);
+
+    // Subscribers first, each confirmed by its SUBACK.
+    let (addr, v, qos) = (ctx.addr, ctx.v, p.qos);
+    let subs = bounded(p.subs, 128, |i| {
+        let filter = filter.clone();
+        let id = format!("sb-{tag}-s{i}");
+        async move {
+            let mut c = open(addr, v, id, mqtt::READ_SIZE).await?;
+            tokio::time::timeout(Duration::from_secs(15), c.subscribe(1, &filter, qos))
+                .await
+                .context("no SUBACK within 15 s")??;
+            Ok(c)
+        }
+    })
+    .await
+    .into_iter()
+    .collect::<Result<Vec<Conn>>>()
+    .context("subscribers")?;
+    let pubs = bounded(p.pubs, 128, |i| {
+        open(addr, v, format!("sb-{tag}-p{i}"), mqtt::READ_SIZE)
+    })
+    .await
+    .into_iter()
+    .collect::<Result<Vec<Conn>>>()
+    .context("publishers")?;
+
+    let mut tasks = JoinSet::new();
+    for c in subs {
+        let sh = sh.clone();
+        let npubs = p.pubs;
+        tasks.spawn_local(async move {
+            if let Err(e) = subscriber(c, &sh, npubs).await
+                && !sh.stopping()
+            {
+                sh.error(format!("subscriber: {e:#}"));
+            }
+        });
+    }
+    for (i, c) in pubs.into_iter().enumerate() {
+        let cfg = PubCfg {
+            id: i as u32,
+            topic: topic_of(i).into_bytes(),
+            qos: p.qos,
+            payload: p.payload,
+            rate: p.rate,
+            window: ctx.window,
+            batch: ctx.batch,
+        };
+        let sh = sh.clone();
+        tasks.spawn_local(async move {
+            if let Err(e) = publisher(c, &cfg, &sh).await
+                && !sh.stopping()
+            {
+                sh.error(format!("publisher {}: {e:#}", cfg.id));
+            }
+            sh.pubs_done.set(sh.pubs_done.get() + 1);
+        });
+    }
+
+    // Warm-up, then the measured window.
+    let warm = (secs / 5.0).clamp(0.2, 1.0);
+    tokio::time::sleep(Duration::from_secs_f64(warm)).await;
+    let m0 = meter(ctx);
+    let (d0, p0) = (sh.delivered.get(), sh.published.get());
+    sh.phase.set(Phase::Measure);
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    sh.phase.set(Phase::Drain);
+    let m1 = meter(ctx);
+    let (d1, p1) = (sh.delivered.get(), sh.published.get());
+    let wall = account(ctx, &m0, &m1, rec);
+
+    // Drain: publishers collect their PUBACKs, subscribers what is in flight.
+    // QoS 0 at an unlimited rate leaves seconds of messages in the kernel's
+    // socket buffers; its loss is counted from sequence gaps instead, so it
+    // stops at once.
+    let (max_drain, quiet) = match (p.qos, p.rate) {
+        (0, None) => (0.3, 0.3),
+        (0, Some(_)) => (3.0, 0.5),
+        _ => (10.0, 1.0),
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(max_drain);
+    let mut last = (u64::MAX, u64::MAX);
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = (sh.delivered.get(), sh.published.get());
+        let done = sh.pubs_done.get() == p.pubs;
+        if done && now.0 >= now.1 * p.subs as u64 {
+            break;
+        }
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > Duration::from_secs_f64(quiet) {
+            break;
+        }
+        if Instant::now() > deadline || tasks.is_empty() {
+            break;
+        }
+    }
+    sh.phase.set(Phase::Stop);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+
+    let published = sh.published.get();
+    let expected = published * p.subs as u64;
+    let delivered = sh.delivered.get();
+    let gaps = sh.gaps.get();
+    let (lost, base) = if p.qos == 0 && p.rate.is_none() {
+        (gaps, delivered + gaps)
+    } else {
+        (expected.saturating_sub(delivered).max(gaps), expected)
+    };
+    rec.gaps = Some(gaps);
+    rec.published = Some(published);
+    rec.unacked = (p.qos > 0).then(|| sh.sent.get() - published);
+    rec.expected = Some(expected);
+    rec.delivered = Some(delivered);
+    rec.lost = Some(lost);
+    rec.lost_pct = Some(if base > 0 {
+        100.0 * lost as f64 / base as f64
+    } else {
+        0.0
+    });
+    rec.out_of_order = Some(sh.out_of_order.get());
+    let dw = d1 - d0;
+    rec.msg_per_s = Some(dw as f64 / wall);
+    rec.pub_per_s = Some((p1 - p0) as f64 / wall);
+    rec.lat_us = Some(lat_from(&sh.hist.borrow()));
+    if let Some(c) = rec.broker_cpu_s {
+        rec.broker_cpu_us_per_msg = (dw > 0).then(|| c * 1e6 / dw as f64);
+    }
+    if sh.malformed.get() > 0 {
+        sh.error(format!(
+            "{} deliveries without a valid benchmark header",
+            sh.malformed.get()
+        ));
+    }
+    let rate_met = rec
+        .rate_target
+        .map(|t| rec.pub_per_s.unwrap_or(0.0) >= 0.95 * t);
+    rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, rate_met);
+    rec.errors.extend(sh.errors.borrow().iter().cloned());
+    Ok(())
+}
+
+async fn subscriber(mut c: Conn, sh: &Shared, npubs: usize) -> Result<()> {
+    let mut next = vec![0u64; npubs];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        c.rb.fill(&c.stream).await?;
+        let now = sh.now_ns();
+        let measuring = sh.phase.get() == Phase::Measure;
+        let (mut new, mut ooo, mut bad, mut gaps) = (0u64, 0u64, 0u64, 0u64);
+        {
+            let mut hist = sh.hist.borrow_mut();
+            while let Some(f) = c.rb.next_frame()? {
+                if f.kind != PUBLISH {
+                    continue;
+                }
+                let p = mqtt::parse_publish(c.v, f.flags, f.body)?;
+                match p.qos {
+                    0 => {}
+                    1 => mqtt::puback(&mut out, p.pid),
+                    _ => bail!("unexpected QoS {} delivery", p.qos),
+                }
+                let header = if p.topic.is_empty() {
+                    None
+                } else {
+                    get_payload(p.payload)
+                };
+                let Some((ts, publisher, seq)) = header else {
+                    bad += 1;
+                    continue;
+                };
+                let Some(n) = next.get_mut(publisher) else {
+                    bad += 1;
+                    continue;
+                };
+                if seq >= *n {
+                    new += 1;
+                    gaps += seq - *n;
+                    *n = seq + 1;
+                } else {
+                    ooo += 1;
+                }
+                if measuring {
+                    hist.saturating_record(now.saturating_sub(ts).max(1));
+                }
+            }
+        }
+        Shared::add(&sh.delivered, new);
+        Shared::add(&sh.out_of_order, ooo);
+        Shared::add(&sh.malformed, bad);
+        Shared::add(&sh.gaps, gaps);
+        if !out.is_empty() {
+            c.stream.write_all(&out).await.context("send PUBACKs")?;
+            out.clear();
+        }
+    }
+}
+
+struct PubCfg {
+    id: u32,
+    topic: Vec<u8>,
+    qos: u8,
+    payload: usize,
+    rate: Option<f64>,
+    window: usize,
+    batch: usize,
+}
+
+/// Count PUBACKs in the read buffer.
+fn take_acks(c: &mut Conn) -> Result<u64> {
+    let mut n = 0;
+    while let Some(f) = c.rb.next_frame()? {
+        if f.kind == PUBACK {
+            mqtt::puback_pid(f.body)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
+    let mut w: Vec<u8> = Vec::with_capacity(mqtt::READ_SIZE + 2048);
+    let (mut seq, mut acked, mut pid) = (0u64, 0u64, 0u16);
+    let mut ticker = cfg.rate.map(|_| {
+        let mut t = tokio::time::interval(Duration::from_millis(1));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        t
+    });
+    let t0 = Instant::now();
+    let per_write = cfg.batch.min((mqtt::READ_SIZE / (cfg.payload + 32)).max(1));
+    while sh.phase.get() < Phase::Drain {
+        let mut n = match cfg.rate {
+            None => per_write,
+            Some(r) => ((t0.elapsed().as_secs_f64() * r) as u64).saturating_sub(seq) as usize,
+        }
+        .min(4096);
+        if cfg.qos > 0 {
+            n = n.min(cfg.window.saturating_sub((seq - acked) as usize));
+        }
+        if n > 0 {
+            let ts = sh.now_ns();
+            for _ in 0..n {
+                if cfg.qos > 0 {
+                    pid = pid.wrapping_add(1).max(1);
+                }
+                mqtt::publish_header(&mut w, c.v, &cfg.topic, cfg.qos, pid, cfg.payload);
+                put_payload(&mut w, ts, cfg.id, seq, cfg.payload);
+                seq += 1;
+            }
+            c.stream.write_all(&w).await.context("send PUBLISH")?;
+            w.clear();
+            Shared::add(&sh.sent, n as u64);
+            if cfg.qos == 0 {
+                Shared::add(&sh.published, n as u64);
+            }
+        }
+        match (cfg.qos, ticker.as_mut()) {
+            (0, None) => tokio::task::yield_now().await,
+            (0, Some(t)) => {
+                t.tick().await;
+            }
+            (_, None) => {
+                if (seq - acked) as usize >= cfg.window {
+                    c.rb.fill(&c.stream).await?;
+                } else {
+                    c.rb.try_fill(&c.stream)?;
+                    tokio::task::yield_now().await;
+                }
+                let a = take_acks(&mut c)?;
+                acked += a;
+                Shared::add(&sh.published, a);
+            }
+            (_, Some(t)) => {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    r = c.stream.readable() => {
+                        r.context("wait readable")?;
+                        c.rb.try_fill(&c.stream)?;
+                    }
+                }
+                let a = take_acks(&mut c)?;
+                acked += a;
+                Shared::add(&sh.published, a);
+            }
+        }
+    }
+    // Drain: wait for the PUBACKs still owed.
+    while acked < seq && !sh.stopping() {
+        c.rb.fill(&c.stream).await?;
+        let a = take_acks(&mut c)?;
+        acked += a;
+        Shared::add(&sh.published, a);
+    }
+    Ok(())
+}
+
+/// Source address for the i-th of many connections: 127.0.0.1 for the first
+/// 20,000, then 127.0.0.2, … (each has its own ephemeral port range).
+fn source_for(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 1 + (i / 20_000) as u8)
+}
+
+async fn run_idle(ctx: &Ctx, n: usize, settle: f64, rec: &mut Record) -> Result<()> {
+    let pid = ctx.broker_pid;
+    let rss = || pid.and_then(|p| sys::proc_mem(p).ok());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss();
+    let m0 = meter(ctx);
+    let tag = run_tag();
+    let (addr, v) = (ctx.addr, ctx.v);
+    let t = Instant::now();
+    let res = bounded(n, 256, |i| {
+        let id = format!("sb-{tag}-i{i}");
+        async move {
+            let s = tcp_from(addr, source_for(i)).await?;
+            tokio::time::timeout(Duration::from_secs(20), Conn::open(s, v, &id, 300, 256))
+                .await
+                .context("no CONNACK within 20 s")?
+        }
+    })
+    .await;
+    let took = t.elapsed().as_secs_f64();
+    let mut conns = Vec::with_capacity(n);
+    for r in res {
+        match r {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                rec.conns_failed = Some(rec.conns_failed.unwrap_or(0) + 1);
+                if rec.errors.len() < 5 {
+                    rec.errors.push(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    let ok = conns.len() as u64;
+    rec.conns = Some(ok);
+    rec.conn_per_s = Some(ok as f64 / took.max(1e-9));
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    let m1 = meter(ctx);
+    let after = rss();
+    account(ctx, &m0, &m1, rec);
+    if let (Some(a), Some(b)) = (before, after)
+        && ok > 0
+    {
+        rec.rss_per_conn = Some((b.rss as f64 - a.rss as f64) / ok as f64);
+    }
+    if let Some(c) = rec.broker_cpu_s
+        && ok > 0
+    {
+        rec.broker_cpu_us_per_msg = Some(c * 1e6 / ok as f64);
+    }
+    // Are they all still there? One PINGREQ each, expect a PINGRESP.
+    let alive = Rc::new(Cell::new(0u64));
+    let conns: Vec<Rc<RefCell<Option<Conn>>>> = conns
+        .into_iter()
+        .map(|c| Rc::new(RefCell::new(Some(c))))
+        .collect();
+    let _ = bounded(conns.len(), 512, |i| {
+        let cell = conns[i].clone();
+        let alive = alive.clone();
+        async move {
+            let Some(mut c) = cell.borrow_mut().take() else {
+                return Ok(());
+            };
+            let mut out = Vec::new();
+            mqtt::pingreq(&mut out);
+            let res = tokio::time::timeout(Duration::from_secs(10), async {
+                c.stream.write_all(&out).await?;
+                loop {
+                    while let Some(f) = c.rb.next_frame()? {
+                        if f.kind == mqtt::PINGRESP {
+                            return anyhow::Ok(());
+                        }
+                    }
+                    c.rb.fill(&c.stream).await?;
+                }
+            })
+            .await;
+            if matches!(res, Ok(Ok(()))) {
+                alive.set(alive.get() + 1);
+            }
+            *cell.borrow_mut() = Some(c);
+            Ok(())
+        }
+    })
+    .await;
+    rec.conns_alive = Some(alive.get());
+    rec.limit = "n/a (memory)".into();
+    drop(conns);
+    Ok(())
+}
+
+async fn connect_once(addr: SocketAddr, v: Version, id: &str) -> Result<Duration> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).await.context("connect")?;
+    // No TCP_NODELAY here: each side writes one packet per round trip.
+    let mut out = Vec::with_capacity(64);
+    mqtt::connect(&mut out, v, id.as_bytes(), 60, true);
+    s.write_all(&out).await.context("send CONNECT")?;
+    let mut rb = mqtt::ReadBuf::with_capacity(256);
+    let fut = async {
+        loop {
+            s.readable().await.context("wait readable")?;
+            if rb.try_fill(&s)?.is_none() {
+                continue;
+            }
+            if let Some(f) = rb.next_frame()? {
+                anyhow::ensure!(f.kind == mqtt::CONNACK, "expected CONNACK, got {}", f.kind);
+                let code = mqtt::connack_code(f.body)?;
+                anyhow::ensure!(code == 0, "CONNACK refused ({code:#x})");
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .context("no CONNACK within 10 s")??;
+    let took = t.elapsed();
+    out.clear();
+    mqtt::disconnect(&mut out);
+    s.write_all(&out).await.context("send DISCONNECT")?;
+    // Close right away (the kernel reuses TIME_WAIT ports on loopback).
+    Ok(took)
+}
+
+async fn run_connect(ctx: &Ctx, workers: usize, secs: f64, rec: &mut Record) -> Result<()> {
+    let sh = Shared::new()?;
+    let tag = run_tag();
+    let mut tasks = JoinSet::new();
+    for w in 0..workers {
+        let sh = sh.clone();
+        let (addr, v) = (ctx.addr, ctx.v);
+        let tag = tag.clone();
+        tasks.spawn_local(async move {
+            let mut k = 0u64;
+            while !sh.stopping() {
+                k += 1;
+                let id = format!("sb-{tag}-c{w}-{k}");
+                match connect_once(addr, v, &id).await {
+                    Ok(d) => {
+                        Shared::add(&sh.conns, 1);
+                        if sh.phase.get() == Phase::Measure {
+                            sh.hist.borrow_mut().saturating_record(d.as_nanos() as u64);
+                        }
+                    }
+                    Err(e) => {
+                        Shared::add(&sh.failed, 1);
+                        sh.error(format!("{e:#}"));
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs_f64((secs / 5.0).clamp(0.2, 1.0))).await;
+    let m0 = meter(ctx);
+    let (c0, f0) = (sh.conns.get(), sh.failed.get());
+    sh.phase.set(Phase::Measure);
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    sh.phase.set(Phase::Drain);
+    let m1 = meter(ctx);
+    let (c1, f1) = (sh.conns.get(), sh.failed.get());
+    sh.phase.set(Phase::Stop);
+    // Let the loops finish their current connection (bounded by timeouts).
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    let wall = account(ctx, &m0, &m1, rec);
+    let n = c1 - c0;
+    rec.conns = Some(n);
+    rec.conns_failed = Some(f1 - f0);
+    rec.conn_per_s = Some(n as f64 / wall);
+    rec.lat_us = Some(lat_from(&sh.hist.borrow()));
+    if let Some(c) = rec.broker_cpu_s {
+        rec.broker_cpu_us_per_msg = (n > 0).then(|| c * 1e6 / n as f64);
+    }
+    rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, None);
+    rec.errors.extend(sh.errors.borrow().iter().cloned());
+    Ok(())
+}
+
+/// Did the run do what a smoke test asks: deliver, and lose nothing at QoS 1?
+pub fn smoke_check(rec: &Record) -> Result<()> {
+    if !rec.ok {
+        bail!("run failed: {}", rec.errors.join("; "));
+    }
+    match rec.kind.as_str() {
+        "idle" => {
+            let c = rec.conns.unwrap_or(0);
+            if c == 0 || rec.conns_alive.unwrap_or(0) < c {
+                bail!(
+                    "idle: {c} connected, {} answered PINGREQ",
+                    rec.conns_alive.unwrap_or(0)
+                );
+            }
+        }
+        "connect" => {
+            if rec.conns.unwrap_or(0) == 0 {
+                bail!("connect: no connection completed");
+            }
+        }
+        _ => {
+            if rec.delivered.unwrap_or(0) == 0 || rec.msg_per_s.unwrap_or(0.0) <= 0.0 {
+                bail!("delivered nothing");
+            }
+            if rec.qos == Some(1) && (rec.lost.unwrap_or(0) > 0 || rec.unacked.unwrap_or(0) > 0) {
+                bail!(
+                    "QoS 1 loss: {} lost, {} unacknowledged of {} expected",
+                    rec.lost.unwrap_or(0),
+                    rec.unacked.unwrap_or(0),
+                    rec.expected.unwrap_or(0)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_header_round_trip() {
+        let mut b = Vec::new();
+        put_payload(&mut b, 123, 7, 99, 64);
+        assert_eq!(b.len(), 64);
+        assert_eq!(get_payload(&b), Some((123, 7, 99)));
+        assert_eq!(get_payload(&b[..10]), None);
+    }
+
+    #[test]
+    fn scenario_list_respects_fd_limit() {
+        let d = Durations {
+            throughput: 1.0,
+            latency: 1.0,
+            connect: 1.0,
+        };
+        let (v, notes) = all(&d, 20_000, &[10_000, 50_000]);
+        assert!(v.iter().any(|s| s.id == "d-idle-10k"));
+        assert!(!v.iter().any(|s| s.id == "d-idle-50k"));
+        assert!(notes.iter().any(|n| n.contains("50k")));
+        assert!(notes.iter().any(|n| n.contains("f-http")));
+    }
+}
