@@ -602,6 +602,16 @@ impl Connection {
             if parsed.share_group.is_some() && f.no_local && v5 {
                 return self.protocol_error("no-local on a shared subscription");
             }
+            if !self.principal.may_subscribe(parsed.filter) {
+                metrics::inc(&self.shared.metrics.acl_refusals);
+                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), filter = %f.filter, "subscription refused by ACL");
+                codes.push(if v5 {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::v3::SUBACK_FAILURE
+                });
+                continue;
+            }
             let opts = SubOptions {
                 qos: f.qos,
                 no_local: f.no_local,
