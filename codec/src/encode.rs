@@ -342,13 +342,12 @@ fn body<S: Sink>(packet: &Packet, v5: bool, s: &mut S) {
         Packet::PingReq | Packet::PingResp => {}
         Packet::Disconnect(d) => {
             if v5 {
-                // Short forms (§3.14.2): no body for success without
-                // properties, a lone reason code without properties.
-                let plen = props_len(&d.properties);
-                if d.reason != 0 || plen != 0 {
+                // No body for success without properties. Otherwise the
+                // reason code AND the property length, even when zero
+                // (MQTT-2.2.2-1): §3.14.2.2.1 lets receivers accept a lone
+                // reason code, but clients such as rumqttc 0.25 cannot.
+                if d.reason != 0 || props_len(&d.properties) != 0 {
                     s.u8(d.reason);
-                }
-                if plen != 0 {
                     s.props(&d.properties);
                 }
             }

@@ -136,7 +136,7 @@ fn v5_short_forms_are_written() {
                 reason: 4,
                 properties: Properties::default(),
             }),
-            &[0xe0, 1, 4],
+            &[0xe0, 2, 4, 0],
         ),
         (Packet::Auth(Auth::default()), &[0xf0, 0]),
         (Packet::PingReq, &[0xc0, 0]),
