@@ -690,3 +690,92 @@ def test_anonymous_denied(brokers, tmpdir_path, mk, version):
     assert anon.connack_rc.is_failure
     # Tokens still work.
     mk(b, version, *tok(b, "writer"))
+
+
+# ------------------------------------------------------------ known broker bugs
+#
+# Strict xfail: each documents a broker bug found while writing these tests and
+# turns into a failure (XPASS) once the broker is fixed, so the marker goes.
+
+
+def _persistent(version: int, cid: str) -> dict:
+    return dict(client_id=cid, session_expiry=300) if version == V5 else dict(client_id=cid, clean=False)
+
+
+def _resume(version: int, cid: str) -> dict:
+    return dict(client_id=cid, session_expiry=300, clean=False) if version == V5 else dict(client_id=cid, clean=False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker bug: Connection::start resumes a persistent session without re-checking its "
+    "subscriptions (and queued messages) against the connecting token, so any token can read "
+    "through another token's subscriptions by reusing its client id",
+)
+def test_resumed_session_is_checked_against_the_new_token(brokers, tmpdir_path, mk, version):
+    bundle = standard_bundle(os.path.join(tmpdir_path, "bundle.json"))
+    b = brokers(bundle)
+    b.bundle = bundle
+    base, cid = uid(), uid("sess")
+    reader = mk(b, version, *tok(b, "reader"), **_persistent(version, cid))
+    reader.subscribe(f"data/{base}/#", 1)
+    reader.disconnect()
+    writer = mk(b, version, *tok(b, "writer"))
+    writer.publish(f"data/{base}/queued", b"queued", qos=1)
+    # `limited` may read data/public/# only, and takes over reader's session.
+    limited = mk(b, version, *tok(b, "limited"), **_resume(version, cid))
+    writer.publish(f"data/{base}/live", b"live", qos=1)
+    got = limited.drain(1.0)
+    assert not got, f"limited read through reader's session: {[(m.topic, m.payload) for m in got]}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker bug: after a bundle change only online connections are re-checked; an offline "
+    "persistent session keeps subscriptions the new rules no longer allow and gets their messages "
+    "on reconnect",
+)
+def test_acl_narrowed_while_offline(brokers, tmpdir_path, mk, version):
+    bundle = standard_bundle(os.path.join(tmpdir_path, "bundle.json"))
+    bundle.token("watcher")
+    bundle.rule("watchers", ["watcher"], ["data/#"], ["subscribe"])
+    b = brokers(bundle)
+    b.bundle = bundle
+    base, cid = uid(), uid("off")
+    watcher = mk(b, version, *tok(b, "watcher"), **_persistent(version, cid))
+    watcher.subscribe(f"data/{base}/#", 1)
+    watcher.disconnect()
+    for a in bundle.acls:
+        if a["name"] == "watchers":
+            a["rules"] = [{"topics": ["data/public/#"], "actions": ["subscribe"], "effect": "allow"}]
+    bundle.write()
+    time.sleep(1.0)  # several poll periods: the new bundle is in force
+    writer = mk(b, version, *tok(b, "writer"))
+    writer.publish(f"data/{base}/x", b"while-offline", qos=1)
+    back = mk(b, version, *tok(b, "watcher"), **_resume(version, cid))
+    writer.publish(f"data/{base}/x", b"after-reconnect", qos=1)
+    got = back.drain(1.0)
+    assert not got, f"received under the old rules: {[(m.topic, m.payload) for m in got]}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker: the will of a connection closed because its token was revoked is still "
+    "published under the token's old rules (finish() checks the stale principal); a revoked "
+    "token should not publish anything any more",
+)
+def test_revoked_tokens_will_is_not_published(brokers, tmpdir_path, mk, version):
+    bundle = standard_bundle(os.path.join(tmpdir_path, "bundle.json"))
+    bundle.token("victim")
+    bundle.rule("victims", ["victim"], ["data/#"], ["publish", "subscribe"])
+    b = brokers(bundle)
+    b.bundle = bundle
+    base = uid()
+    spy = mk(b, version, *tok(b, "spy"))
+    spy.subscribe(f"data/{base}/will", 1)
+    victim = mk(b, version, *tok(b, "victim"), will={"topic": f"data/{base}/will", "payload": b"w", "qos": 1})
+    del bundle.tokens["victim"]
+    bundle.write()
+    assert victim.disconnected.wait(REVOKE_WITHIN + 0.5)
+    got = spy.drain(1.0)
+    assert not got, f"revoked token's will published: {[(m.topic, m.payload) for m in got]}"
