@@ -8,4 +8,6 @@
 
 pub mod build;
 pub mod crd;
+pub mod metrics;
+pub mod reconcile;
 pub mod tls;

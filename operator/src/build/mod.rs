@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod admin;
+pub mod broker;
 pub mod bundle;
 pub mod certificate;
 pub mod config;

@@ -1,0 +1,501 @@
+//! An in-memory stand-in for the Kubernetes API server, behind a real
+//! `kube::Client` (as a tower service), for reconcile tests.
+//!
+//! It understands what the reconcilers use: get, list (with equality label
+//! selectors), create, delete, server-side apply (one field manager, so an
+//! apply replaces the object's content) and status patches. Every write is
+//! recorded with whether it changed the stored object; unchanged writes do
+//! not bump `resourceVersion`, as with a real API server.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+type Key = (String, String, String, String); // (api prefix, plural, namespace, name)
+
+/// One write the fake saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// apply, status, create, delete or merge.
+    pub verb: &'static str,
+    pub plural: String,
+    pub name: String,
+    /// Did it change the stored object?
+    pub changed: bool,
+    pub field_manager: Option<String>,
+}
+
+impl Write {
+    pub fn id(&self) -> String {
+        format!("{} {}/{}", self.verb, self.plural, self.name)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<Key, Value>,
+    rv: u64,
+    writes: Vec<Write>,
+    /// Resources the "cluster" does not have (e.g. cert-manager's CRDs).
+    missing: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+fn prefix_of<K: Resource<DynamicType = ()>>() -> String {
+    let group = K::group(&());
+    if group.is_empty() {
+        format!("api/{}", K::version(&()))
+    } else {
+        format!("apis/{group}/{}", K::version(&()))
+    }
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": if code < 300 { "Success" } else { "Failure" },
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn respond(code: u16, body: &Value) -> Response<Body> {
+    let mut r = Response::new(Body::from(serde_json::to_vec(body).unwrap_or_default()));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn without_rv(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+        m.remove("generation");
+    }
+    v
+}
+
+fn spec_part(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("metadata");
+        o.remove("status");
+    }
+    v
+}
+
+fn label_match(obj: &Value, selector: Option<&str>) -> bool {
+    let Some(sel) = selector else { return true };
+    let labels = obj.pointer("/metadata/labels");
+    sel.split(',')
+        .filter(|s| !s.is_empty())
+        .all(|req| match req.split_once('=') {
+            Some((k, v)) => labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v),
+            None => labels.and_then(|l| l.get(req)).is_some(),
+        })
+}
+
+impl FakeApi {
+    pub fn new() -> FakeApi {
+        FakeApi::default()
+    }
+
+    /// A kube client whose every request this fake answers.
+    pub fn client(&self) -> Client {
+        let me = self.clone();
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let me = me.clone();
+            async move { Ok::<_, Infallible>(me.handle(req).await) }
+        });
+        Client::new(svc, "default")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores `obj` as if a user created it (uid, resourceVersion, generation).
+    pub fn put<K>(&self, obj: &K) -> K
+    where
+        K: Resource<DynamicType = ()> + Serialize + DeserializeOwned,
+    {
+        let mut v = serde_json::to_value(obj).unwrap_or_default();
+        let ns = obj.meta().namespace.clone().unwrap_or_default();
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let key = (
+            prefix_of::<K>(),
+            K::plural(&()).to_string(),
+            ns,
+            name.clone(),
+        );
+        let mut st = self.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.entry("uid")
+                .or_insert(json!(format!("uid-{}-{name}", K::plural(&()))));
+            m.insert("resourceVersion".into(), json!(rv.to_string()));
+            m.entry("generation").or_insert(json!(1));
+            m.entry("creationTimestamp")
+                .or_insert(json!("2026-01-01T00:00:00Z"));
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.insert("apiVersion".into(), json!(K::api_version(&())));
+            o.insert("kind".into(), json!(K::kind(&())));
+        }
+        st.objects.insert(key, v.clone());
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("stored object reads back: {e}"))
+    }
+
+    pub fn get<K>(&self, ns: &str, name: &str) -> Option<K>
+    where
+        K: Resource<DynamicType = ()> + DeserializeOwned,
+    {
+        let key = (
+            prefix_of::<K>(),
+            K::plural(&()).to_string(),
+            ns.to_string(),
+            name.to_string(),
+        );
+        let v = self.lock().objects.get(&key).cloned()?;
+        serde_json::from_value(v).ok()
+    }
+
+    /// Removes an object (as a completed deletion would).
+    pub fn remove<K: Resource<DynamicType = ()>>(&self, ns: &str, name: &str) {
+        let key = (
+            prefix_of::<K>(),
+            K::plural(&()).to_string(),
+            ns.to_string(),
+            name.to_string(),
+        );
+        self.lock().objects.remove(&key);
+    }
+
+    /// Sets `.status` of a stored object (as another controller would).
+    pub fn set_status<K: Resource<DynamicType = ()>>(&self, ns: &str, name: &str, status: Value) {
+        let key = (
+            prefix_of::<K>(),
+            K::plural(&()).to_string(),
+            ns.to_string(),
+            name.to_string(),
+        );
+        if let Some(o) = self
+            .lock()
+            .objects
+            .get_mut(&key)
+            .and_then(Value::as_object_mut)
+        {
+            o.insert("status".into(), status);
+        }
+    }
+
+    /// Makes every request for `plural` fail with 404, as when its CRD is
+    /// not installed.
+    pub fn fail_plural(&self, plural: &str) {
+        self.lock().missing.push(plural.to_string());
+    }
+
+    /// Names (`plural/name`) of every stored object, events left out.
+    pub fn names(&self) -> Vec<String> {
+        self.lock()
+            .objects
+            .keys()
+            .filter(|k| k.1 != "events")
+            .map(|k| format!("{}/{}", k.1, k.3))
+            .collect()
+    }
+
+    /// Every write so far, and forgets them.
+    pub fn take_writes(&self) -> Vec<Write> {
+        std::mem::take(&mut self.lock().writes)
+    }
+
+    /// The writes that changed something, events left out, as `verb plural/name`.
+    pub fn take_changes(&self) -> Vec<String> {
+        self.take_writes()
+            .into_iter()
+            .filter(|w| w.changed && w.plural != "events")
+            .map(|w| w.id())
+            .collect()
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect_bytes().await.unwrap_or_default();
+        let query: BTreeMap<String, String> = parts
+            .uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.replace("%3D", "=")
+                        .replace("%2C", ",")
+                        .replace("%2F", "/"),
+                )
+            })
+            .collect();
+        let segs: Vec<&str> = parts
+            .uri
+            .path()
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
+        let (prefix, rest) = match segs.as_slice() {
+            ["api", v, rest @ ..] => (format!("api/{v}"), rest),
+            ["apis", g, v, rest @ ..] => (format!("apis/{g}/{v}"), rest),
+            _ => return respond(404, &status_body(404, "NotFound", "unknown path")),
+        };
+        let (ns, plural, name, sub) = match rest {
+            ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
+            ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
+            ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
+            [plural] => (None, *plural, None, None),
+            _ => return respond(404, &status_body(404, "NotFound", "unknown path")),
+        };
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let manager = query.get("fieldManager").cloned();
+        let mut st = self.lock();
+        if st.missing.iter().any(|m| m == plural) {
+            return respond(
+                404,
+                &status_body(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
+            );
+        }
+        let key = |name: &str| {
+            (
+                prefix.clone(),
+                plural.to_string(),
+                ns.unwrap_or_default().to_string(),
+                name.to_string(),
+            )
+        };
+        match (&parts.method, name) {
+            (&Method::GET, Some(name)) => match st.objects.get(&key(name)) {
+                Some(v) => respond(200, v),
+                None => respond(
+                    404,
+                    &status_body(404, "NotFound", &format!("{plural} {name} not found")),
+                ),
+            },
+            (&Method::GET, None) => {
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| k.0 == prefix && k.1 == plural && ns.is_none_or(|n| n == k.2))
+                    .filter(|(_, v)| label_match(v, query.get("labelSelector").map(String::as_str)))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                let api_version = prefix
+                    .trim_start_matches("api/")
+                    .trim_start_matches("apis/");
+                respond(
+                    200,
+                    &json!({
+                        "apiVersion": api_version,
+                        "kind": "List",
+                        "metadata": {"resourceVersion": st.rv.to_string()},
+                        "items": items,
+                    }),
+                )
+            }
+            (&Method::POST, None) => {
+                let Ok(mut v) = serde_json::from_slice::<Value>(&body) else {
+                    return respond(400, &status_body(400, "BadRequest", "body is not JSON"));
+                };
+                let name = v
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unnamed")
+                    .to_string();
+                if st.objects.contains_key(&key(&name)) {
+                    return respond(409, &status_body(409, "AlreadyExists", "exists"));
+                }
+                st.rv += 1;
+                let rv = st.rv;
+                if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.insert("resourceVersion".into(), json!(rv.to_string()));
+                    m.insert("uid".into(), json!(format!("uid-{plural}-{name}")));
+                }
+                st.objects.insert(key(&name), v.clone());
+                st.writes.push(Write {
+                    verb: "create",
+                    plural: plural.into(),
+                    name,
+                    changed: true,
+                    field_manager: manager,
+                });
+                respond(201, &v)
+            }
+            (&Method::DELETE, Some(name)) => {
+                let found = st.objects.remove(&key(name)).is_some();
+                st.writes.push(Write {
+                    verb: "delete",
+                    plural: plural.into(),
+                    name: name.into(),
+                    changed: found,
+                    field_manager: None,
+                });
+                if found {
+                    respond(200, &status_body(200, "", "deleted"))
+                } else {
+                    respond(404, &status_body(404, "NotFound", "not found"))
+                }
+            }
+            (&Method::PATCH, Some(name)) => {
+                let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                    return respond(400, &status_body(400, "BadRequest", "body is not JSON"));
+                };
+                let apply = content_type.starts_with("application/apply-patch");
+                let k = key(name);
+                let old = st.objects.get(&k).cloned();
+                let new = match (sub, &old) {
+                    (Some("status"), None) => {
+                        return respond(404, &status_body(404, "NotFound", "not found"));
+                    }
+                    (Some("status"), Some(old)) => {
+                        let mut new = old.clone();
+                        let status = patch.get("status").cloned().unwrap_or(Value::Null);
+                        if apply {
+                            new["status"] = status;
+                        } else {
+                            merge(&mut new["status"], &status);
+                        }
+                        new
+                    }
+                    (Some(_), _) => {
+                        return respond(404, &status_body(404, "NotFound", "subresource"));
+                    }
+                    (None, None) if !apply => {
+                        return respond(404, &status_body(404, "NotFound", "not found"));
+                    }
+                    (None, None) => {
+                        let mut new = patch.clone();
+                        if let Some(o) = new.as_object_mut() {
+                            o.remove("status");
+                        }
+                        if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                            m.insert("uid".into(), json!(format!("uid-{plural}-{name}")));
+                            m.insert("generation".into(), json!(1));
+                            m.insert("creationTimestamp".into(), json!("2026-01-01T00:00:00Z"));
+                        }
+                        new
+                    }
+                    (None, Some(old)) => {
+                        let mut new = if apply {
+                            patch.clone()
+                        } else {
+                            let mut n = old.clone();
+                            merge(&mut n, &patch);
+                            n
+                        };
+                        if let Some(o) = new.as_object_mut() {
+                            match old.get("status") {
+                                Some(s) => o.insert("status".into(), s.clone()),
+                                None => o.remove("status"),
+                            };
+                        }
+                        if let (Some(m), Some(om)) = (
+                            new.get_mut("metadata").and_then(Value::as_object_mut),
+                            old.get("metadata").and_then(Value::as_object),
+                        ) {
+                            for f in [
+                                "uid",
+                                "creationTimestamp",
+                                "generation",
+                                "deletionTimestamp",
+                            ] {
+                                if let Some(v) = om.get(f) {
+                                    m.insert(f.into(), v.clone());
+                                }
+                            }
+                            if !apply {
+                                m.remove("resourceVersion");
+                            }
+                        }
+                        new
+                    }
+                };
+                let mut new = new;
+                let changed = old.as_ref().map(without_rv) != Some(without_rv(&new));
+                let mut rv = old
+                    .as_ref()
+                    .and_then(|o| o.pointer("/metadata/resourceVersion").cloned());
+                if changed {
+                    st.rv += 1;
+                    rv = Some(json!(st.rv.to_string()));
+                    if let (Some(o), None) = (&old, sub)
+                        && spec_part(o) != spec_part(&new)
+                    {
+                        let g = o
+                            .pointer("/metadata/generation")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(1);
+                        new["metadata"]["generation"] = json!(g + 1);
+                    }
+                }
+                if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.insert("resourceVersion".into(), rv.unwrap_or(json!("0")));
+                }
+                st.objects.insert(k, new.clone());
+                st.writes.push(Write {
+                    verb: match (sub, apply) {
+                        (Some(_), _) => "status",
+                        (None, true) => "apply",
+                        (None, false) => "merge",
+                    },
+                    plural: plural.into(),
+                    name: name.into(),
+                    changed,
+                    field_manager: manager,
+                });
+                respond(200, &new)
+            }
+            _ => respond(
+                405,
+                &status_body(405, "MethodNotAllowed", "not supported by the fake"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Reconcile tests against the in-memory API server (`fake`).
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Resource;
+use kube::api::ObjectMeta;
+use serde_json::json;
+use starling_model::bundle::AuthBundle;
+use starling_model::token::verify_secret;
+
+use super::fake::FakeApi;
+use super::{Context, acl, broker, token};
+use crate::crd::acl::{AclAction, AclEffect, AclRule, AclSpec, TopicFilter};
+use crate::crd::common::ConditionStatus;
+use crate::crd::{Acl, Broker, BrokerRef, BrokerSpec, Token, TokenSpec};
+use crate::metrics::Metrics;
+
+const NS: &str = "ns";
+
+fn setup() -> (FakeApi, Arc<Context>) {
+    let fake = FakeApi::new();
+    let ctx = Arc::new(Context::new(fake.client(), Arc::new(Metrics::default())));
+    (fake, ctx)
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn new_broker(fake: &FakeApi, spec: BrokerSpec) -> Broker {
+    fake.put(&Broker {
+        metadata: meta("demo"),
+        spec,
+        status: None,
+    })
+}
+
+fn new_token(fake: &FakeApi, name: &str) -> Token {
+    fake.put(&Token {
+        metadata: meta(name),
+        spec: TokenSpec {
+            broker_ref: BrokerRef {
+                name: "demo".into(),
+            },
+            ..TokenSpec::default()
+        },
+        status: None,
+    })
+}
+
+fn new_acl(fake: &FakeApi, name: &str, topic: &str) -> Acl {
+    fake.put(&Acl {
+        metadata: meta(name),
+        spec: AclSpec {
+            broker_ref: BrokerRef {
+                name: "demo".into(),
+            },
+            tokens: vec!["sensor".into()],
+            token_selector: None,
+            rules: vec![AclRule {
+                topics: vec![TopicFilter(topic.into())],
+                actions: vec![AclAction::Publish],
+                effect: AclEffect::Allow,
+            }],
+        },
+        status: None,
+    })
+}
+
+async fn reconcile_broker(fake: &FakeApi, ctx: &Arc<Context>) {
+    let b: Broker = fake.get(NS, "demo").expect("broker exists");
+    broker::reconcile(Arc::new(b), ctx.clone())
+        .await
+        .expect("broker reconciles");
+}
+
+async fn reconcile_token(fake: &FakeApi, ctx: &Arc<Context>, name: &str) {
+    let t: Token = fake.get(NS, name).expect("token exists");
+    token::reconcile(Arc::new(t), ctx.clone())
+        .await
+        .expect("token reconciles");
+}
+
+fn condition(conds: &[crate::crd::Condition], t: &str) -> (ConditionStatus, String, String) {
+    let c = conds
+        .iter()
+        .find(|c| c.type_ == t)
+        .unwrap_or_else(|| panic!("no {t} condition in {conds:?}"));
+    (c.status, c.reason.clone(), c.message.clone())
+}
+
+fn bundle(fake: &FakeApi) -> AuthBundle {
+    let s: Secret = fake.get(NS, "demo-auth").expect("bundle secret");
+    AuthBundle::parse(&s.data.unwrap()["bundle.json"].0).expect("valid bundle")
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_everything() {
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+
+    let mut names = fake.names();
+    names.retain(|n| n != "brokers/demo");
+    assert_eq!(
+        names,
+        [
+            "configmaps/demo-config",
+            "secrets/demo-admin",
+            "secrets/demo-auth",
+            "secrets/demo-ca",
+            "secrets/demo-ca-key",
+            "secrets/demo-tls",
+            "serviceaccounts/demo",
+            "services/demo",
+            "services/demo-headless",
+            "statefulsets/demo",
+            "poddisruptionbudgets/demo",
+            "rolebindings/demo",
+            "roles/demo",
+        ]
+    );
+    // One field manager for everything.
+    let writes = fake.take_writes();
+    assert!(
+        writes
+            .iter()
+            .filter(|w| w.plural != "events")
+            .all(|w| w.field_manager.as_deref() == Some("starling-operator")),
+        "{writes:?}"
+    );
+    // Everything is owned by the Broker (garbage-collected with it).
+    let sts: StatefulSet = fake.get(NS, "demo").unwrap();
+    let owner = &sts.metadata.owner_references.unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("Broker", "demo", Some(true))
+    );
+    assert_eq!(owner.uid, "uid-brokers-demo");
+
+    // Status: endpoints, counts, certificate expiry, not ready yet.
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let s = b.status.unwrap();
+    assert_eq!(s.endpoints["mqtts"], "mqtts://demo.ns.svc:8883");
+    assert_eq!((s.tokens, s.acls), (0, 0));
+    assert!(s.certificate_expires_at.is_some());
+    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(condition(&s.conditions, "Ready").0, ConditionStatus::False);
+    assert_eq!(
+        condition(&s.conditions, "Progressing").0,
+        ConditionStatus::True
+    );
+    assert_eq!(
+        condition(&s.conditions, "Degraded").0,
+        ConditionStatus::False
+    );
+
+    // The TLS secret verifies against the CA the clients get.
+    let tls: Secret = fake.get(NS, "demo-tls").unwrap();
+    let ca: Secret = fake.get(NS, "demo-ca").unwrap();
+    assert_eq!(
+        tls.data.as_ref().unwrap()["ca.crt"],
+        ca.data.as_ref().unwrap()["ca.crt"]
+    );
+    assert!(!ca.data.unwrap().contains_key("tls.key"));
+}
+
+#[tokio::test]
+async fn second_reconcile_changes_nothing() {
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+    // The pods come up.
+    fake.set_status::<StatefulSet>(
+        NS,
+        "demo",
+        json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1}),
+    );
+    reconcile_broker(&fake, &ctx).await;
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    assert_eq!(
+        condition(&b.status.unwrap().conditions, "Ready").0,
+        ConditionStatus::True
+    );
+    fake.take_writes();
+
+    reconcile_broker(&fake, &ctx).await;
+    assert_eq!(fake.take_changes(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn token_added_changes_only_the_bundle_secret() {
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+    reconcile_broker(&fake, &ctx).await;
+    fake.take_writes();
+
+    new_token(&fake, "sensor");
+    reconcile_token(&fake, &ctx, "sensor").await;
+    let changes = fake.take_changes();
+    assert_eq!(
+        changes,
+        ["apply secrets/sensor-credentials", "status tokens/sensor"]
+    );
+    let t: Token = fake.get(NS, "sensor").unwrap();
+    let ts = t.status.unwrap();
+    assert_eq!(ts.secret_name.as_deref(), Some("sensor-credentials"));
+    assert_eq!(condition(&ts.conditions, "Ready").0, ConditionStatus::True);
+
+    // The credentials carry everything a client needs.
+    let creds: Secret = fake.get(NS, "sensor-credentials").unwrap();
+    let data = creds.data.unwrap();
+    let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+    assert_eq!(text("username"), "sensor");
+    assert_eq!(text("mqtts-url"), "mqtts://demo.ns.svc:8883");
+    assert_eq!(text("https-url"), "https://demo.ns.svc:443");
+    assert!(text("ca.crt").contains("BEGIN CERTIFICATE"));
+    let password = text("password");
+    assert!(password.len() >= 43);
+
+    reconcile_broker(&fake, &ctx).await;
+    let changes = fake.take_changes();
+    assert_eq!(changes, ["apply secrets/demo-auth", "status brokers/demo"]);
+    let b = bundle(&fake);
+    assert_eq!(b.tokens.len(), 1);
+    assert_eq!(
+        verify_secret(&b.hash_key, password.as_bytes(), &b.tokens[0].secret_hash),
+        Ok(true)
+    );
+    let broker: Broker = fake.get(NS, "demo").unwrap();
+    assert_eq!(broker.status.unwrap().tokens, 1);
+
+    // Reconciling the token again keeps its secret.
+    reconcile_token(&fake, &ctx, "sensor").await;
+    assert_eq!(fake.take_changes(), Vec::<String>::new());
+
+    // Deleting the Token takes it out of the bundle (and only that).
+    fake.remove::<Token>(NS, "sensor");
+    reconcile_broker(&fake, &ctx).await;
+    assert_eq!(
+        fake.take_changes(),
+        ["apply secrets/demo-auth", "status brokers/demo"]
+    );
+    assert!(bundle(&fake).tokens.is_empty());
+}
+
+#[tokio::test]
+async fn invalid_acl_is_degraded_and_touches_nothing_else() {
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    new_acl(&fake, "good", "sensors/+/temp");
+    reconcile_broker(&fake, &ctx).await;
+    reconcile_broker(&fake, &ctx).await;
+    fake.take_writes();
+    let before = bundle(&fake);
+    assert_eq!(before.acls.len(), 1);
+
+    // An ACL the schema would refuse, as if applied before the CRD was updated.
+    let bad = new_acl(&fake, "bad", "a/#/b");
+    acl::reconcile(Arc::new(bad), ctx.clone())
+        .await
+        .expect("an invalid ACL is a status, not an error");
+    let a: Acl = fake.get(NS, "bad").unwrap();
+    let s = a.status.unwrap();
+    let (st, reason, msg) = condition(&s.conditions, "Degraded");
+    assert_eq!(
+        (st, reason.as_str()),
+        (ConditionStatus::True, "InvalidRules")
+    );
+    assert!(msg.contains("rules[0]"), "{msg}");
+    assert_eq!(condition(&s.conditions, "Ready").0, ConditionStatus::False);
+    assert_eq!(s.rules, 1);
+    assert_eq!(fake.take_changes(), ["status acls/bad"]);
+
+    // The broker keeps serving: same bundle, same objects; its status says why.
+    reconcile_broker(&fake, &ctx).await;
+    assert_eq!(fake.take_changes(), ["status brokers/demo"]);
+    assert_eq!(bundle(&fake), before);
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let (st, reason, msg) = condition(&b.status.unwrap().conditions, "Degraded");
+    assert_eq!(
+        (st, reason.as_str()),
+        (ConditionStatus::True, "InvalidTokensOrACLs")
+    );
+    assert!(msg.contains("ACL bad"), "{msg}");
+
+    // The valid ACL is Ready.
+    let good: Acl = fake.get(NS, "good").unwrap();
+    acl::reconcile(Arc::new(good), ctx.clone()).await.unwrap();
+    let good: Acl = fake.get(NS, "good").unwrap();
+    assert_eq!(
+        condition(&good.status.unwrap().conditions, "Ready").0,
+        ConditionStatus::True
+    );
+}
+
+#[tokio::test]
+async fn deleted_broker_is_left_to_garbage_collection() {
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    new_token(&fake, "sensor");
+    reconcile_broker(&fake, &ctx).await;
+    reconcile_token(&fake, &ctx, "sensor").await;
+    fake.take_writes();
+
+    // Being deleted: the reconciler writes nothing and deletes nothing.
+    let mut b: Broker = fake.get(NS, "demo").unwrap();
+    b.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-01-02T00:00:00Z".parse().unwrap(),
+    ));
+    broker::reconcile(Arc::new(b), ctx.clone()).await.unwrap();
+    assert!(fake.take_writes().is_empty());
+
+    // Gone: every object it owned points at it, so the garbage collector
+    // removes them; the operator deletes nothing itself.
+    fake.remove::<Broker>(NS, "demo");
+    let cm: k8s_openapi::api::core::v1::ConfigMap = fake.get(NS, "demo-config").unwrap();
+    assert_eq!(cm.owner_ref_uid(), Some("uid-brokers-demo".into()));
+    let creds: Secret = fake.get(NS, "sensor-credentials").unwrap();
+    assert_eq!(creds.owner_ref_uid(), Some("uid-tokens-sensor".into()));
+    reconcile_token(&fake, &ctx, "sensor").await;
+    let writes = fake.take_writes();
+    assert!(writes.iter().all(|w| w.verb != "delete"), "{writes:?}");
+    let t: Token = fake.get(NS, "sensor").unwrap();
+    let (st, reason, _) = condition(&t.status.unwrap().conditions, "Ready");
+    assert_eq!(
+        (st, reason.as_str()),
+        (ConditionStatus::False, "BrokerNotFound")
+    );
+}
+
+trait OwnerUid {
+    fn owner_ref_uid(&self) -> Option<String>;
+}
+
+impl<K: Resource> OwnerUid for K {
+    fn owner_ref_uid(&self) -> Option<String> {
+        self.meta()
+            .owner_references
+            .as_ref()?
+            .first()
+            .map(|o| o.uid.clone())
+    }
+}
+
+#[tokio::test]
+async fn invalid_spec_and_missing_tls_secret_show_in_status() {
+    let (fake, ctx) = setup();
+    let spec: BrokerSpec = serde_json::from_value(json!({
+        "listeners": {"mqtt": {"enabled": true, "port": 8883, "containerPort": 1883}}
+    }))
+    .unwrap();
+    new_broker(&fake, spec);
+    reconcile_broker(&fake, &ctx).await;
+    // Nothing built from an invalid spec.
+    assert_eq!(fake.names(), ["brokers/demo"]);
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let (st, reason, msg) = condition(&b.status.unwrap().conditions, "Degraded");
+    assert_eq!(
+        (st, reason.as_str()),
+        (ConditionStatus::True, "InvalidSpec")
+    );
+    assert!(msg.contains("8883"), "{msg}");
+
+    // A TLS Secret that does not exist: everything else is applied, and
+    // status says what is missing.
+    let (fake, ctx) = setup();
+    let spec: BrokerSpec =
+        serde_json::from_value(json!({"tls": {"secretRef": {"name": "mine"}}})).unwrap();
+    new_broker(&fake, spec);
+    reconcile_broker(&fake, &ctx).await;
+    assert!(fake.names().contains(&"statefulsets/demo".to_string()));
+    assert!(!fake.names().contains(&"secrets/demo-tls".to_string()));
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let (st, reason, msg) = condition(&b.status.unwrap().conditions, "Degraded");
+    assert_eq!(
+        (st, reason.as_str()),
+        (ConditionStatus::True, "CertificateUnavailable")
+    );
+    assert!(msg.contains("mine"), "{msg}");
+}
+
+#[tokio::test]
+async fn api_errors_are_reported_in_status_and_returned() {
+    let (fake, ctx) = setup();
+    // cert-manager is not installed: applying the Certificate fails (404).
+    let spec: BrokerSpec =
+        serde_json::from_value(json!({"tls": {"certManager": {"issuerRef": {"name": "ca"}}}}))
+            .unwrap();
+    new_broker(&fake, spec);
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    fake.fail_plural("certificates");
+    let err = broker::reconcile(Arc::new(b), ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "ApiError");
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let (st, reason, _) = condition(&b.status.clone().unwrap().conditions, "Degraded");
+    assert_eq!((st, reason.as_str()), (ConditionStatus::True, "ApiError"));
+    // The error policy backs off.
+    let b = Arc::new(b);
+    let a1 = super::error_policy(b.clone(), &err, ctx.clone());
+    let a2 = super::error_policy(b, &err, ctx.clone());
+    assert_ne!(a1, a2);
+}
+
+#[tokio::test]
+async fn brought_secrets_are_used_and_checked() {
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+    let mut s = Secret {
+        metadata: meta("gitops"),
+        ..Secret::default()
+    };
+    s.data = Some(crate::build::secret_data([(
+        "token",
+        "a-sealed-secret-value-123".to_string(),
+    )]));
+    fake.put(&s);
+    let mut t = Token {
+        metadata: meta("byo"),
+        spec: TokenSpec {
+            broker_ref: BrokerRef {
+                name: "demo".into(),
+            },
+            secret_ref: Some(crate::crd::token::SecretKeyRef {
+                name: "gitops".into(),
+                key: "token".into(),
+            }),
+            ..TokenSpec::default()
+        },
+        status: None,
+    };
+    t = fake.put(&t);
+    token::reconcile(Arc::new(t), ctx.clone()).await.unwrap();
+    let creds: Secret = fake.get(NS, "byo-credentials").unwrap();
+    assert_eq!(
+        creds.data.unwrap()["password"].0,
+        b"a-sealed-secret-value-123"
+    );
+    reconcile_broker(&fake, &ctx).await;
+    let b = bundle(&fake);
+    assert_eq!(
+        verify_secret(
+            &b.hash_key,
+            b"a-sealed-secret-value-123",
+            &b.tokens[0].secret_hash
+        ),
+        Ok(true)
+    );
+
+    // Too short: refused, reported, nothing written for it.
+    let mut s2 = s.clone();
+    s2.metadata = meta("weak");
+    s2.data = Some(crate::build::secret_data([(
+        "password",
+        "short".to_string(),
+    )]));
+    fake.put(&s2);
+    let t = fake.put(&Token {
+        metadata: meta("weak"),
+        spec: TokenSpec {
+            broker_ref: BrokerRef {
+                name: "demo".into(),
+            },
+            secret_ref: Some(crate::crd::token::SecretKeyRef {
+                name: "weak".into(),
+                key: "password".into(),
+            }),
+            ..TokenSpec::default()
+        },
+        status: None,
+    });
+    token::reconcile(Arc::new(t), ctx.clone()).await.unwrap();
+    assert!(fake.get::<Secret>(NS, "weak-credentials").is_none());
+    let t: Token = fake.get(NS, "weak").unwrap();
+    let (st, reason, _) = condition(&t.status.unwrap().conditions, "Degraded");
+    assert_eq!(
+        (st, reason.as_str()),
+        (ConditionStatus::True, "InvalidSecret")
+    );
+}
