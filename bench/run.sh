@@ -8,7 +8,7 @@
 #                           BENCHMARKS.md (about 15 minutes on 2 cores)
 #   bench/run.sh --smoke    a few seconds per scenario against Starling only
 #                           (CI): fails if a scenario delivers nothing or loses
-#                           QoS 1 messages. Uses $STARLING_BROKER_BIN if set,
+#                           QoS 1 messages. Uses $BENCH_STARLING_BIN if set,
 #                           otherwise builds and uses the debug broker.
 #
 # Extra arguments go to `starling-bench compare` (or `smoke`), e.g.
@@ -34,9 +34,9 @@ target_dir() {
 if [[ $mode == smoke ]]; then
     cargo build -p starling-bench
     tdir=$(target_dir)
-    if [[ -z "${STARLING_BROKER_BIN:-}" ]]; then
+    if [[ -z "${BENCH_STARLING_BIN:-}" ]]; then
         cargo build -p starling-broker
-        export STARLING_BROKER_BIN="$tdir/debug/starling-broker"
+        export BENCH_STARLING_BIN="$tdir/debug/starling-broker"
     fi
     exec "$tdir/debug/starling-bench" smoke "$@"
 fi

@@ -118,6 +118,13 @@ impl Broker {
             _ => Command::new(o.bin),
         };
         cmd.current_dir(&o.dir).stdin(Stdio::null());
+        // Starling reads every STARLING_* variable as configuration: pass
+        // only the ones set here, never the caller's.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("STARLING_") {
+                cmd.env_remove(&k);
+            }
+        }
         match kind {
             Kind::Starling => {
                 let data = o.dir.join("data");

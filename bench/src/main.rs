@@ -52,13 +52,13 @@ struct LoadArgs {
     #[arg(long, default_value = "3.1.1")]
     mqtt: String,
     /// Measured seconds of throughput / fan-out scenarios.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 4.0)]
     secs: f64,
     /// Measured seconds of latency scenarios.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 8.0)]
     latency_secs: f64,
     /// Measured seconds of the connection-setup scenario.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 4.0)]
     connect_secs: f64,
     /// Idle connection counts (each run only if `ulimit -n` allows).
     #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
@@ -115,7 +115,7 @@ struct CompareArgs {
 struct SmokeArgs {
     #[arg(
         long,
-        env = "STARLING_BROKER_BIN",
+        env = "BENCH_STARLING_BIN",
         default_value = "target/debug/starling-broker"
     )]
     starling_bin: PathBuf,
@@ -299,6 +299,12 @@ fn summary_line(r: &Record) -> String {
             ));
             if let Some(c) = r.broker_cpu_us_per_msg {
                 s.push_str(&format!(", {} µs CPU/msg", f(c)));
+            }
+            if let Some(u) = r.undelivered.filter(|u| *u > 0) {
+                s.push_str(&format!(
+                    ", {u} undelivered (drain {})",
+                    r.drain.as_deref().unwrap_or("?")
+                ));
             }
         }
     }
@@ -663,7 +669,7 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         .and_then(|p| std::fs::canonicalize(p).ok())
         .with_context(|| {
             format!(
-                "Starling binary not found at {} (set STARLING_BROKER_BIN)",
+                "Starling binary not found at {} (set BENCH_STARLING_BIN)",
                 a.starling_bin.display()
             )
         })?;

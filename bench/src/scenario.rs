@@ -233,11 +233,22 @@ pub struct Record {
     /// Deliveries seen (new sequence numbers), whole run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivered: Option<u64>,
-    /// QoS 1 and fixed rates: expected − delivered. QoS 0 at an unlimited
-    /// rate: `gaps` (messages the broker read and dropped; what was still
-    /// unread in socket buffers at the end is not counted).
+    /// Messages the broker dropped: `gaps` (a later message of the same
+    /// publisher arrived), plus, for QoS 1 and fixed rates, what never
+    /// arrived once delivery stalled. QoS 0 at an unlimited rate: gaps only
+    /// (what was still unread in socket buffers at the end is not counted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
+    /// Expected deliveries that had not arrived when the run ended
+    /// (QoS 1 and fixed rates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undelivered: Option<u64>,
+    /// How the drain after the window ended: complete (everything
+    /// arrived), stalled (nothing moved for a while: the rest is lost),
+    /// deadline (still delivering after 10 s: the rest is `undelivered`,
+    /// not counted as lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<String>,
     /// Sequence numbers skipped, summed over subscribers and publishers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gaps: Option<u64>,
@@ -671,23 +682,23 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
     let deadline = Instant::now() + Duration::from_secs_f64(max_drain);
     let mut last = (u64::MAX, u64::MAX);
     let mut quiet_since = Instant::now();
-    loop {
+    let drain = loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let now = (sh.delivered.get(), sh.published.get());
         let done = sh.pubs_done.get() == p.pubs;
         if done && now.0 >= now.1 * p.subs as u64 {
-            break;
+            break "complete";
         }
         if now != last {
             last = now;
             quiet_since = Instant::now();
         } else if quiet_since.elapsed() > Duration::from_secs_f64(quiet) {
-            break;
+            break "stalled";
         }
-        if Instant::now() > deadline || tasks.is_empty() {
-            break;
+        if Instant::now() > deadline {
+            break "deadline";
         }
-    }
+    };
     sh.phase.set(Phase::Stop);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -696,12 +707,19 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
     let expected = published * p.subs as u64;
     let delivered = sh.delivered.get();
     let gaps = sh.gaps.get();
+    let undelivered = expected.saturating_sub(delivered + gaps);
     let (lost, base) = if p.qos == 0 && p.rate.is_none() {
+        // The tail may still sit unread in socket buffers: gaps only.
         (gaps, delivered + gaps)
+    } else if drain == "deadline" {
+        // Still delivering when the drain time ran out: not lost (yet).
+        (gaps, expected)
     } else {
-        (expected.saturating_sub(delivered).max(gaps), expected)
+        (gaps + undelivered, expected)
     };
     rec.gaps = Some(gaps);
+    rec.undelivered = (p.qos > 0 || p.rate.is_some()).then_some(undelivered);
+    rec.drain = Some(drain.into());
     rec.published = Some(published);
     rec.unacked = (p.qos > 0).then(|| sh.sent.get() - published);
     rec.expected = Some(expected);
@@ -1099,11 +1117,14 @@ pub fn smoke_check(rec: &Record) -> Result<()> {
             if rec.delivered.unwrap_or(0) == 0 || rec.msg_per_s.unwrap_or(0.0) <= 0.0 {
                 bail!("delivered nothing");
             }
-            if rec.qos == Some(1) && (rec.lost.unwrap_or(0) > 0 || rec.unacked.unwrap_or(0) > 0) {
+            let (lost, unacked, undelivered) = (
+                rec.lost.unwrap_or(0),
+                rec.unacked.unwrap_or(0),
+                rec.undelivered.unwrap_or(0),
+            );
+            if rec.qos == Some(1) && lost + unacked + undelivered > 0 {
                 bail!(
-                    "QoS 1 loss: {} lost, {} unacknowledged of {} expected",
-                    rec.lost.unwrap_or(0),
-                    rec.unacked.unwrap_or(0),
+                    "QoS 1 loss: {lost} lost, {undelivered} not delivered, {unacked} not acknowledged, of {} expected",
                     rec.expected.unwrap_or(0)
                 );
             }
