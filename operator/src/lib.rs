@@ -7,7 +7,11 @@
 //! `server` and `leader` the process around them.
 
 pub mod build;
+pub mod controllers;
 pub mod crd;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod server;
+pub mod shutdown;
 pub mod tls;

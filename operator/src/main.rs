@@ -1,22 +1,36 @@
-//! `starling-operator`: run the controllers, or `crdgen` to print the CRDs.
+//! `starling-operator`: run the controllers (default), or `crdgen` to print
+//! the CustomResourceDefinitions.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use starling_operator::leader::Election;
+use starling_operator::metrics::Metrics;
+use starling_operator::reconcile::Context;
+use starling_operator::server::{self, AppState};
+use starling_operator::shutdown::Shutdown;
+use starling_operator::{controllers, crd};
+use tracing_subscriber::EnvFilter;
 
+/// Kubernetes operator for Starling MQTT brokers: turns Broker, Token and ACL
+/// resources into running, secured brokers.
 #[derive(Parser)]
-#[command(
-    name = "starling-operator",
-    version,
-    about = "Kubernetes operator for Starling MQTT brokers"
-)]
+#[command(name = "starling-operator", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controllers (the default).
+    Run,
     /// Print all CustomResourceDefinitions as YAML (a multi-document stream),
     /// or write one file per CRD into --out-dir (what `crds/` holds).
     Crdgen {
@@ -25,21 +39,147 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// Address of the /metrics, /healthz and /readyz server.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Run without leader election (a single replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "starling-operator")]
+    lease_name: String,
+    /// Identity in the Lease (default: the pod name, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Crdgen { out_dir }) => crdgen(out_dir),
-        None => anyhow::bail!("not implemented yet"),
+        Some(Command::Run) | None => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(run(cli.run))
+        }
     }
 }
 
 fn crdgen(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    for (file, crd) in starling_operator::crd::all() {
-        let yaml = starling_operator::crd::to_yaml(&crd)?;
+    for (file, crd) in crd::all() {
+        let yaml = crd::to_yaml(&crd)?;
         match &out_dir {
-            Some(dir) => std::fs::write(dir.join(file), yaml)?,
+            Some(dir) => std::fs::write(dir.join(file), yaml)
+                .with_context(|| format!("writing {}", dir.join(file).display()))?,
             None => print!("---\n{yaml}"),
         }
+    }
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging();
+    let shutdown = Shutdown::default();
+    shutdown.on_signals();
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = tokio::spawn(server::serve(
+        args.metrics_addr,
+        AppState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        shutdown.wait(),
+    ));
+
+    let mut election = if args.no_leader_election {
+        None
+    } else {
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("starling-operator-{}", std::process::id()));
+        let e = Election::start(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+        )
+        .await
+        .context("starting leader election")?;
+        Some(e)
+    };
+    ready.store(true, Ordering::Relaxed);
+
+    let mut lost_lease = false;
+    let leading = match election.as_mut() {
+        None => true,
+        Some(e) => {
+            tracing::info!(lease = %args.lease_name, "waiting for the leader lease");
+            tokio::select! {
+                got = e.acquired() => got,
+                _ = shutdown.wait() => false,
+            }
+        }
+    };
+    if leading {
+        tracing::info!("leading: starting controllers");
+        metrics.set_leader(true);
+        let ctx = Arc::new(Context::new(client.clone(), metrics.clone()));
+        let run = controllers::run(client, ctx, args.namespace.clone(), shutdown.wait());
+        tokio::pin!(run);
+        match election.as_mut() {
+            Some(e) => {
+                tokio::select! {
+                    _ = &mut run => {}
+                    _ = e.lost() => {
+                        tracing::error!("lost the leader lease; stopping");
+                        lost_lease = true;
+                        shutdown.trigger();
+                        run.await;
+                    }
+                }
+            }
+            None => run.await,
+        }
+        metrics.set_leader(false);
+    }
+    shutdown.trigger();
+    if let Some(e) = election {
+        e.release().await;
+    }
+    match server.await {
+        Ok(r) => r.context("metrics server")?,
+        Err(e) => tracing::warn!(error = %e, "metrics server task failed"),
+    }
+    if lost_lease {
+        // Exit non-zero so the pod restarts and rejoins as a standby.
+        anyhow::bail!("lost the leader lease");
     }
     Ok(())
 }
