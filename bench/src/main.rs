@@ -563,7 +563,7 @@ fn header(meta: &Meta, recs: &[Record], took: Option<Duration>, jsonl: &Path) ->
     let avg = others.iter().sum::<f64>() / others.len().max(1) as f64;
     let max = others.iter().cloned().fold(0.0, f64::max);
     let mut s = String::new();
-    s.push_str("## Latest full comparison\n\n");
+    s.push_str("### Latest full comparison\n\n");
     s.push_str(&format!(
         "- Date: {}{}\n",
         meta.date,
@@ -575,7 +575,7 @@ fn header(meta: &Meta, recs: &[Record], took: Option<Duration>, jsonl: &Path) ->
     s.push_str(&format!("- Pinning: {}\n", meta.pinning));
     s.push_str(&format!("- Brokers: {}\n", meta.versions.join("; ")));
     s.push_str(&format!(
-        "- Load: MQTT {}, {} repetitions interleaved ({} {}, …), {}\n",
+        "- Load: MQTT {}, {} repetitions interleaved ({}, {}, …), {}\n",
         meta.mqtt,
         meta.repeat,
         meta.brokers.join(", "),

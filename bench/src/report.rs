@@ -41,6 +41,16 @@ fn metrics(kind: &str) -> Vec<(&'static str, Get, bool)> {
             ("broker CPU µs / delivered msg", cpu, false),
             ("loss %", loss, false),
         ],
+        "overload" => vec![
+            ("broker peak RSS MiB", peak, false),
+            (
+                "broker RSS growth MiB/s, 2nd half of window",
+                |r| r.rss_growth_mib_s,
+                false,
+            ),
+            ("delivered msg/s", deliv, true),
+            ("loss %", loss, false),
+        ],
         "idle" => vec![
             ("broker RSS bytes / connection", |r| r.rss_per_conn, false),
             (
@@ -71,7 +81,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 pub fn fmt_num(x: f64) -> String {
     let a = x.abs();
-    if a >= 100_000.0 {
+    if a >= 10_000.0 {
         // thousands separators
         let s = format!("{:.0}", x);
         let neg = s.starts_with('-');
@@ -216,7 +226,7 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
     }
 
     // What limited each run.
-    s.push_str("\n### What limited each run\n\n");
+    s.push_str("\n#### What limited each run\n\n");
     s.push_str("Generator CPU / broker CPU as a share of one core (medians); `generator` = the load generator's core was ≥ 85 % busy (the broker was not the limit), `broker` = the broker's core was ≥ 85 % busy, `fixed rate` = both had room and the target rate was met, `neither (flow control)` = both had room: the run was bound by windows/backpressure or latency. `others` = CPU used by other processes on the machine during the window (cores).\n\n");
     let _ = write!(s, "| scenario |");
     for k in brokers {
@@ -262,7 +272,7 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
         .filter(|r| !r.ok || !r.errors.is_empty())
         .collect();
     if !failures.is_empty() {
-        s.push_str("\n### Errors and failed runs\n\n");
+        s.push_str("\n#### Errors and failed runs\n\n");
         for r in failures.iter().take(30) {
             let _ = writeln!(
                 s,
@@ -304,7 +314,8 @@ mod tests {
     #[test]
     fn numbers() {
         assert_eq!(fmt_num(1_234_567.0), "1,234,567");
-        assert_eq!(fmt_num(12_345.6), "12346");
+        assert_eq!(fmt_num(12_345.6), "12,346");
+        assert_eq!(fmt_num(1_234.5), "1234");
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(1.2345), "1.23");
     }

@@ -40,6 +40,9 @@ pub enum Spec {
         /// Messages per second per publisher; None = as fast as possible.
         rate: Option<f64>,
         fan_in: bool,
+        /// Subscribers read at most 64 KiB per 10 ms (~6 MB/s): an
+        /// overload in which the broker must hold its memory.
+        slow_sub: bool,
     },
     /// Open `conns` connections, hold them idle, measure the broker's RSS.
     Idle { conns: usize },
@@ -75,6 +78,7 @@ impl Scenario {
 
     pub fn kind(&self) -> &'static str {
         match &self.spec {
+            Spec::PubSub { slow_sub: true, .. } => "overload",
             Spec::PubSub { rate: None, .. } => "throughput",
             Spec::PubSub { fan_in: true, .. } => "latency",
             Spec::PubSub { .. } => "fixed",
@@ -107,6 +111,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
                     payload,
                     rate: None,
                     fan_in: true,
+                    slow_sub: false,
                 },
                 secs: d.throughput,
             });
@@ -130,6 +135,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
                     payload: 64,
                     rate,
                     fan_in: false,
+                    slow_sub: false,
                 },
                 secs: d.throughput,
             });
@@ -146,8 +152,30 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
                 payload: 64,
                 rate: Some(1000.0),
                 fan_in: true,
+                slow_sub: false,
             },
             secs: d.latency,
+        });
+    }
+    // Overload: a publisher much faster than its subscriber. QoS 0 may drop,
+    // QoS 1 must push back on the publisher; neither may grow the broker's
+    // memory without bound (broker RSS is sampled through the window).
+    for qos in [0u8, 1] {
+        v.push(Scenario {
+            id: format!("o-overload-q{qos}"),
+            title: format!(
+                "o. overload: 1 publisher unlimited → 1 slow subscriber (~6 MB/s), QoS {qos}, 1KiB"
+            ),
+            spec: Spec::PubSub {
+                pubs: 1,
+                subs: 1,
+                qos,
+                payload: 1024,
+                rate: None,
+                fan_in: false,
+                slow_sub: true,
+            },
+            secs: d.throughput * 2.0,
         });
     }
     for &n in idle_counts {
@@ -161,7 +189,11 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
             continue;
         }
         v.push(Scenario {
-            id: format!("d-idle-{}k", n / 1000),
+            id: if n % 1000 == 0 {
+                format!("d-idle-{}k", n / 1000)
+            } else {
+                format!("d-idle-{n}")
+            },
             title: format!("d. {n} idle connections"),
             spec: Spec::Idle { conns: n },
             secs: 2.0,
@@ -279,6 +311,13 @@ pub struct Record {
     pub broker_rss_mib: Option<f64>,
     pub broker_peak_rss_mib: Option<f64>,
     pub broker_threads: Option<u64>,
+    /// Largest broker RSS sampled in the window, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_window_max_mib: Option<f64>,
+    /// Broker RSS growth over the second half of the window, MiB/s
+    /// (≈ 0: memory levelled off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_growth_mib_s: Option<f64>,
     pub gen_cpu_s: f64,
     pub gen_cpu_util: f64,
     /// CPU used by other processes on the machine during the window, cores.
@@ -456,6 +495,20 @@ pub fn verdict(rec: &Record, gen_cores: f64, broker_cores: f64, rate_met: Option
     }
 }
 
+/// Least-squares slope (MiB/s) of RSS over the second half of the window.
+fn growth(samples: &[(f64, f64)]) -> Option<f64> {
+    let half = &samples[samples.len() / 2..];
+    if half.len() < 3 {
+        return None;
+    }
+    let n = half.len() as f64;
+    let mx = half.iter().map(|s| s.0).sum::<f64>() / n;
+    let my = half.iter().map(|s| s.1).sum::<f64>() / n;
+    let sxx: f64 = half.iter().map(|s| (s.0 - mx).powi(2)).sum();
+    let sxy: f64 = half.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
 fn put_payload(buf: &mut Vec<u8>, ts: u64, publisher: u32, seq: u64, len: usize) {
     buf.extend_from_slice(&ts.to_le_bytes());
     buf.extend_from_slice(&publisher.to_le_bytes());
@@ -556,6 +609,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, rec: &mut Record) -> Result<
             payload,
             rate,
             fan_in,
+            slow_sub,
         } => {
             let p = PubSubParams {
                 pubs: *pubs,
@@ -564,6 +618,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, rec: &mut Record) -> Result<
                 payload: (*payload).max(PAYLOAD_HEADER),
                 rate: *rate,
                 fan_in: *fan_in,
+                slow_sub: *slow_sub,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
         }
@@ -579,6 +634,7 @@ struct PubSubParams {
     payload: usize,
     rate: Option<f64>,
     fan_in: bool,
+    slow_sub: bool,
 }
 
 async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) -> Result<()> {
@@ -629,8 +685,9 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
     for c in subs {
         let sh = sh.clone();
         let npubs = p.pubs;
+        let slow = p.slow_sub;
         tasks.spawn_local(async move {
-            if let Err(e) = subscriber(c, &sh, npubs).await
+            if let Err(e) = subscriber(c, &sh, npubs, slow).await
                 && !sh.stopping()
             {
                 sh.error(format!("subscriber: {e:#}"));
@@ -664,10 +721,24 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
     let m0 = meter(ctx);
     let (d0, p0) = (sh.delivered.get(), sh.published.get());
     sh.phase.set(Phase::Measure);
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    // Broker RSS through the window, to see whether it levels off.
+    let mut samples = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    loop {
+        if let Some(m) = ctx.broker_pid.and_then(|p| sys::proc_mem(p).ok()) {
+            samples.push(((m0.t.elapsed()).as_secs_f64(), m.rss as f64 / 1048576.0));
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+    }
     sh.phase.set(Phase::Drain);
     let m1 = meter(ctx);
     let (d1, p1) = (sh.delivered.get(), sh.published.get());
+    rec.rss_growth_mib_s = growth(&samples);
+    rec.rss_window_max_mib = samples.iter().map(|s| s.1).reduce(f64::max);
     let wall = account(ctx, &m0, &m1, rec);
 
     // Drain: publishers collect their PUBACKs, subscribers what is in flight.
@@ -752,7 +823,7 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
     Ok(())
 }
 
-async fn subscriber(mut c: Conn, sh: &Shared, npubs: usize) -> Result<()> {
+async fn subscriber(mut c: Conn, sh: &Shared, npubs: usize, slow: bool) -> Result<()> {
     let mut next = vec![0u64; npubs];
     let mut out = Vec::with_capacity(4096);
     loop {
@@ -804,6 +875,9 @@ async fn subscriber(mut c: Conn, sh: &Shared, npubs: usize) -> Result<()> {
         if !out.is_empty() {
             c.stream.write_all(&out).await.context("send PUBACKs")?;
             out.clear();
+        }
+        if slow {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -1158,5 +1232,14 @@ mod tests {
         assert!(!v.iter().any(|s| s.id == "d-idle-50k"));
         assert!(notes.iter().any(|n| n.contains("50k")));
         assert!(notes.iter().any(|n| n.contains("f-http")));
+        assert!(v.iter().any(|s| s.kind() == "overload"));
+    }
+
+    #[test]
+    fn growth_is_a_slope() {
+        let flat: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 5.0)).collect();
+        assert_eq!(growth(&flat), Some(0.0));
+        let up: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 2.0 * i as f64)).collect();
+        assert!((growth(&up).unwrap() - 2.0).abs() < 1e-9);
     }
 }
