@@ -1,0 +1,553 @@
+//! Contract test: what the operator builds is what the real broker runs.
+//!
+//! The ConfigMap (broker TOML), the auth-bundle Secret and the TLS Secret the
+//! operator builds for a Broker with two Tokens and two ACLs are written to
+//! files and handed to the real `starling-broker` binary; real MQTT clients
+//! then connect over TLS with each Token's credentials Secret and must get
+//! exactly the access the ACLs grant.
+//!
+//! The binary is `$STARLING_BIN`, else `target/debug/starling-broker` of this
+//! workspace (built by `cargo build -p starling-broker`, or by any
+//! workspace-wide `cargo test`). When it is missing the test says so and
+//! passes, unless `STARLING_CONTRACT_TEST=1` demands it (CI sets that after
+//! building the broker); `STARLING_CONTRACT_TEST=0` skips it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
+    TlsConfiguration, Transport,
+};
+use starling_model::token;
+use starling_operator::build::broker::{BrokerInputs, TlsInputs, objects};
+use starling_operator::build::bundle::TokenSource;
+use starling_operator::build::config::CONFIG_KEY;
+use starling_operator::build::token::{Credentials, credentials_secret};
+use starling_operator::build::{BrokerCtx, secret_keys};
+use starling_operator::crd::acl::{
+    AclAction, AclEffect, AclRule, AclSpec, TokenSelector, TopicFilter,
+};
+use starling_operator::crd::{Acl, Broker, BrokerRef, BrokerSpec, Token, TokenSpec};
+use starling_operator::tls;
+
+const NS: &str = "contract";
+const STEP: Duration = Duration::from_secs(10);
+
+fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        uid: Some(format!("uid-{name}")),
+        generation: Some(1),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..ObjectMeta::default()
+    }
+}
+
+fn acl(name: &str, tokens: &[&str], rules: Vec<AclRule>) -> Acl {
+    Acl {
+        metadata: meta(name, &[]),
+        spec: AclSpec {
+            broker_ref: BrokerRef {
+                name: "demo".into(),
+            },
+            tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            token_selector: None,
+            rules,
+        },
+        status: None,
+    }
+}
+
+fn rule(topics: &[&str], actions: &[AclAction], effect: AclEffect) -> AclRule {
+    AclRule {
+        topics: topics.iter().map(|t| TopicFilter(t.to_string())).collect(),
+        actions: actions.to_vec(),
+        effect,
+    }
+}
+
+fn data(s: &Secret, key: &str) -> String {
+    String::from_utf8(s.data.as_ref().expect("data")[key].0.clone()).expect("utf-8")
+}
+
+/// The broker binary, or `None` when it is absent and not demanded.
+fn broker_binary() -> Option<PathBuf> {
+    let demanded = match std::env::var("STARLING_CONTRACT_TEST").as_deref() {
+        Ok("0") => {
+            eprintln!("contract test skipped: STARLING_CONTRACT_TEST=0");
+            return None;
+        }
+        Ok(_) => true,
+        Err(_) => false,
+    };
+    let bin = std::env::var_os("STARLING_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/starling-broker")
+        });
+    if bin.exists() {
+        Some(bin)
+    } else if demanded {
+        panic!(
+            "STARLING_CONTRACT_TEST is set but {} does not exist; run `cargo build -p starling-broker` or set STARLING_BIN",
+            bin.display()
+        );
+    } else {
+        eprintln!(
+            "contract test SKIPPED: {} not found (build it with `cargo build -p starling-broker`, or set STARLING_BIN; STARLING_CONTRACT_TEST=1 makes this a failure)",
+            bin.display()
+        );
+        None
+    }
+}
+
+/// What the operator produced, written to files, plus the clients' view.
+struct Deployment {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    bundle: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    data: PathBuf,
+    /// Token name → its credentials Secret.
+    credentials: HashMap<String, Secret>,
+}
+
+fn build() -> Deployment {
+    let spec: BrokerSpec = serde_json::from_value(serde_json::json!({
+        "tls": {"dnsNames": ["127.0.0.1"]},
+        "auth": {"anonymous": "deny", "defaultPolicy": "deny"},
+    }))
+    .expect("spec");
+    let broker = Broker {
+        metadata: meta("demo", &[]),
+        spec,
+        status: None,
+    };
+    let ctx = BrokerCtx::new(&broker).expect("broker ctx");
+
+    // Two Tokens, their secrets generated the way the Token controller does.
+    let tokens: Vec<Token> = [("sensor", "devices"), ("dashboard", "apps")]
+        .iter()
+        .map(|(name, team)| Token {
+            metadata: meta(name, &[("team", team)]),
+            spec: TokenSpec {
+                broker_ref: BrokerRef {
+                    name: "demo".into(),
+                },
+                ..TokenSpec::default()
+            },
+            status: None,
+        })
+        .collect();
+    let secrets: BTreeMap<String, String> = tokens
+        .iter()
+        .map(|t| {
+            (
+                t.metadata.name.clone().unwrap_or_default(),
+                token::generate_secret(),
+            )
+        })
+        .collect();
+    let sources: Vec<TokenSource> = tokens
+        .iter()
+        .map(|t| {
+            let name = t.metadata.name.clone().unwrap_or_default();
+            TokenSource {
+                labels: t.metadata.labels.clone().unwrap_or_default(),
+                expires_at: None,
+                disabled: false,
+                secret: secrets.get(&name).cloned(),
+                name,
+            }
+        })
+        .collect();
+
+    // sensor: publishes temperatures. dashboard (by label): reads all
+    // sensors except the private ones, publishes nothing.
+    let mut dashboards = acl(
+        "dashboards",
+        &[],
+        vec![
+            rule(&["sensors/#"], &[AclAction::Subscribe], AclEffect::Allow),
+            rule(
+                &["sensors/private/#"],
+                &[AclAction::Subscribe],
+                AclEffect::Deny,
+            ),
+            rule(&["#"], &[AclAction::Publish], AclEffect::Deny),
+        ],
+    );
+    dashboards.spec.token_selector = Some(TokenSelector {
+        match_labels: BTreeMap::from([("team".into(), "apps".into())]),
+    });
+    let acls = vec![
+        acl(
+            "sensors",
+            &["sensor"],
+            vec![rule(
+                &["sensors/+/temp"],
+                &[AclAction::Publish],
+                AclEffect::Allow,
+            )],
+        ),
+        dashboards,
+    ];
+
+    let (ca, server, _) = tls::ensure("demo", NS, &ctx.dns_names(), None, None, SystemTime::now())
+        .expect("certificates");
+    let inputs = BrokerInputs {
+        tokens: &sources,
+        acls: &acls,
+        hash_key: token::generate_hash_key(),
+        admin_password: token::generate_secret(),
+        tls: TlsInputs::Operator { ca, server },
+    };
+    let objs = objects(&ctx, &inputs).expect("objects");
+    assert!(
+        objs.bundle.problems.is_empty(),
+        "{:?}",
+        objs.bundle.problems
+    );
+    assert_eq!(objs.bundle.bundle.tokens.len(), 2);
+    assert_eq!(objs.bundle.bundle.acls.len(), 2);
+
+    let endpoints = ctx.endpoints();
+    let ca_pem = data(objs.tls_secret.as_ref().expect("tls"), secret_keys::CA_CRT);
+    let credentials = tokens
+        .iter()
+        .map(|t| {
+            let name = t.metadata.name.clone().unwrap_or_default();
+            let s = credentials_secret(
+                t,
+                &Credentials {
+                    broker: "demo".into(),
+                    secret: secrets[&name].clone(),
+                    mqtts_url: endpoints.get("mqtts").cloned(),
+                    https_url: endpoints.get("https").cloned(),
+                    ca_crt: Some(ca_pem.clone()),
+                },
+            )
+            .expect("credentials");
+            (name, s)
+        })
+        .collect();
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).expect("write");
+        p
+    };
+    let config = write(
+        "starling.toml",
+        &objs.config_map.data.as_ref().expect("config data")[CONFIG_KEY],
+    );
+    let bundle = write(
+        "bundle.json",
+        &data(&objs.bundle_secret, secret_keys::BUNDLE),
+    );
+    let tls_secret = objs.tls_secret.as_ref().expect("tls secret");
+    let cert = write("tls.crt", &data(tls_secret, secret_keys::TLS_CRT));
+    let key = write("tls.key", &data(tls_secret, secret_keys::TLS_KEY));
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).expect("data dir");
+    Deployment {
+        config,
+        bundle,
+        cert,
+        key,
+        data: data_dir,
+        credentials,
+        _dir: dir,
+    }
+}
+
+/// The real broker, killed on drop.
+struct Running {
+    child: Child,
+    listeners: HashMap<String, SocketAddr>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(bin: &PathBuf, d: &Deployment) -> Running {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
+        .arg(&d.config)
+        .arg("--auth-bundle")
+        .arg(&d.bundle)
+        .arg("--data-dir")
+        .arg(&d.data);
+    // Keep only the in-cluster config; what differs on a workstation (free
+    // ports on loopback, where the mounted Secret files are) comes through
+    // the broker's documented STARLING_<SECTION>_<KEY> overrides.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("STARLING_") {
+            cmd.env_remove(k);
+        }
+    }
+    for l in ["MQTTS", "HTTPS", "MQTT", "HTTP", "ADMIN"] {
+        cmd.env(format!("STARLING_{l}_BIND"), "127.0.0.1:0");
+    }
+    cmd.env("STARLING_TLS_CERT", &d.cert)
+        .env("STARLING_TLS_KEY", &d.key)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("broker starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut listeners = HashMap::new();
+    let mut running = Running {
+        child,
+        listeners: HashMap::new(),
+    };
+    loop {
+        let line = rx.recv_timeout(STEP).unwrap_or_else(|_| {
+            panic!("broker printed no `ready` line; listeners so far: {listeners:?}")
+        });
+        if line.trim() == "ready" {
+            break;
+        }
+        // `  listener NAME   SCHEME://ADDR  note`
+        let mut words = line.split_whitespace();
+        if words.next() == Some("listener")
+            && let (Some(name), Some(url)) = (words.next(), words.next())
+            && let Some((_, addr)) = url.split_once("://")
+            && let Ok(addr) = addr.parse::<SocketAddr>()
+        {
+            listeners.insert(name.to_string(), addr);
+        }
+    }
+    // Keep draining stdout so the broker never blocks on it.
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    running.listeners = listeners;
+    running
+}
+
+/// An MQTT 3.1.1 client over TLS that checks the server with the CA from
+/// the credentials Secret.
+struct Mqtt {
+    client: AsyncClient,
+    events: tokio::sync::mpsc::UnboundedReceiver<Result<Packet, String>>,
+}
+
+async fn connect(
+    addr: SocketAddr,
+    id: &str,
+    user: &str,
+    password: &str,
+    ca: &str,
+) -> Result<Mqtt, String> {
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(user, password);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca: ca.as_bytes().to_vec(),
+        alpn: None,
+        client_auth: None,
+    }));
+    let (client, mut eventloop) = AsyncClient::new(opts, 32);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        break;
+                    }
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => {
+                    let msg = match e {
+                        ConnectionError::ConnectionRefused(code) => format!("refused: {code:?}"),
+                        other => other.to_string(),
+                    };
+                    let _ = tx.send(Err(msg));
+                    break;
+                }
+            }
+        }
+    });
+    match tokio::time::timeout(STEP, rx.recv()).await {
+        Ok(Some(Ok(Packet::ConnAck(_)))) => Ok(Mqtt { client, events: rx }),
+        Ok(Some(Ok(other))) => Err(format!("unexpected first packet {other:?}")),
+        Ok(Some(Err(e))) => Err(e),
+        Ok(None) => Err("event loop ended".into()),
+        Err(_) => Err("no CONNACK in time".into()),
+    }
+}
+
+impl Mqtt {
+    /// The next packet matching `f`, within the step timeout.
+    async fn next<T>(&mut self, mut f: impl FnMut(&Packet) -> Option<T>) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Ok(p))) => {
+                    if let Some(t) = f(&p) {
+                        return Some(t);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        self.next(|p| match p {
+            Packet::SubAck(a) => a.return_codes.first().copied(),
+            _ => None,
+        })
+        .await
+        .unwrap_or_else(|| panic!("no SUBACK for {filter}"))
+    }
+
+    async fn publish(&self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload.as_bytes().to_vec())
+            .await
+            .expect("publish queued");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_output_runs_the_real_broker_with_exactly_the_acl_access() {
+    let Some(bin) = broker_binary() else { return };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let d = build();
+    let broker = start(&bin, &d);
+    let addr = *broker
+        .listeners
+        .get("mqtts")
+        .unwrap_or_else(|| panic!("no mqtts listener in {:?}", broker.listeners));
+
+    let creds = |name: &str| {
+        let s = &d.credentials[name];
+        (
+            data(s, secret_keys::USERNAME),
+            data(s, secret_keys::PASSWORD),
+            data(s, secret_keys::CA_CRT),
+        )
+    };
+    let (sensor_user, sensor_pw, ca) = creds("sensor");
+    let (dash_user, dash_pw, _) = creds("dashboard");
+    assert_eq!(sensor_user, "sensor");
+    assert!(
+        data(&d.credentials["sensor"], secret_keys::MQTTS_URL)
+            .starts_with("mqtts://demo.contract.svc:8883")
+    );
+
+    // No token, a wrong secret, or someone else's name: refused.
+    assert!(
+        connect(addr, "anon", "", "", &ca).await.is_err(),
+        "anonymous must be refused"
+    );
+    assert!(
+        connect(
+            addr,
+            "wrong",
+            "sensor",
+            "not-the-secret-not-the-secret",
+            &ca
+        )
+        .await
+        .is_err(),
+        "a wrong secret must be refused"
+    );
+    assert!(
+        connect(addr, "swap", "dashboard", &sensor_pw, &ca)
+            .await
+            .is_err(),
+        "a secret is only valid with its own token name"
+    );
+
+    // The dashboard (matched by label) may read sensors but not the private
+    // ones: a subscription is refused when a deny rule overlaps it, and
+    // allowed when an allow rule covers it.
+    let mut dash = connect(addr, "dash", &dash_user, &dash_pw, &ca)
+        .await
+        .expect("dashboard connects with its credentials");
+    let granted = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    let refused = SubscribeReasonCode::Failure;
+    assert_eq!(dash.subscribe("sensors/lab/#").await, granted);
+    assert_eq!(dash.subscribe("sensors/kitchen/temp").await, granted);
+    // `+` could match `private`: refused as a whole.
+    assert_eq!(dash.subscribe("sensors/+/temp").await, refused);
+    assert_eq!(dash.subscribe("sensors/#").await, refused);
+    assert_eq!(dash.subscribe("sensors/private/#").await, refused);
+    assert_eq!(dash.subscribe("other/#").await, refused);
+
+    // The sensor may publish temperatures only; the broker's own name is an
+    // accepted username too.
+    let sensor = connect(addr, "sensor-1", "demo", &sensor_pw, &ca)
+        .await
+        .expect("sensor connects with the broker name as username");
+    let mut sensor_sub = connect(addr, "sensor-2", &sensor_user, &sensor_pw, &ca)
+        .await
+        .expect("sensor connects with its token name");
+    assert_eq!(sensor_sub.subscribe("sensors/#").await, refused);
+
+    // Refused publishes (v3.1.1 QoS 0: dropped), then an allowed one as a marker.
+    sensor
+        .publish("sensors/lab/humidity", "denied-humidity")
+        .await;
+    dash.publish("sensors/lab/temp", "denied-from-dashboard")
+        .await;
+    // Give a (wrongly) accepted publish time to arrive before the marker.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sensor.publish("sensors/lab/temp", "21.5").await;
+    let mut got = Vec::new();
+    let marker = dash
+        .next(|p| match p {
+            Packet::Publish(p) => {
+                let body = String::from_utf8_lossy(&p.payload).to_string();
+                got.push((p.topic.clone(), body.clone()));
+                (body == "21.5").then_some(p.topic.clone())
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        marker.as_deref(),
+        Some("sensors/lab/temp"),
+        "allowed publish delivered; saw {got:?}"
+    );
+    assert!(
+        got.iter().all(|(_, b)| !b.starts_with("denied")),
+        "refused publishes must not be delivered: {got:?}"
+    );
+}
