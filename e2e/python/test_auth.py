@@ -364,7 +364,8 @@ def test_subscribe_allowed_and_refused(shared, mk, version):
     # overlaps the denied part is refused although data/# covers it.
     writer = mk(shared, version, *tok(shared, "writer"))
     writer.subscribe(f"data/{base}/w", 1)
-    for f in (f"data/secret/{base}", "data/#", f"data/+/{base}", f"other/{base}"):
+    writer.subscribe(f"$share/g/data/{base}/shared", 1)
+    for f in (f"data/secret/{base}", "data/#", f"data/+/{base}", f"other/{base}", "$share/g/data/#"):
         writer.subscribe(f, 1, expect=refused)
     # The allowed subscriptions work.
     writer.publish(f"data/{base}/w", b"x", qos=1)
@@ -602,32 +603,47 @@ def test_malformed_bundle_keeps_the_old_rules(brokers, tmpdir_path, mk, version,
     assert writer.disconnected.wait(REVOKE_WITHIN + 0.5), "valid bundle after a bad one not applied"
 
 
-def test_token_expiry_without_file_change(tmpdir_path, mk, version):
+@pytest.mark.parametrize("armed", ["at-startup", "by-a-reload"])
+def test_token_expiry_without_file_change(brokers, tmpdir_path, mk, version, armed):
+    """The token's expiry is in the bundle the broker started with, or in a
+    bundle written once, 2.5 s before it: nothing changes in the file at the
+    expiry, the broker's timer closes the connection then."""
     bundle = standard_bundle(os.path.join(tmpdir_path, "bundle.json"))
-    expiry = time.time() + 2.5  # leaves the broker time to start
-    bundle.token("shortlived", expires_at=expiry)
-    bundle.rule("short", ["shortlived"], ["data/#"], ["publish", "subscribe"])
-    b = start(bundle, name="expiry")
-    try:
+    if armed == "at-startup":
+        expiry = time.time() + 4.0
+        bundle.token("shortlived", expires_at=expiry)
+        bundle.rule("short", ["shortlived"], ["data/#"], ["publish", "subscribe"])
+        b = brokers(bundle, name="expiry")
         b.bundle = bundle
         short = mk(b, version, *tok(b, "shortlived"))
-        assert time.time() < expiry - 0.3, "broker took too long to start for this test"
-        other = mk(b, version, *tok(b, "second"))
-        topic = f"data/{uid()}"
-        other.subscribe(topic, 1)
-        assert short.disconnected.wait(expiry - time.time() + 1.5), "not disconnected at expiry"
-        at = time.time()
-        assert at >= expiry - 0.1, f"disconnected {expiry - at:.2f}s before the expiry"
-        assert at <= expiry + 1.5, f"disconnected {at - expiry:.2f}s after the expiry"
-        if version == V5:
-            assert short.disconnect_rc.value == NOT_AUTHORIZED_V5, short.disconnect_rc
-        assert not other.disconnected.is_set()
-        other.publish(topic, b"still-here", qos=1)
-        assert other.get().payload == b"still-here"
-        again = mk(b, version, *tok(b, "shortlived"), expect_ok=False)
-        assert again.connack_rc.is_failure, "expired token accepted"
-    finally:
-        shutdown(b)
+    else:
+        b = brokers(bundle, name="expiry")
+        b.bundle = bundle
+        expiry = time.time() + 2.5
+        bundle.token("shortlived", expires_at=expiry)
+        bundle.rule("short", ["shortlived"], ["data/#"], ["publish", "subscribe"])
+        written = bundle.write()
+        while True:  # connect as soon as the reload is in force
+            short = mk(b, version, *tok(b, "shortlived"), expect_ok=False)
+            if not short.connack_rc.is_failure:
+                break
+            assert time.monotonic() - written < REVOKE_WITHIN, "new token not accepted"
+            time.sleep(0.05)
+    assert time.time() < expiry - 0.3, "too slow to connect before the expiry for this test"
+    other = mk(b, version, *tok(b, "second"))
+    topic = f"data/{uid()}"
+    other.subscribe(topic, 1)
+    assert short.disconnected.wait(expiry - time.time() + 1.5), "not disconnected at expiry"
+    at = time.time()
+    assert at >= expiry - 0.1, f"disconnected {expiry - at:.2f}s before the expiry"
+    assert at <= expiry + 1.5, f"disconnected {at - expiry:.2f}s after the expiry"
+    if version == V5:
+        assert short.disconnect_rc.value == NOT_AUTHORIZED_V5, short.disconnect_rc
+    assert not other.disconnected.is_set()
+    other.publish(topic, b"still-here", qos=1)
+    assert other.get().payload == b"still-here"
+    again = mk(b, version, *tok(b, "shortlived"), expect_ok=False)
+    assert again.connack_rc.is_failure, "expired token accepted"
 
 
 def test_failed_auth_is_rate_limited_per_address(brokers, tmpdir_path, mk, version):
