@@ -33,6 +33,9 @@ pub const DEFAULT_IMAGE: &str = concat!(
     status = "BrokerStatus",
     shortname = "br",
     category = "starling",
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 52 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("Broker names are DNS labels of at most 52 characters (they name a Service and a StatefulSet, and become label values)")
+        .field_path(".metadata.name"),
     doc = "A Starling MQTT broker: listeners, TLS, limits, persistence and pod settings. Tokens and ACLs refer to it by name.",
     printcolumn(
         name = "Ready",

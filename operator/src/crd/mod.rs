@@ -8,6 +8,9 @@ pub mod broker;
 pub mod common;
 pub mod token;
 
+#[cfg(test)]
+mod cel_tests;
+
 pub use acl::{Acl, AclSpec, AclStatus};
 pub use broker::{Broker, BrokerSpec, BrokerStatus};
 pub use common::{BrokerRef, Condition};

@@ -1,0 +1,172 @@
+//! The CRDs' CEL rules (`x-kubernetes-validations`), evaluated client-side
+//! with kube's CEL implementation, so a typo in a rule or a rule that does
+//! not say what it means fails here instead of at `kubectl apply`.
+
+use kube::CustomResourceExt;
+use kube_cel::Validator;
+use serde_json::{Value, json};
+
+use super::{Acl, Broker, Token};
+
+fn schema<K: CustomResourceExt>() -> Value {
+    let crd = K::crd();
+    serde_json::to_value(
+        &crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .expect("schema")
+            .open_api_v3_schema,
+    )
+    .expect("schema JSON")
+}
+
+/// `Ok` or the messages of the failed rules.
+fn check<K: CustomResourceExt>(obj: Value, old: Option<Value>) -> Result<(), Vec<String>> {
+    Validator::new()
+        .validate(&schema::<K>(), &obj, old.as_ref())
+        .map_err(|e| e.as_slice().iter().map(|e| e.message.clone()).collect())
+}
+
+fn broker(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "starling.dev/v1alpha1", "kind": "Broker",
+           "metadata": {"name": name, "namespace": "ns"}, "spec": spec})
+}
+
+fn token(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "starling.dev/v1alpha1", "kind": "Token",
+           "metadata": {"name": name, "namespace": "ns"}, "spec": spec})
+}
+
+fn acl(spec: Value) -> Value {
+    json!({"apiVersion": "starling.dev/v1alpha1", "kind": "ACL",
+           "metadata": {"name": "a", "namespace": "ns"}, "spec": spec})
+}
+
+fn fails_with(r: Result<(), Vec<String>>, needle: &str) {
+    match r {
+        Ok(()) => panic!("expected a failure mentioning {needle:?}"),
+        Err(msgs) => assert!(
+            msgs.iter().any(|m| m.contains(needle)),
+            "expected {needle:?} in {msgs:?}"
+        ),
+    }
+}
+
+#[test]
+fn broker_rules() {
+    check::<Broker>(broker("demo", json!({})), None).unwrap();
+    check::<Broker>(
+        broker(
+            "demo",
+            json!({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+                   "tls": {"certManager": {"issuerRef": {"name": "x"}}}}),
+        ),
+        None,
+    )
+    .unwrap();
+    fails_with(
+        check::<Broker>(
+            broker(
+                "demo",
+                json!({"tls": {"certManager": {"issuerRef": {"name": "x"}}, "secretRef": {"name": "s"}}}),
+            ),
+            None,
+        ),
+        "exclusive",
+    );
+    fails_with(
+        check::<Broker>(
+            broker(
+                "demo",
+                json!({"service": {"loadBalancerSourceRanges": ["10.0.0.0/8"]}}),
+            ),
+            None,
+        ),
+        "LoadBalancer",
+    );
+    fails_with(
+        check::<Broker>(broker("9lives", json!({})), None),
+        "DNS labels",
+    );
+    fails_with(
+        check::<Broker>(broker(&"b".repeat(53), json!({})), None),
+        "52 characters",
+    );
+}
+
+#[test]
+fn token_rules() {
+    let spec = json!({"brokerRef": {"name": "demo"}});
+    check::<Token>(token("t", spec.clone()), None).unwrap();
+    check::<Token>(
+        token(
+            "t",
+            json!({"brokerRef": {"name": "demo"}, "secretRef": {"name": "sealed"}}),
+        ),
+        None,
+    )
+    .unwrap();
+    fails_with(
+        check::<Token>(
+            token(
+                "t",
+                json!({"brokerRef": {"name": "demo"}, "secretRef": {"name": "t-credentials"}}),
+            ),
+            None,
+        ),
+        "credentials Secret",
+    );
+    fails_with(
+        check::<Token>(
+            token("t", json!({"brokerRef": {"name": "other"}})),
+            Some(token("t", spec)),
+        ),
+        "brokerRef cannot be changed",
+    );
+    fails_with(
+        check::<Token>(
+            token(&"t".repeat(64), json!({"brokerRef": {"name": "demo"}})),
+            None,
+        ),
+        "63 characters",
+    );
+}
+
+#[test]
+fn acl_rules() {
+    let rules = json!([{"topics": ["sensors/+/temp"], "actions": ["publish"]}]);
+    check::<Acl>(
+        acl(json!({"brokerRef": {"name": "demo"}, "tokens": ["t"], "rules": rules})),
+        None,
+    )
+    .unwrap();
+    check::<Acl>(
+        acl(json!({"brokerRef": {"name": "demo"}, "tokenSelector": {}, "rules": rules})),
+        None,
+    )
+    .unwrap();
+    fails_with(
+        check::<Acl>(
+            acl(json!({"brokerRef": {"name": "demo"}, "rules": rules})),
+            None,
+        ),
+        "tokenSelector",
+    );
+    fails_with(
+        check::<Acl>(
+            acl(json!({"brokerRef": {"name": "demo"}, "tokens": ["t"],
+                       "rules": [{"topics": ["$share/g/x"], "actions": ["subscribe"]}]})),
+            None,
+        ),
+        "$share",
+    );
+    fails_with(
+        check::<Acl>(
+            acl(json!({"brokerRef": {"name": "x"}, "tokens": ["t"], "rules": rules})),
+            Some(acl(
+                json!({"brokerRef": {"name": "demo"}, "tokens": ["t"], "rules": rules}),
+            )),
+        ),
+        "brokerRef cannot be changed",
+    );
+}
