@@ -1,9 +1,10 @@
 //! An in-memory stand-in for the Kubernetes API server, behind a real
 //! `kube::Client` (as a tower service), for reconcile tests.
 //!
-//! It understands what the reconcilers use: get, list (with equality label
-//! selectors), create, delete, server-side apply (one field manager, so an
-//! apply replaces the object's content) and status patches. Every write is
+//! It understands what the reconcilers and controllers use: get, list and
+//! watch (with equality label selectors), create, delete, server-side apply
+//! (one field manager, so an apply replaces the object's content) and status
+//! patches. Every write is
 //! recorded with whether it changed the stored object; unchanged writes do
 //! not bump `resourceVersion`, as with a real API server.
 
@@ -11,14 +12,29 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use kube::client::Body;
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 
 type Key = (String, String, String, String); // (api prefix, plural, namespace, name)
+type Resp = Response<UnsyncBoxBody<Bytes, Infallible>>;
+
+/// A change, as a watch reports it.
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    key: Key,
+    type_: &'static str,
+    object: Value,
+}
 
 /// One write the fake saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,13 +54,42 @@ impl Write {
     }
 }
 
-#[derive(Default)]
 struct State {
     objects: BTreeMap<Key, Value>,
     rv: u64,
     writes: Vec<Write>,
     /// Resources the "cluster" does not have (e.g. cert-manager's CRDs).
     missing: Vec<String>,
+    /// Every change, for watches that start from an older resourceVersion.
+    log: Vec<Change>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            objects: BTreeMap::new(),
+            rv: 0,
+            writes: Vec::new(),
+            missing: Vec::new(),
+            log: Vec::new(),
+            changes: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl State {
+    /// Records a change of `key` at the current resourceVersion.
+    fn changed(&mut self, key: &Key, type_: &'static str, object: &Value) {
+        let c = Change {
+            rv: self.rv,
+            key: key.clone(),
+            type_,
+            object: object.clone(),
+        };
+        self.log.push(c.clone());
+        let _ = self.changes.send(c);
+    }
 }
 
 #[derive(Clone, Default)]
@@ -73,8 +118,9 @@ fn status_body(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
-fn respond(code: u16, body: &Value) -> Response<Body> {
-    let mut r = Response::new(Body::from(serde_json::to_vec(body).unwrap_or_default()));
+fn respond(code: u16, body: &Value) -> Resp {
+    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    let mut r = Response::new(Full::new(bytes).boxed_unsync());
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r
 }
@@ -172,7 +218,13 @@ impl FakeApi {
             o.insert("apiVersion".into(), json!(K::api_version(&())));
             o.insert("kind".into(), json!(K::kind(&())));
         }
-        st.objects.insert(key, v.clone());
+        let type_ = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key.clone(), v.clone());
+        st.changed(&key, type_, &v);
         serde_json::from_value(v).unwrap_or_else(|e| panic!("stored object reads back: {e}"))
     }
 
@@ -198,7 +250,11 @@ impl FakeApi {
             ns.to_string(),
             name.to_string(),
         );
-        self.lock().objects.remove(&key);
+        let mut st = self.lock();
+        if let Some(old) = st.objects.remove(&key) {
+            st.rv += 1;
+            st.changed(&key, "DELETED", &old);
+        }
     }
 
     /// Sets `.status` of a stored object (as another controller would).
@@ -209,14 +265,16 @@ impl FakeApi {
             ns.to_string(),
             name.to_string(),
         );
-        if let Some(o) = self
-            .lock()
-            .objects
-            .get_mut(&key)
-            .and_then(Value::as_object_mut)
-        {
-            o.insert("status".into(), status);
-        }
+        let mut st = self.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let Some(o) = st.objects.get_mut(&key) else {
+            return;
+        };
+        o["status"] = status;
+        o["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let o = o.clone();
+        st.changed(&key, "MODIFIED", &o);
     }
 
     /// Makes every request for `plural` fail with 404, as when its CRD is
@@ -249,7 +307,46 @@ impl FakeApi {
             .collect()
     }
 
-    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    /// A watch: changes after `since`, then live ones, as JSON lines.
+    fn watch(
+        st: &State,
+        prefix: String,
+        plural: String,
+        ns: Option<String>,
+        selector: Option<String>,
+        since: u64,
+    ) -> Resp {
+        let live = st.changes.subscribe();
+        let backlog: Vec<Change> = st.log.iter().filter(|c| c.rv > since).cloned().collect();
+        let last = backlog.last().map(|c| c.rv).unwrap_or(since);
+        let wanted = move |c: &Change| {
+            c.key.0 == prefix
+                && c.key.1 == plural
+                && ns.as_ref().is_none_or(|n| *n == c.key.2)
+                && label_match(&c.object, selector.as_deref())
+        };
+        let wanted2 = wanted.clone();
+        let backlog = futures::stream::iter(backlog.into_iter().filter(move |c| wanted(c)));
+        let live = futures::stream::unfold(live, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(c) => return Some((c, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .filter(move |c| futures::future::ready(c.rv > last && wanted2(c)));
+        let frames = backlog.chain(live).map(|c| {
+            let mut line = serde_json::to_vec(&json!({"type": c.type_, "object": c.object}))
+                .unwrap_or_default();
+            line.push(b'\n');
+            Ok::<_, Infallible>(Frame::data(Bytes::from(line)))
+        });
+        Response::new(StreamBody::new(frames).boxed_unsync())
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Resp {
         let (parts, body) = req.into_parts();
         let body = body.collect_bytes().await.unwrap_or_default();
         let query: BTreeMap<String, String> = parts
@@ -319,6 +416,20 @@ impl FakeApi {
                     &status_body(404, "NotFound", &format!("{plural} {name} not found")),
                 ),
             },
+            (&Method::GET, None) if query.get("watch").map(String::as_str) == Some("true") => {
+                let since = query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                Self::watch(
+                    &st,
+                    prefix.clone(),
+                    plural.to_string(),
+                    ns.map(String::from),
+                    query.get("labelSelector").cloned(),
+                    since,
+                )
+            }
             (&Method::GET, None) => {
                 let items: Vec<Value> = st
                     .objects
@@ -359,6 +470,7 @@ impl FakeApi {
                     m.insert("uid".into(), json!(format!("uid-{plural}-{name}")));
                 }
                 st.objects.insert(key(&name), v.clone());
+                st.changed(&key(&name), "ADDED", &v);
                 st.writes.push(Write {
                     verb: "create",
                     plural: plural.into(),
@@ -369,7 +481,12 @@ impl FakeApi {
                 respond(201, &v)
             }
             (&Method::DELETE, Some(name)) => {
-                let found = st.objects.remove(&key(name)).is_some();
+                let old = st.objects.remove(&key(name));
+                let found = old.is_some();
+                if let Some(old) = old {
+                    st.rv += 1;
+                    st.changed(&key(name), "DELETED", &old);
+                }
                 st.writes.push(Write {
                     verb: "delete",
                     plural: plural.into(),
@@ -478,7 +595,10 @@ impl FakeApi {
                 if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
                     m.insert("resourceVersion".into(), rv.unwrap_or(json!("0")));
                 }
-                st.objects.insert(k, new.clone());
+                st.objects.insert(k.clone(), new.clone());
+                if changed {
+                    st.changed(&k, if old.is_some() { "MODIFIED" } else { "ADDED" }, &new);
+                }
                 st.writes.push(Write {
                     verb: match (sub, apply) {
                         (Some(_), _) => "status",

@@ -488,3 +488,70 @@ async fn brought_secrets_are_used_and_checked() {
         (ConditionStatus::True, "InvalidSecret")
     );
 }
+
+/// The controllers end to end (watches included) against the fake: a new
+/// Token or ACL reaches the Broker's bundle without anyone reconciling by
+/// hand, a deleted Token leaves it, and once settled nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_follow_tokens_and_acls_through_watches() {
+    use std::time::Duration;
+    let (fake, ctx) = setup();
+    let shutdown = crate::shutdown::Shutdown::default();
+    let run = tokio::spawn(crate::controllers::run(
+        fake.client(),
+        ctx.clone(),
+        None,
+        shutdown.wait(),
+    ));
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let bundle_of = |fake: &FakeApi| {
+        fake.get::<Secret>(NS, "demo-auth")
+            .and_then(|s| AuthBundle::parse(&s.data?["bundle.json"].0).ok())
+    };
+
+    new_broker(&fake, BrokerSpec::default());
+    until("the broker's objects", || bundle_of(&fake).is_some()).await;
+    new_token(&fake, "sensor");
+    until("the token in the bundle", || {
+        bundle_of(&fake).is_some_and(|b| b.tokens.len() == 1)
+    })
+    .await;
+    new_acl(&fake, "sensors", "sensors/+/temp");
+    until("the ACL in the bundle", || {
+        bundle_of(&fake).is_some_and(|b| b.acls.len() == 1)
+    })
+    .await;
+    until("the ACL's status", || {
+        fake.get::<Acl>(NS, "sensors")
+            .and_then(|a| a.status)
+            .is_some_and(|s| s.matched_tokens == 1)
+    })
+    .await;
+    fake.remove::<Token>(NS, "sensor");
+    until("the token out of the bundle", || {
+        bundle_of(&fake).is_some_and(|b| b.tokens.is_empty())
+    })
+    .await;
+
+    // Settled: no reconcile loop keeps writing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.take_writes();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.take_changes(), Vec::<String>::new());
+
+    shutdown.trigger();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("controllers stop on shutdown")
+        .expect("controller task");
+}
