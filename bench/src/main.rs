@@ -55,7 +55,7 @@ struct LoadArgs {
     #[arg(long, default_value_t = 4.0)]
     secs: f64,
     /// Measured seconds of latency scenarios.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = 6.0)]
     latency_secs: f64,
     /// Measured seconds of the connection-setup scenario.
     #[arg(long, default_value_t = 4.0)]
