@@ -227,7 +227,7 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
 
     // What limited each run.
     s.push_str("\n#### What limited each run\n\n");
-    s.push_str("Generator CPU / broker CPU as a share of one core (medians); `generator` = the load generator's core was ≥ 85 % busy (the broker was not the limit), `broker` = the broker's core was ≥ 85 % busy, `fixed rate` = both had room and the target rate was met, `neither (flow control)` = both had room: the run was bound by windows/backpressure or latency. `others` = CPU used by other processes on the machine during the window (cores).\n\n");
+    s.push_str("Generator CPU / broker CPU as a share of one core (medians over the repetitions; the verdict is the most frequent one). `generator`: the generator's own CPU use was ≥ 85 % of its core, so the broker was not the limit and its numbers are a lower bound. `broker`: the broker's was. `fixed rate`: both had room and the target rate was met. `neither (flow control)`: both had room; windows, backpressure or latency bound the run. `… (core shared with other processes)` / `other processes (both cores busy)`: a pinned core was ≥ 92 % busy only together with other processes on the machine. `others`: CPU used by other processes during the window, in cores.\n\n");
     let _ = write!(s, "| scenario |");
     for k in brokers {
         let _ = write!(s, " {} |", k.title());

@@ -471,27 +471,37 @@ fn account(ctx: &Ctx, a: &Meter, b: &Meter, rec: &mut Record) -> f64 {
 pub fn verdict(rec: &Record, gen_cores: f64, broker_cores: f64, rate_met: Option<bool>) -> String {
     let g = rec.gen_cpu_util / gen_cores;
     let b = rec.broker_cpu_util.unwrap_or(0.0) / broker_cores;
-    let gc = rec.gen_core_busy.unwrap_or(g).max(g);
-    let bc = rec.broker_core_busy.unwrap_or(b).max(b);
-    let gen_full = g >= 0.85 || gc >= 0.92;
-    let broker_full = b >= 0.85 || bc >= 0.92;
-    let shared = |own: f64| {
-        if own < 0.85 {
-            " (core shared with other processes)"
+    // Busy share of each pinned core, counting every process on it.
+    let gc = rec.gen_core_busy.unwrap_or(g).max(g) >= 0.92;
+    let bc = rec.broker_core_busy.unwrap_or(b).max(b) >= 0.92;
+    let (own_g, own_b) = (g >= 0.85, b >= 0.85);
+    if own_g && own_b {
+        return if (g - b).abs() < 0.05 {
+            "both".into()
+        } else if g > b {
+            "generator".into()
         } else {
-            ""
-        }
+            "broker".into()
+        };
+    }
+    if own_g {
+        return "generator".into();
+    }
+    if own_b {
+        return "broker".into();
+    }
+    let busy = if gc || bc {
+        " (CPUs shared with other processes)"
+    } else {
+        ""
     };
-    match (gen_full, broker_full) {
-        (true, true) if (g - b).abs() < 0.05 => "both".into(),
-        (true, true) if g > b => format!("generator{}", shared(g)),
-        (true, false) => format!("generator{}", shared(g)),
-        (_, true) => format!("broker{}", shared(b)),
-        (false, false) => match rate_met {
-            Some(true) => "fixed rate".into(),
-            Some(false) => "rate missed".into(),
-            None => "neither (flow control)".into(),
-        },
+    match rate_met {
+        Some(true) => format!("fixed rate{busy}"),
+        _ if gc && bc => "other processes (both cores busy)".into(),
+        _ if gc => "generator (core shared with other processes)".into(),
+        _ if bc => "broker (core shared with other processes)".into(),
+        Some(false) => "rate missed".into(),
+        None => "neither (flow control)".into(),
     }
 }
 
