@@ -6,6 +6,7 @@
 //! per kind (read → validate → build → apply → status); `telemetry`,
 //! `server` and `leader` the process around them.
 
+pub mod app;
 pub mod build;
 pub mod controllers;
 pub mod crd;

@@ -3,17 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use starling_operator::leader::Election;
-use starling_operator::metrics::Metrics;
-use starling_operator::reconcile::Context;
-use starling_operator::server::{self, AppState};
 use starling_operator::shutdown::Shutdown;
-use starling_operator::{controllers, crd};
+use starling_operator::{app, crd};
 use tracing_subscriber::EnvFilter;
 
 /// Kubernetes operator for Starling MQTT brokers: turns Broker, Token and ACL
@@ -101,85 +95,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging();
     let shutdown = Shutdown::default();
     shutdown.on_signals();
-
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    let server = tokio::spawn(server::serve(
-        args.metrics_addr,
-        AppState {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-        },
-        shutdown.wait(),
-    ));
-
-    let mut election = if args.no_leader_election {
-        None
-    } else {
-        let identity = args
-            .identity
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| format!("starling-operator-{}", std::process::id()));
-        let e = Election::start(
-            client.clone(),
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-        )
-        .await
-        .context("starting leader election")?;
-        Some(e)
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("starling-operator-{}", std::process::id()));
+    let opts = app::Options {
+        metrics_addr: args.metrics_addr,
+        namespace: args.namespace,
+        leader_election: !args.no_leader_election,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
     };
-    ready.store(true, Ordering::Relaxed);
-
-    let mut lost_lease = false;
-    let leading = match election.as_mut() {
-        None => true,
-        Some(e) => {
-            tracing::info!(lease = %args.lease_name, "waiting for the leader lease");
-            tokio::select! {
-                got = e.acquired() => got,
-                _ = shutdown.wait() => false,
-            }
-        }
-    };
-    if leading {
-        tracing::info!("leading: starting controllers");
-        metrics.set_leader(true);
-        let ctx = Arc::new(Context::new(client.clone(), metrics.clone()));
-        let run = controllers::run(client, ctx, args.namespace.clone(), shutdown.wait());
-        tokio::pin!(run);
-        match election.as_mut() {
-            Some(e) => {
-                tokio::select! {
-                    _ = &mut run => {}
-                    _ = e.lost() => {
-                        tracing::error!("lost the leader lease; stopping");
-                        lost_lease = true;
-                        shutdown.trigger();
-                        run.await;
-                    }
-                }
-            }
-            None => run.await,
-        }
-        metrics.set_leader(false);
-    }
-    shutdown.trigger();
-    if let Some(e) = election {
-        e.release().await;
-    }
-    match server.await {
-        Ok(r) => r.context("metrics server")?,
-        Err(e) => tracing::warn!(error = %e, "metrics server task failed"),
-    }
-    if lost_lease {
-        // Exit non-zero so the pod restarts and rejoins as a standby.
-        anyhow::bail!("lost the leader lease");
-    }
+    app::run(client, opts, shutdown).await?;
     Ok(())
 }

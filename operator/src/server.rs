@@ -54,7 +54,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics and health server listening");
+    serve_on(listener, state, shutdown).await
+}
+
+/// [`serve`] on a bound listener.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics and health server listening");
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -60,6 +60,8 @@ struct State {
     writes: Vec<Write>,
     /// Resources the "cluster" does not have (e.g. cert-manager's CRDs).
     missing: Vec<String>,
+    /// The last configuration each field manager applied to each object.
+    applied: BTreeMap<(Key, String), Value>,
     /// Every change, for watches that start from an older resourceVersion.
     log: Vec<Change>,
     changes: broadcast::Sender<Change>,
@@ -72,6 +74,7 @@ impl Default for State {
             rv: 0,
             writes: Vec::new(),
             missing: Vec::new(),
+            applied: BTreeMap::new(),
             log: Vec::new(),
             changes: broadcast::channel(4096).0,
         }
@@ -138,6 +141,25 @@ fn merge(target: &mut Value, patch: &Value) {
             }
         }
         (t, p) => *t = p.clone(),
+    }
+}
+
+/// Removes from `target` what `prev` set and `cur` no longer does.
+fn prune(target: &mut Value, prev: &Value, cur: &Value) {
+    let (Some(t), Some(p)) = (target.as_object_mut(), prev.as_object()) else {
+        return;
+    };
+    for (k, pv) in p {
+        match cur.get(k) {
+            None => {
+                t.remove(k);
+            }
+            Some(cv) => {
+                if let Some(tv) = t.get_mut(k) {
+                    prune(tv, pv, cv);
+                }
+            }
+        }
     }
 }
 
@@ -524,52 +546,46 @@ impl FakeApi {
                     (Some(_), _) => {
                         return respond(404, &status_body(404, "NotFound", "subresource"));
                     }
-                    (None, None) if !apply => {
-                        return respond(404, &status_body(404, "NotFound", "not found"));
-                    }
-                    (None, None) => {
-                        let mut new = patch.clone();
-                        if let Some(o) = new.as_object_mut() {
+                    (None, _) if apply => {
+                        // Server-side apply: fields this manager applied last
+                        // time and no longer applies are removed; the rest of
+                        // the object (other managers, server fields) stays.
+                        let mut applied = patch.clone();
+                        if let Some(o) = applied.as_object_mut() {
                             o.remove("status");
                         }
-                        if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                        let mut new = old.clone().unwrap_or_else(|| json!({}));
+                        let mk = (k.clone(), manager.clone().unwrap_or_default());
+                        if let Some(prev) = st.applied.get(&mk) {
+                            prune(&mut new, prev, &applied);
+                        }
+                        merge(&mut new, &applied);
+                        st.applied.insert(mk, applied);
+                        if old.is_none()
+                            && let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut)
+                        {
                             m.insert("uid".into(), json!(format!("uid-{plural}-{name}")));
                             m.insert("generation".into(), json!(1));
                             m.insert("creationTimestamp".into(), json!("2026-01-01T00:00:00Z"));
                         }
                         new
                     }
+                    (None, None) => {
+                        return respond(404, &status_body(404, "NotFound", "not found"));
+                    }
                     (None, Some(old)) => {
-                        let mut new = if apply {
-                            patch.clone()
-                        } else {
-                            let mut n = old.clone();
-                            merge(&mut n, &patch);
-                            n
-                        };
+                        // JSON merge (and strategic merge, close enough here).
+                        let mut new = old.clone();
+                        let mut patch = patch.clone();
+                        if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                            m.remove("resourceVersion");
+                        }
+                        merge(&mut new, &patch);
                         if let Some(o) = new.as_object_mut() {
                             match old.get("status") {
                                 Some(s) => o.insert("status".into(), s.clone()),
                                 None => o.remove("status"),
                             };
-                        }
-                        if let (Some(m), Some(om)) = (
-                            new.get_mut("metadata").and_then(Value::as_object_mut),
-                            old.get("metadata").and_then(Value::as_object),
-                        ) {
-                            for f in [
-                                "uid",
-                                "creationTimestamp",
-                                "generation",
-                                "deletionTimestamp",
-                            ] {
-                                if let Some(v) = om.get(f) {
-                                    m.insert(f.into(), v.clone());
-                                }
-                            }
-                            if !apply {
-                                m.remove("resourceVersion");
-                            }
                         }
                         new
                     }
