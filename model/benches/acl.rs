@@ -8,8 +8,9 @@
 //! Prints ns per `Principal::may_publish` for a token with 1, 10 and 100
 //! publish rules (allowed topic matched by the last rule, and a refused topic
 //! that scans every rule), per `may_subscribe`, per
-//! `AuthState::authenticate`, and per bare `topic::matches` for comparison in
-//! the same run, with the ratios between them.
+//! `AuthState::authenticate`, per bare `topic::matches` and per hit in a
+//! decision cache like the broker's, for comparison in the same run, with
+//! the ratios between them.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime};
@@ -171,6 +172,19 @@ fn main() {
         });
         per_rule_counts.push((n, hit, miss));
     }
+
+    // The broker keeps a per-connection map of publish decisions by topic
+    // (cleared on bundle change); a repeated topic costs one lookup.
+    let mut cache: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    cache.insert(topic_name.to_string(), true);
+    for i in 0..50 {
+        cache.insert(format!("bench/r{i}/device-42/value"), true);
+    }
+    let cached = measure(|| cache.get(black_box(topic_name)).copied().unwrap_or(false));
+    rows.push(Row {
+        what: "decision cache hit (HashMap<String, bool>, as the broker)".into(),
+        ns: cached,
+    });
 
     let state = AuthState::compile(&bundle(10)).expect("compile");
     let now = SystemTime::now();
