@@ -19,10 +19,15 @@ pub fn api_resource() -> ApiResource {
 
 /// The Certificate writing the Broker's TLS Secret (`<broker>-tls`).
 pub fn certificate(ctx: &BrokerCtx, cm: &CertManagerSpec) -> DynamicObject {
+    // cert-manager wants IP addresses apart from DNS names.
+    let (ips, dns): (Vec<String>, Vec<String>) = ctx
+        .dns_names()
+        .into_iter()
+        .partition(|n| n.parse::<std::net::IpAddr>().is_ok());
     let mut spec = json!({
         "secretName": ctx.names.tls_secret(),
         "commonName": ctx.service_host(),
-        "dnsNames": ctx.dns_names(),
+        "dnsNames": dns,
         "issuerRef": {
             "name": cm.issuer_ref.name,
             "kind": cm.issuer_ref.kind,
@@ -32,6 +37,9 @@ pub fn certificate(ctx: &BrokerCtx, cm: &CertManagerSpec) -> DynamicObject {
         "usages": ["server auth", "digital signature"],
         "secretTemplate": {"labels": ctx.labels("tls")},
     });
+    if !ips.is_empty() {
+        spec["ipAddresses"] = json!(ips);
+    }
     if let Some(d) = &cm.duration {
         spec["duration"] = json!(d);
     }
@@ -64,7 +72,7 @@ mod tests {
         };
         let mut spec = BrokerSpec::default();
         spec.tls.cert_manager = Some(cm.clone());
-        spec.tls.dns_names = vec!["mqtt.example.com".into()];
+        spec.tls.dns_names = vec!["mqtt.example.com".into(), "192.0.2.7".into()];
         let b = broker("demo", spec);
         let ctx = BrokerCtx::new(&b).unwrap();
         assert_yaml(
@@ -97,6 +105,8 @@ spec:
   - "*.demo-headless.ns.svc.cluster.local"
   - mqtt.example.com
   duration: 2160h
+  ipAddresses:
+  - 192.0.2.7
   issuerRef:
     group: cert-manager.io
     kind: ClusterIssuer

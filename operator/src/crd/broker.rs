@@ -278,8 +278,8 @@ pub struct TlsSpec {
     /// and, if clients need it, ca.crt). The broker reloads it when it changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretNameRef>,
-    /// Extra DNS names for the certificate, e.g. the public name of a LoadBalancer.
-    /// The in-cluster Service names are always included.
+    /// Extra DNS names (or IP addresses) for the certificate, e.g. the public
+    /// name of a LoadBalancer. The in-cluster Service names are always included.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1, max = 253)))]
     pub dns_names: Vec<String>,
