@@ -55,6 +55,8 @@ pub struct StartOpts<'a> {
     /// CPU to pin the broker to with `taskset` (None: not pinned).
     pub pin_cpu: Option<usize>,
     pub taskset: Option<&'a Path>,
+    /// Run the broker as SCHED_FIFO at this priority (via `chrt`).
+    pub fifo: Option<(u32, &'a Path)>,
     pub max_connections: usize,
     /// Working directory for config, data and logs (created).
     pub dir: PathBuf,
@@ -109,14 +111,18 @@ impl Broker {
     pub async fn start(kind: Kind, o: &StartOpts<'_>) -> Result<Broker> {
         std::fs::create_dir_all(&o.dir).with_context(|| format!("create {}", o.dir.display()))?;
         let port = free_port()?;
-        let mut cmd = match (o.pin_cpu, o.taskset) {
-            (Some(cpu), Some(ts)) => {
-                let mut c = Command::new(ts);
-                c.arg("-c").arg(cpu.to_string()).arg(o.bin);
-                c
-            }
-            _ => Command::new(o.bin),
-        };
+        // chrt -f PRIO taskset -c CPU BIN …: each execs the next, so the
+        // child's pid is the broker's.
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some((prio, chrt)) = o.fifo {
+            argv.extend([chrt.into(), "-f".into(), prio.to_string().into()]);
+        }
+        if let (Some(cpu), Some(ts)) = (o.pin_cpu, o.taskset) {
+            argv.extend([ts.into(), "-c".into(), cpu.to_string().into()]);
+        }
+        argv.push(o.bin.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.current_dir(&o.dir).stdin(Stdio::null());
         // Starling reads every STARLING_* variable as configuration: pass
         // only the ones set here, never the caller's.

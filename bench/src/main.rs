@@ -75,6 +75,13 @@ struct LoadArgs {
     /// Do not pin generator and broker to separate CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Do not run fixed-rate (latency) scenarios as SCHED_FIFO.
+    #[arg(long)]
+    no_fifo: bool,
+    /// Scheduling priority (nice) of the generator and the brokers it starts,
+    /// so that other work on a shared machine disturbs the runs less.
+    #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+    nice: i32,
 }
 
 #[derive(Args)]
@@ -169,7 +176,29 @@ fn real_main() -> Result<()> {
         Cmd::Smoke(_) => false,
         Cmd::Report(_) => true,
     };
-    let pin = plan_pinning(no_pin)?;
+    let nice = match &cli.cmd {
+        Cmd::Compare(a) => Some(a.load.nice),
+        Cmd::Run(a) => Some(a.load.nice),
+        Cmd::Smoke(_) | Cmd::Report(_) => None,
+    };
+    let mut pin = plan_pinning(no_pin)?;
+    let fifo = match &cli.cmd {
+        Cmd::Compare(a) => !a.load.no_fifo,
+        _ => false,
+    };
+    // Only if this process may use SCHED_FIFO at all (root / CAP_SYS_NICE).
+    if fifo && sys::set_fifo(Some(FIFO_PRIO)) && sys::set_fifo(None) {
+        pin.chrt = sys::find_in_path("chrt");
+    }
+    if let Some(n) = nice.filter(|n| *n != 0) {
+        if sys::renice(n) {
+            pin.desc
+                .push_str(&format!("; generator and broker at nice {n}"));
+        } else {
+            pin.desc
+                .push_str(&format!("; nice {n} not permitted, default priority"));
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -186,6 +215,8 @@ fn real_main() -> Result<()> {
 }
 
 struct Pinning {
+    /// `chrt`, when fixed-rate runs may use SCHED_FIFO.
+    chrt: Option<PathBuf>,
     gen_cpu: Option<usize>,
     broker_cpu: Option<usize>,
     taskset: Option<PathBuf>,
@@ -193,6 +224,9 @@ struct Pinning {
     gen_cores: f64,
     broker_cores: f64,
 }
+
+/// SCHED_FIFO priority of broker and generator in fixed-rate scenarios.
+const FIFO_PRIO: i32 = 10;
 
 /// Generator on the first allowed CPU, broker on the second, when there are
 /// two and `taskset` exists.
@@ -204,6 +238,7 @@ fn plan_pinning(no_pin: bool) -> Result<Pinning> {
         let (g, b) = (cpus[0], cpus[1]);
         sys::pin_self(g)?;
         return Ok(Pinning {
+            chrt: None,
             gen_cpu: Some(g),
             broker_cpu: Some(b),
             taskset,
@@ -222,6 +257,7 @@ fn plan_pinning(no_pin: bool) -> Result<Pinning> {
         "taskset not found"
     };
     Ok(Pinning {
+        chrt: None,
         gen_cpu: None,
         broker_cpu: None,
         taskset: None,
@@ -351,10 +387,22 @@ async fn one_run(
         ..Default::default()
     };
     let dir = work.join(format!("{rep}-{}-{}", sc.id, kind.name()));
+    // Fixed-rate runs measure latency: broker and generator preempt other
+    // work on the machine at once (they use well under a core here).
+    let fifo = pin
+        .chrt
+        .as_deref()
+        .filter(|_| sc.latency_sensitive())
+        .map(|c| (FIFO_PRIO as u32, c));
+    if fifo.is_some() {
+        rec.pinning
+            .push_str(&format!("; SCHED_FIFO {FIFO_PRIO} for this fixed-rate run"));
+    }
     let opts = StartOpts {
         bin,
         pin_cpu: pin.broker_cpu,
         taskset: pin.taskset.as_deref(),
+        fifo,
         max_connections: sc.connections() + 1000,
         dir: dir.clone(),
     };
@@ -371,14 +419,18 @@ async fn one_run(
         v,
         gen_cores: pin.gen_cores,
         broker_cores: pin.broker_cores,
-        pinning: pin.desc.clone(),
+        pinning: rec.pinning.clone(),
         gen_cpu: pin.gen_cpu,
         broker_cpu: pin.broker_cpu,
         window: load.window,
         batch: load.batch,
     };
     let limit = Duration::from_secs_f64(sc.secs + 120.0);
+    let rt = fifo.is_some() && sys::set_fifo(Some(FIFO_PRIO));
     let res = tokio::time::timeout(limit, scenario::run_scenario(&ctx, sc, &mut rec)).await;
+    if rt {
+        sys::set_fifo(None);
+    }
     if let Ok(m) = sys::proc_mem(b.pid) {
         rec.broker_rss_mib = Some(m.rss as f64 / 1048576.0);
         rec.broker_peak_rss_mib = Some(m.hwm as f64 / 1048576.0);
@@ -694,6 +746,8 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         window: 64,
         batch: 32,
         no_pin: false,
+        no_fifo: true,
+        nice: 0,
     };
     let (scenarios, _) = select(&load, nofile);
     let work = std::env::temp_dir().join(format!("starling-bench-smoke-{}", std::process::id()));

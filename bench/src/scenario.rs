@@ -76,6 +76,11 @@ impl Scenario {
         }
     }
 
+    /// Runs at a fixed rate, where latency is the point.
+    pub fn latency_sensitive(&self) -> bool {
+        matches!(self.spec, Spec::PubSub { rate: Some(_), .. })
+    }
+
     pub fn kind(&self) -> &'static str {
         match &self.spec {
             Spec::PubSub { slow_sub: true, .. } => "overload",

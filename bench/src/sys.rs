@@ -151,6 +151,27 @@ pub fn pin_self(cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Raise this process's scheduling priority (a negative nice value); the
+/// brokers it starts inherit it. Returns false where not permitted.
+pub fn renice(nice: i32) -> bool {
+    // SAFETY: setpriority has no memory-safety preconditions. On Linux it
+    // applies to the calling thread, which is the one that starts the
+    // runtime and the brokers (they inherit it).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+}
+
+/// Switch the calling thread to SCHED_FIFO at `prio`, or back to
+/// SCHED_OTHER with `prio` None. Returns false where not permitted.
+pub fn set_fifo(prio: Option<i32>) -> bool {
+    let (policy, p) = match prio {
+        Some(p) => (libc::SCHED_FIFO, p),
+        None => (libc::SCHED_OTHER, 0),
+    };
+    let param = libc::sched_param { sched_priority: p };
+    // SAFETY: the parameter struct is plain data read by the call.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
 pub fn find_in_path(name: &str) -> Option<std::path::PathBuf> {
     if name.contains('/') {
         let p = Path::new(name);
