@@ -98,6 +98,7 @@ impl Broker {
     /// Binds every enabled listener and starts serving.
     pub async fn start(config: BrokerConfig) -> anyhow::Result<BrokerHandle> {
         let tls_resolver = tls_resolver(&config)?;
+        let bundle_stamp = config.auth.bundle.as_deref().map(auth::watch::stamp);
         let hub = match &config.auth.bundle {
             Some(path) => AuthHub::with_state(&config, auth::watch::load(path)?),
             None => AuthHub::open(&config),
@@ -172,7 +173,11 @@ impl Broker {
         }
         tasks.spawn(reap_sessions(shared.clone()));
         if let Some(path) = shared.config.auth.bundle.clone() {
-            tasks.spawn(auth::watch::watch_file(shared.clone(), path));
+            tasks.spawn(auth::watch::watch_file(
+                shared.clone(),
+                path,
+                bundle_stamp.flatten(),
+            ));
         }
         tasks.spawn(auth::watch::expiry_timer(shared.clone()));
         Ok(BrokerHandle {

@@ -708,10 +708,11 @@ def test_anonymous_denied(brokers, tmpdir_path, mk, version):
     mk(b, version, *tok(b, "writer"))
 
 
-# ------------------------------------------------------------ known broker bugs
+# ------------------------------------------- sessions built under other rules
 #
-# Strict xfail: each documents a broker bug found while writing these tests and
-# turns into a failure (XPASS) once the broker is fixed, so the marker goes.
+# Each was a broker bug found while writing these tests: a resumed or offline
+# session must hold only what the connecting token may read now, and a revoked
+# token publishes nothing, its will included.
 
 
 def _persistent(version: int, cid: str) -> dict:
@@ -722,12 +723,6 @@ def _resume(version: int, cid: str) -> dict:
     return dict(client_id=cid, session_expiry=300, clean=False) if version == V5 else dict(client_id=cid, clean=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker bug: Connection::start resumes a persistent session without re-checking its "
-    "subscriptions (and queued messages) against the connecting token, so any token can read "
-    "through another token's subscriptions by reusing its client id",
-)
 def test_resumed_session_is_checked_against_the_new_token(brokers, tmpdir_path, mk, version):
     bundle = standard_bundle(os.path.join(tmpdir_path, "bundle.json"))
     b = brokers(bundle)
@@ -745,12 +740,6 @@ def test_resumed_session_is_checked_against_the_new_token(brokers, tmpdir_path, 
     assert not got, f"limited read through reader's session: {[(m.topic, m.payload) for m in got]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker bug: after a bundle change only online connections are re-checked; an offline "
-    "persistent session keeps subscriptions the new rules no longer allow and gets their messages "
-    "on reconnect",
-)
 def test_acl_narrowed_while_offline(brokers, tmpdir_path, mk, version):
     bundle = standard_bundle(os.path.join(tmpdir_path, "bundle.json"))
     bundle.token("watcher")
@@ -774,12 +763,6 @@ def test_acl_narrowed_while_offline(brokers, tmpdir_path, mk, version):
     assert not got, f"received under the old rules: {[(m.topic, m.payload) for m in got]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker: the will of a connection closed because its token was revoked is still "
-    "published under the token's old rules (finish() checks the stale principal); a revoked "
-    "token should not publish anything any more",
-)
 def test_revoked_tokens_will_is_not_published(brokers, tmpdir_path, mk, version):
     bundle = standard_bundle(os.path.join(tmpdir_path, "bundle.json"))
     bundle.token("victim")

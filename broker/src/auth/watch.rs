@@ -43,7 +43,10 @@ pub fn load(path: &Path) -> Result<AuthState, LoadError> {
     })
 }
 
-fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
+/// Size and mtime of the bundle file, to tell a change without reading it.
+pub type Stamp = Option<(SystemTime, u64)>;
+
+pub fn stamp(p: &Path) -> Stamp {
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
@@ -60,9 +63,11 @@ pub fn recheck_all(shared: &Shared) {
 
 /// Polls `path`; a valid new bundle replaces the old one, an invalid one is
 /// logged and counted while the old one stays in force.
-pub async fn watch_file(shared: Arc<Shared>, path: PathBuf) {
+/// `loaded` is the stamp taken just before the bundle in force was read, so
+/// a write between that read and this task's start is not missed.
+pub async fn watch_file(shared: Arc<Shared>, path: PathBuf, loaded: Stamp) {
     let mut shutdown = shared.shutdown.subscribe();
-    let mut last = stamp(&path);
+    let mut last = loaded;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,

@@ -242,6 +242,9 @@ impl Connection {
             scratch: Vec::new(),
             batch: Vec::new(),
         };
+        if opened.present {
+            conn.prune_unauthorized();
+        }
         conn.write_packet(&Packet::ConnAck(ack));
         conn.resend_inflight();
         tracing::debug!(%peer, client_id = %conn.agreed.client_id, version = ?v, present = opened.present, "connected");
@@ -337,9 +340,22 @@ impl Connection {
             }
             Err(e) => {
                 tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, reason = %e, "closing connection: token no longer valid");
+                // A revoked token publishes nothing more, its will included.
+                self.will = None;
                 return Some(End::Server(reason::NOT_AUTHORIZED));
             }
         }
+        self.prune_unauthorized();
+        None
+    }
+
+    /// Makes the session hold only what the current principal may read:
+    /// subscriptions it may no longer make are removed, and messages queued
+    /// or in flight on topics it may not receive are dropped. Runs after a
+    /// bundle change and when a persistent session is resumed — the session
+    /// may have been built under older rules, or by another token that used
+    /// the same client id.
+    fn prune_unauthorized(&mut self) {
         let subs: Vec<ByteString> = self.session.lock().subscriptions.keys().cloned().collect();
         for raw in subs {
             let Ok(parsed) = starling_model::topic::parse_subscription(&raw) else {
@@ -354,7 +370,20 @@ impl Connection {
                 tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, filter = %raw, "subscription removed: no longer allowed");
             }
         }
-        None
+        let principal = self.principal.clone();
+        let mut st = self.session.lock();
+        let before = st.queue.len() + st.inflight.len();
+        st.queue.retain(|d| principal.may_receive(&d.msg.topic));
+        // A released QoS 2 message (PUBREL stage) carries no payload any more.
+        st.inflight
+            .retain(|i| i.released || principal.may_receive(&i.delivery.msg.topic));
+        st.queued_bytes = st.queue.iter().map(Delivery::cost).sum();
+        let dropped = before - st.queue.len() - st.inflight.len();
+        drop(st);
+        if dropped > 0 {
+            metrics::add(&self.shared.metrics.acl_refusals, dropped as u64);
+            tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, dropped, "queued messages dropped: no longer allowed");
+        }
     }
 
     fn window_open(&self) -> bool {
