@@ -9,27 +9,26 @@ use std::time::Duration;
 use bytes::BytesMut;
 use starling_codec::{
     self as codec, ByteString, Connect, DecodeError, Disconnect, LastWill, Packet, Properties,
-    ProtocolVersion, PubResp, Publish, PublishRef, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
-    reason,
+    ProtocolVersion, reason,
 };
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::handshake::{self, Agreed};
-use super::state::{ConnLink, Inflight, QueueLimits, Session};
+use super::state::{ConnLink, QueueLimits, Session};
 use crate::listen::transport::Transport;
 use crate::metrics;
-use crate::router::{Delivery, Message, SubEntry, SubOptions};
+use crate::router::{Delivery, SubEntry};
 use crate::server::Shared;
 use starling_model::acl::Principal;
 
 /// Stop filling the write buffer past this; it is flushed and the drain resumes.
-const WRITE_BATCH: usize = 64 * 1024;
+pub(super) const WRITE_BATCH: usize = 64 * 1024;
 /// A client that takes longer than this to accept one batch is stalled.
 const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// Why a connection ended; decides the will message and the v5 DISCONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(super) enum End {
     /// DISCONNECT from the client; `will` is true for v5 reason 0x04.
     ClientDisconnect { will: bool },
     /// Socket closed or failed without DISCONNECT.
@@ -121,28 +120,28 @@ async fn read_connect<T: Transport>(
     }
 }
 
-struct Connection {
-    shared: Arc<Shared>,
-    session: Arc<Session>,
-    link: Arc<ConnLink>,
-    version: ProtocolVersion,
-    agreed: Agreed,
-    will: Option<LastWill>,
+pub(super) struct Connection {
+    pub(super) shared: Arc<Shared>,
+    pub(super) session: Arc<Session>,
+    pub(super) link: Arc<ConnLink>,
+    pub(super) version: ProtocolVersion,
+    pub(super) agreed: Agreed,
+    pub(super) will: Option<LastWill>,
     /// The token this connection authenticated with (or anonymous).
-    principal: Arc<Principal>,
+    pub(super) principal: Arc<Principal>,
     /// Publish decisions per topic for the principal above; cleared when
     /// the principal is refreshed after a bundle change.
-    acl_cache: HashMap<ByteString, bool>,
-    peer: SocketAddr,
-    wbuf: BytesMut,
-    last_rx: Instant,
+    pub(super) acl_cache: HashMap<ByteString, bool>,
+    pub(super) peer: SocketAddr,
+    pub(super) wbuf: BytesMut,
+    pub(super) last_rx: Instant,
     /// Inbound topic aliases (client → broker).
-    aliases_in: HashMap<u16, ByteString>,
+    pub(super) aliases_in: HashMap<u16, ByteString>,
     /// Outbound topic aliases (broker → client).
-    aliases_out: HashMap<ByteString, u16>,
+    pub(super) aliases_out: HashMap<ByteString, u16>,
     /// Reused for routing and draining so the hot path does not allocate.
-    scratch: Vec<SubEntry>,
-    batch: Vec<(u16, Delivery)>,
+    pub(super) scratch: Vec<SubEntry>,
+    pub(super) batch: Vec<(u16, Delivery)>,
 }
 
 impl Connection {
@@ -314,82 +313,6 @@ impl Connection {
         }
     }
 
-    /// Publish check with a per-connection cache (topics repeat; the ACL
-    /// walk need not). The cache is bounded and dropped on bundle change.
-    fn may_publish(&mut self, topic: &ByteString) -> bool {
-        if let Some(&allowed) = self.acl_cache.get(topic) {
-            return allowed;
-        }
-        let allowed = self.principal.may_publish(topic);
-        if self.acl_cache.len() >= 1024 {
-            self.acl_cache.clear();
-        }
-        self.acl_cache.insert(topic.clone(), allowed);
-        allowed
-    }
-
-    /// After a bundle change or a token expiry: refresh the principal (or
-    /// end the connection if its token is gone) and drop subscriptions the
-    /// new rules no longer allow.
-    fn reauthorize(&mut self) -> Option<End> {
-        let state = self.shared.auth.current();
-        match state.refresh(&self.principal, std::time::SystemTime::now()) {
-            Ok(p) => {
-                self.principal = p;
-                self.acl_cache.clear();
-            }
-            Err(e) => {
-                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, reason = %e, "closing connection: token no longer valid");
-                // A revoked token publishes nothing more, its will included.
-                self.will = None;
-                return Some(End::Server(reason::NOT_AUTHORIZED));
-            }
-        }
-        self.prune_unauthorized();
-        None
-    }
-
-    /// Makes the session hold only what the current principal may read:
-    /// subscriptions it may no longer make are removed, and messages queued
-    /// or in flight on topics it may not receive are dropped. Runs after a
-    /// bundle change and when a persistent session is resumed — the session
-    /// may have been built under older rules, or by another token that used
-    /// the same client id.
-    fn prune_unauthorized(&mut self) {
-        let subs: Vec<ByteString> = self.session.lock().subscriptions.keys().cloned().collect();
-        for raw in subs {
-            let Ok(parsed) = starling_model::topic::parse_subscription(&raw) else {
-                continue;
-            };
-            if !self.principal.may_subscribe(parsed.filter) {
-                self.session.lock().subscriptions.remove(&raw);
-                self.shared
-                    .router
-                    .unsubscribe(self.session.key, parsed.filter, parsed.share_group);
-                metrics::inc(&self.shared.metrics.acl_refusals);
-                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, filter = %raw, "subscription removed: no longer allowed");
-            }
-        }
-        let principal = self.principal.clone();
-        let mut st = self.session.lock();
-        let before = st.queue.len() + st.inflight.len();
-        st.queue.retain(|d| principal.may_receive(&d.msg.topic));
-        // A released QoS 2 message (PUBREL stage) carries no payload any more.
-        st.inflight
-            .retain(|i| i.released || principal.may_receive(&i.delivery.msg.topic));
-        st.queued_bytes = st.queue.iter().map(Delivery::cost).sum();
-        let dropped = before - st.queue.len() - st.inflight.len();
-        drop(st);
-        if dropped > 0 {
-            metrics::add(&self.shared.metrics.acl_refusals, dropped as u64);
-            tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, dropped, "queued messages dropped: no longer allowed");
-        }
-    }
-
-    fn window_open(&self) -> bool {
-        self.session.lock().inflight.len() < usize::from(self.agreed.send_window)
-    }
-
     async fn flush<T: Transport>(&mut self, t: &mut T) -> Option<End> {
         let n = self.wbuf.len();
         match timeout(WRITE_STALL, t.write_all(&self.wbuf)).await {
@@ -426,395 +349,6 @@ impl Connection {
                     return Some(End::Server(e.reason_code()));
                 }
             }
-        }
-    }
-
-    fn protocol_error(&self, why: &str) -> Option<End> {
-        metrics::inc(&self.shared.metrics.protocol_errors);
-        tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, why, "protocol violation");
-        Some(End::Server(reason::PROTOCOL_ERROR))
-    }
-
-    fn handle(&mut self, p: Packet) -> Option<End> {
-        match p {
-            Packet::Publish(p) => return self.on_publish(p),
-            Packet::PubAck(r) => {
-                self.session.lock().take_inflight(r.pkid);
-            }
-            Packet::PubRec(r) => {
-                let mut st = self.session.lock();
-                let found = st.inflight.iter().position(|i| i.pkid == r.pkid);
-                match found {
-                    Some(pos) if r.reason >= 0x80 => {
-                        st.inflight.remove(pos);
-                    }
-                    Some(pos) => {
-                        if let Some(i) = st.inflight.get_mut(pos) {
-                            i.released = true;
-                        }
-                        drop(st);
-                        self.write_packet(&Packet::PubRel(PubResp::new(r.pkid, 0)));
-                    }
-                    None => {
-                        drop(st);
-                        let code = if self.version.is_v5() {
-                            reason::PACKET_IDENTIFIER_NOT_FOUND
-                        } else {
-                            0
-                        };
-                        self.write_packet(&Packet::PubRel(PubResp::new(r.pkid, code)));
-                    }
-                }
-            }
-            Packet::PubRel(r) => {
-                let known = self.session.lock().incoming_qos2.remove(&r.pkid);
-                let code = if known || !self.version.is_v5() {
-                    0
-                } else {
-                    reason::PACKET_IDENTIFIER_NOT_FOUND
-                };
-                self.write_packet(&Packet::PubComp(PubResp::new(r.pkid, code)));
-            }
-            Packet::PubComp(r) => {
-                self.session.lock().take_inflight(r.pkid);
-            }
-            Packet::Subscribe(s) => return self.on_subscribe(s),
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
-            Packet::PingReq => self.write_packet(&Packet::PingResp),
-            Packet::Disconnect(d) => {
-                if self.version.is_v5()
-                    && let Some(e) = d.properties.session_expiry_interval
-                {
-                    // MQTT-3.14.2-2: cannot turn a 0-expiry session persistent here.
-                    if self.agreed.session_expiry.is_zero() && e > 0 {
-                        return self
-                            .protocol_error("session expiry set on DISCONNECT after 0 on CONNECT");
-                    }
-                    let capped = e.min(self.shared.config.limits.max_session_expiry);
-                    self.agreed.session_expiry = Duration::from_secs(u64::from(capped));
-                }
-                return Some(End::ClientDisconnect {
-                    will: d.reason == reason::DISCONNECT_WITH_WILL,
-                });
-            }
-            Packet::Connect(_) => return self.protocol_error("second CONNECT"),
-            Packet::Auth(_) => return self.protocol_error("AUTH without an authentication method"),
-            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                return self.protocol_error("server-only packet from client");
-            }
-        }
-        None
-    }
-
-    fn on_publish(&mut self, mut p: Publish) -> Option<End> {
-        metrics::inc(&self.shared.metrics.messages_in[p.qos as usize]);
-        if self.version.is_v5() {
-            if let Some(alias) = p.properties.topic_alias.take() {
-                if alias == 0 || alias > self.shared.config.limits.max_topic_aliases {
-                    metrics::inc(&self.shared.metrics.protocol_errors);
-                    return Some(End::Server(reason::TOPIC_ALIAS_INVALID));
-                }
-                if p.topic.is_empty() {
-                    match self.aliases_in.get(&alias) {
-                        Some(t) => p.topic = t.clone(),
-                        None => return self.protocol_error("unknown topic alias"),
-                    }
-                } else {
-                    self.aliases_in.insert(alias, p.topic.clone());
-                }
-            }
-            if !p.properties.subscription_identifiers.is_empty() {
-                return self.protocol_error("subscription identifier in PUBLISH");
-            }
-        }
-        if p.topic.is_empty() {
-            return self.protocol_error("empty topic");
-        }
-        if p.qos == QoS::ExactlyOnce {
-            let mut st = self.session.lock();
-            if st.incoming_qos2.contains(&p.pkid) {
-                // Re-sent before our PUBREC arrived: already routed once.
-                drop(st);
-                self.write_packet(&Packet::PubRec(PubResp::new(p.pkid, 0)));
-                return None;
-            }
-            if st.incoming_qos2.len() >= usize::from(self.shared.config.limits.max_inflight) {
-                drop(st);
-                metrics::inc(&self.shared.metrics.protocol_errors);
-                return Some(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
-            }
-            st.incoming_qos2.insert(p.pkid);
-        }
-        let code = match self.shared.check_topic(&p.topic) {
-            Err(_) => {
-                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
-                reason::TOPIC_NAME_INVALID
-            }
-            Ok(()) if !self.may_publish(&p.topic) => {
-                metrics::inc(&self.shared.metrics.acl_refusals);
-                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
-                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), topic = %p.topic, "publish refused by ACL");
-                reason::NOT_AUTHORIZED
-            }
-            Ok(()) => {
-                let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
-                let n = self.shared.router.publish(msg, &mut self.scratch);
-                if n == 0 {
-                    reason::NO_MATCHING_SUBSCRIBERS
-                } else {
-                    reason::SUCCESS
-                }
-            }
-        };
-        // v3.1.1 cannot refuse a publish: it is acknowledged (and counted as
-        // dropped above) so the client does not resend it forever.
-        let code = if self.version.is_v5() { code } else { 0 };
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.write_packet(&Packet::PubAck(PubResp::new(p.pkid, code))),
-            QoS::ExactlyOnce => self.write_packet(&Packet::PubRec(PubResp::new(p.pkid, code))),
-        }
-        None
-    }
-
-    fn message_from(
-        &self,
-        topic: ByteString,
-        payload: bytes::Bytes,
-        qos: QoS,
-        retain: bool,
-        mut props: Properties,
-    ) -> Message {
-        let expires_at = props
-            .message_expiry_interval
-            .take()
-            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
-        props.topic_alias = None;
-        let properties = if props.is_empty() {
-            None
-        } else {
-            Some(Arc::new(props))
-        };
-        Message {
-            topic,
-            payload,
-            qos,
-            retain,
-            properties,
-            expires_at,
-            origin: self.session.key,
-        }
-    }
-
-    fn on_subscribe(&mut self, s: Subscribe) -> Option<End> {
-        let v5 = self.version.is_v5();
-        let sub_id = s
-            .properties
-            .subscription_identifiers
-            .first()
-            .copied()
-            .unwrap_or(0);
-        let mut codes = Vec::with_capacity(s.filters.len());
-        let mut retained = Vec::new();
-        for f in &s.filters {
-            let parsed = match starling_model::topic::parse_subscription(&f.filter) {
-                Ok(p) if self.shared.check_topic(p.filter).is_ok() => p,
-                _ => {
-                    codes.push(if v5 {
-                        reason::TOPIC_FILTER_INVALID
-                    } else {
-                        reason::v3::SUBACK_FAILURE
-                    });
-                    continue;
-                }
-            };
-            if parsed.share_group.is_some() && f.no_local && v5 {
-                return self.protocol_error("no-local on a shared subscription");
-            }
-            if !self.principal.may_subscribe(parsed.filter) {
-                metrics::inc(&self.shared.metrics.acl_refusals);
-                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), filter = %f.filter, "subscription refused by ACL");
-                codes.push(if v5 {
-                    reason::NOT_AUTHORIZED
-                } else {
-                    reason::v3::SUBACK_FAILURE
-                });
-                continue;
-            }
-            let opts = SubOptions {
-                qos: f.qos,
-                no_local: f.no_local,
-                retain_as_published: f.retain_as_published,
-                retain_handling: f.retain_handling,
-                sub_id,
-            };
-            let is_new = self.shared.router.subscribe(
-                &self.session,
-                parsed.filter,
-                parsed.share_group,
-                opts,
-            );
-            self.session
-                .lock()
-                .subscriptions
-                .insert(f.filter.clone(), opts);
-            let send_retained = parsed.share_group.is_none()
-                && match f.retain_handling {
-                    0 => true,
-                    1 => is_new,
-                    _ => false,
-                };
-            if send_retained {
-                retained.extend(self.shared.router.retained_for(parsed.filter, &opts));
-            }
-            codes.push(f.qos as u8);
-        }
-        self.write_packet(&Packet::SubAck(SubAck {
-            pkid: s.pkid,
-            codes,
-            properties: Properties::default(),
-        }));
-        for d in retained {
-            self.session.enqueue(d, &self.shared.metrics);
-        }
-        None
-    }
-
-    fn on_unsubscribe(&mut self, u: Unsubscribe) {
-        let mut codes = Vec::with_capacity(u.filters.len());
-        for raw in &u.filters {
-            let existed = self.session.lock().subscriptions.remove(raw).is_some();
-            if existed && let Ok(p) = starling_model::topic::parse_subscription(raw) {
-                self.shared
-                    .router
-                    .unsubscribe(self.session.key, p.filter, p.share_group);
-            }
-            codes.push(if existed {
-                reason::SUCCESS
-            } else {
-                reason::NO_SUBSCRIPTION_EXISTED
-            });
-        }
-        if !self.version.is_v5() {
-            codes.clear();
-        }
-        self.write_packet(&Packet::UnsubAck(UnsubAck {
-            pkid: u.pkid,
-            codes,
-            properties: Properties::default(),
-        }));
-    }
-
-    /// After a reconnect: messages the client never acknowledged go again,
-    /// with DUP set (or PUBREL for QoS 2 already received).
-    fn resend_inflight(&mut self) {
-        let pending: Vec<Inflight> = self.session.lock().inflight.iter().cloned().collect();
-        for i in pending {
-            if i.released {
-                self.write_packet(&Packet::PubRel(PubResp::new(i.pkid, 0)));
-            } else {
-                self.encode_delivery(i.pkid, &i.delivery, true);
-            }
-        }
-    }
-
-    /// Moves queued deliveries into the write buffer while the inflight
-    /// window has room. The session lock is held only to pop; encoding
-    /// happens outside it so publishers are not held up.
-    fn drain(&mut self) {
-        let window = usize::from(self.agreed.send_window);
-        let mut batch = std::mem::take(&mut self.batch);
-        let mut bytes = 0;
-        {
-            let mut st = self.session.lock();
-            while bytes < WRITE_BATCH && st.inflight.len() < window {
-                let Some(d) = st.pop_queued() else { break };
-                bytes += d.cost() + 16;
-                let pkid = if d.qos == QoS::AtMostOnce {
-                    0
-                } else {
-                    let id = st.next_pkid();
-                    st.inflight.push_back(Inflight {
-                        pkid: id,
-                        delivery: d.clone(),
-                        released: false,
-                    });
-                    id
-                };
-                batch.push((pkid, d));
-            }
-        }
-        // One allocation for the whole batch (the buffer is released after
-        // each flush).
-        self.wbuf.reserve(bytes + 64);
-        let now = Instant::now();
-        for (pkid, d) in batch.drain(..) {
-            if d.msg.is_expired(now) {
-                metrics::inc(&self.shared.metrics.messages_dropped[d.qos as usize]);
-                if pkid != 0 {
-                    self.session.lock().take_inflight(pkid);
-                }
-                continue;
-            }
-            if !self.encode_delivery(pkid, &d, false) && pkid != 0 {
-                self.session.lock().take_inflight(pkid);
-            }
-        }
-        self.batch = batch;
-    }
-
-    /// Encodes one PUBLISH; false if it had to be dropped (too large for
-    /// the client).
-    fn encode_delivery(&mut self, pkid: u16, d: &Delivery, dup: bool) -> bool {
-        let v5 = self.version.is_v5();
-        let msg = &d.msg;
-        let mut topic: &str = &msg.topic;
-        let mut alias = None;
-        if v5 && self.agreed.client_alias_max > 0 {
-            match self.aliases_out.get(&msg.topic) {
-                Some(&a) => {
-                    alias = Some(a);
-                    topic = "";
-                }
-                None => {
-                    let next = self.aliases_out.len() as u16 + 1;
-                    if next <= self.agreed.client_alias_max {
-                        self.aliases_out.insert(msg.topic.clone(), next);
-                        alias = Some(next);
-                    }
-                }
-            }
-        }
-        let p = PublishRef {
-            dup,
-            qos: d.qos,
-            retain: d.retain,
-            topic,
-            pkid,
-            payload: &msg.payload,
-            properties: msg.properties.as_deref(),
-            topic_alias: alias,
-            subscription_identifiers: d.sub_ids.as_slice(),
-            message_expiry_interval: msg.remaining_expiry(Instant::now()),
-        };
-        if let Some(max) = self.agreed.client_max_packet
-            && codec::publish_encoded_len(&p, self.version) > max as usize
-        {
-            // MQTT-3.1.2-25: too large for the client: discard as if sent.
-            metrics::inc(&self.shared.metrics.messages_dropped[d.qos as usize]);
-            if alias.is_some() && !topic.is_empty() {
-                self.aliases_out.remove(&msg.topic);
-            }
-            return false;
-        }
-        codec::encode_publish(&p, self.version, &mut self.wbuf);
-        metrics::inc(&self.shared.metrics.messages_out[d.qos as usize]);
-        true
-    }
-
-    fn write_packet(&mut self, p: &Packet) {
-        if let Err(e) = codec::encode(p, self.version, &mut self.wbuf) {
-            tracing::warn!(error = %e, "could not encode a packet for the client");
         }
     }
 

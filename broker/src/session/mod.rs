@@ -1,8 +1,11 @@
 //! Sessions: the per-client state machine (`connection`), the state that
 //! survives reconnects (`state`) and the client-id registry (`registry`).
 
+mod authz;
 pub mod connection;
 pub mod handshake;
+mod inbound;
+mod outbound;
 pub mod registry;
 pub mod state;
 

@@ -1,0 +1,82 @@
+//! Authorization on a live connection: the publish check with its cache,
+//! and re-checking the session after a bundle change or on resume.
+
+use starling_codec::{ByteString, reason};
+
+use super::connection::{Connection, End};
+use crate::metrics;
+use crate::router::Delivery;
+
+impl Connection {
+    /// Publish check with a per-connection cache (topics repeat; the ACL
+    /// walk need not). The cache is bounded and dropped on bundle change.
+    pub(super) fn may_publish(&mut self, topic: &ByteString) -> bool {
+        if let Some(&allowed) = self.acl_cache.get(topic) {
+            return allowed;
+        }
+        let allowed = self.principal.may_publish(topic);
+        if self.acl_cache.len() >= 1024 {
+            self.acl_cache.clear();
+        }
+        self.acl_cache.insert(topic.clone(), allowed);
+        allowed
+    }
+
+    /// After a bundle change or a token expiry: refresh the principal (or
+    /// end the connection if its token is gone) and drop subscriptions the
+    /// new rules no longer allow.
+    pub(super) fn reauthorize(&mut self) -> Option<End> {
+        let state = self.shared.auth.current();
+        match state.refresh(&self.principal, std::time::SystemTime::now()) {
+            Ok(p) => {
+                self.principal = p;
+                self.acl_cache.clear();
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, reason = %e, "closing connection: token no longer valid");
+                // A revoked token publishes nothing more, its will included.
+                self.will = None;
+                return Some(End::Server(reason::NOT_AUTHORIZED));
+            }
+        }
+        self.prune_unauthorized();
+        None
+    }
+
+    /// Makes the session hold only what the current principal may read:
+    /// subscriptions it may no longer make are removed, and messages queued
+    /// or in flight on topics it may not receive are dropped. Runs after a
+    /// bundle change and when a persistent session is resumed — the session
+    /// may have been built under older rules, or by another token that used
+    /// the same client id.
+    pub(super) fn prune_unauthorized(&mut self) {
+        let subs: Vec<ByteString> = self.session.lock().subscriptions.keys().cloned().collect();
+        for raw in subs {
+            let Ok(parsed) = starling_model::topic::parse_subscription(&raw) else {
+                continue;
+            };
+            if !self.principal.may_subscribe(parsed.filter) {
+                self.session.lock().subscriptions.remove(&raw);
+                self.shared
+                    .router
+                    .unsubscribe(self.session.key, parsed.filter, parsed.share_group);
+                metrics::inc(&self.shared.metrics.acl_refusals);
+                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, filter = %raw, "subscription removed: no longer allowed");
+            }
+        }
+        let principal = self.principal.clone();
+        let mut st = self.session.lock();
+        let before = st.queue.len() + st.inflight.len();
+        st.queue.retain(|d| principal.may_receive(&d.msg.topic));
+        // A released QoS 2 message (PUBREL stage) carries no payload any more.
+        st.inflight
+            .retain(|i| i.released || principal.may_receive(&i.delivery.msg.topic));
+        st.queued_bytes = st.queue.iter().map(Delivery::cost).sum();
+        let dropped = before - st.queue.len() - st.inflight.len();
+        drop(st);
+        if dropped > 0 {
+            metrics::add(&self.shared.metrics.acl_refusals, dropped as u64);
+            tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, dropped, "queued messages dropped: no longer allowed");
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Packets from the client: PUBLISH (with topic aliases, QoS 2 dedupe and
+//! ACL check), acknowledgements, SUBSCRIBE/UNSUBSCRIBE, PINGREQ, DISCONNECT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use starling_codec::{
+    ByteString, Packet, Properties, PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck,
+    Unsubscribe, reason,
+};
+use tokio::time::Instant;
+
+use super::connection::{Connection, End};
+use crate::metrics;
+use crate::router::{Message, SubOptions};
+
+impl Connection {
+    pub(super) fn protocol_error(&self, why: &str) -> Option<End> {
+        metrics::inc(&self.shared.metrics.protocol_errors);
+        tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, why, "protocol violation");
+        Some(End::Server(reason::PROTOCOL_ERROR))
+    }
+
+    pub(super) fn handle(&mut self, p: Packet) -> Option<End> {
+        match p {
+            Packet::Publish(p) => return self.on_publish(p),
+            Packet::PubAck(r) => {
+                self.session.lock().take_inflight(r.pkid);
+            }
+            Packet::PubRec(r) => {
+                let mut st = self.session.lock();
+                let found = st.inflight.iter().position(|i| i.pkid == r.pkid);
+                match found {
+                    Some(pos) if r.reason >= 0x80 => {
+                        st.inflight.remove(pos);
+                    }
+                    Some(pos) => {
+                        if let Some(i) = st.inflight.get_mut(pos) {
+                            i.released = true;
+                        }
+                        drop(st);
+                        self.write_packet(&Packet::PubRel(PubResp::new(r.pkid, 0)));
+                    }
+                    None => {
+                        drop(st);
+                        let code = if self.version.is_v5() {
+                            reason::PACKET_IDENTIFIER_NOT_FOUND
+                        } else {
+                            0
+                        };
+                        self.write_packet(&Packet::PubRel(PubResp::new(r.pkid, code)));
+                    }
+                }
+            }
+            Packet::PubRel(r) => {
+                let known = self.session.lock().incoming_qos2.remove(&r.pkid);
+                let code = if known || !self.version.is_v5() {
+                    0
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.write_packet(&Packet::PubComp(PubResp::new(r.pkid, code)));
+            }
+            Packet::PubComp(r) => {
+                self.session.lock().take_inflight(r.pkid);
+            }
+            Packet::Subscribe(s) => return self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.write_packet(&Packet::PingResp),
+            Packet::Disconnect(d) => {
+                if self.version.is_v5()
+                    && let Some(e) = d.properties.session_expiry_interval
+                {
+                    // MQTT-3.14.2-2: cannot turn a 0-expiry session persistent here.
+                    if self.agreed.session_expiry.is_zero() && e > 0 {
+                        return self
+                            .protocol_error("session expiry set on DISCONNECT after 0 on CONNECT");
+                    }
+                    let capped = e.min(self.shared.config.limits.max_session_expiry);
+                    self.agreed.session_expiry = Duration::from_secs(u64::from(capped));
+                }
+                return Some(End::ClientDisconnect {
+                    will: d.reason == reason::DISCONNECT_WITH_WILL,
+                });
+            }
+            Packet::Connect(_) => return self.protocol_error("second CONNECT"),
+            Packet::Auth(_) => return self.protocol_error("AUTH without an authentication method"),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                return self.protocol_error("server-only packet from client");
+            }
+        }
+        None
+    }
+
+    pub(super) fn on_publish(&mut self, mut p: Publish) -> Option<End> {
+        metrics::inc(&self.shared.metrics.messages_in[p.qos as usize]);
+        if self.version.is_v5() {
+            if let Some(alias) = p.properties.topic_alias.take() {
+                if alias == 0 || alias > self.shared.config.limits.max_topic_aliases {
+                    metrics::inc(&self.shared.metrics.protocol_errors);
+                    return Some(End::Server(reason::TOPIC_ALIAS_INVALID));
+                }
+                if p.topic.is_empty() {
+                    match self.aliases_in.get(&alias) {
+                        Some(t) => p.topic = t.clone(),
+                        None => return self.protocol_error("unknown topic alias"),
+                    }
+                } else {
+                    self.aliases_in.insert(alias, p.topic.clone());
+                }
+            }
+            if !p.properties.subscription_identifiers.is_empty() {
+                return self.protocol_error("subscription identifier in PUBLISH");
+            }
+        }
+        if p.topic.is_empty() {
+            return self.protocol_error("empty topic");
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let mut st = self.session.lock();
+            if st.incoming_qos2.contains(&p.pkid) {
+                // Re-sent before our PUBREC arrived: already routed once.
+                drop(st);
+                self.write_packet(&Packet::PubRec(PubResp::new(p.pkid, 0)));
+                return None;
+            }
+            if st.incoming_qos2.len() >= usize::from(self.shared.config.limits.max_inflight) {
+                drop(st);
+                metrics::inc(&self.shared.metrics.protocol_errors);
+                return Some(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
+            }
+            st.incoming_qos2.insert(p.pkid);
+        }
+        let code = match self.shared.check_topic(&p.topic) {
+            Err(_) => {
+                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
+                reason::TOPIC_NAME_INVALID
+            }
+            Ok(()) if !self.may_publish(&p.topic) => {
+                metrics::inc(&self.shared.metrics.acl_refusals);
+                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
+                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), topic = %p.topic, "publish refused by ACL");
+                reason::NOT_AUTHORIZED
+            }
+            Ok(()) => {
+                let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
+                let n = self.shared.router.publish(msg, &mut self.scratch);
+                if n == 0 {
+                    reason::NO_MATCHING_SUBSCRIBERS
+                } else {
+                    reason::SUCCESS
+                }
+            }
+        };
+        // v3.1.1 cannot refuse a publish: it is acknowledged (and counted as
+        // dropped above) so the client does not resend it forever.
+        let code = if self.version.is_v5() { code } else { 0 };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.write_packet(&Packet::PubAck(PubResp::new(p.pkid, code))),
+            QoS::ExactlyOnce => self.write_packet(&Packet::PubRec(PubResp::new(p.pkid, code))),
+        }
+        None
+    }
+
+    pub(super) fn message_from(
+        &self,
+        topic: ByteString,
+        payload: bytes::Bytes,
+        qos: QoS,
+        retain: bool,
+        mut props: Properties,
+    ) -> Message {
+        let expires_at = props
+            .message_expiry_interval
+            .take()
+            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
+        props.topic_alias = None;
+        let properties = if props.is_empty() {
+            None
+        } else {
+            Some(Arc::new(props))
+        };
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at,
+            origin: self.session.key,
+        }
+    }
+
+    pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Option<End> {
+        let v5 = self.version.is_v5();
+        let sub_id = s
+            .properties
+            .subscription_identifiers
+            .first()
+            .copied()
+            .unwrap_or(0);
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for f in &s.filters {
+            let parsed = match starling_model::topic::parse_subscription(&f.filter) {
+                Ok(p) if self.shared.check_topic(p.filter).is_ok() => p,
+                _ => {
+                    codes.push(if v5 {
+                        reason::TOPIC_FILTER_INVALID
+                    } else {
+                        reason::v3::SUBACK_FAILURE
+                    });
+                    continue;
+                }
+            };
+            if parsed.share_group.is_some() && f.no_local && v5 {
+                return self.protocol_error("no-local on a shared subscription");
+            }
+            if !self.principal.may_subscribe(parsed.filter) {
+                metrics::inc(&self.shared.metrics.acl_refusals);
+                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), filter = %f.filter, "subscription refused by ACL");
+                codes.push(if v5 {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::v3::SUBACK_FAILURE
+                });
+                continue;
+            }
+            let opts = SubOptions {
+                qos: f.qos,
+                no_local: f.no_local,
+                retain_as_published: f.retain_as_published,
+                retain_handling: f.retain_handling,
+                sub_id,
+            };
+            let is_new = self.shared.router.subscribe(
+                &self.session,
+                parsed.filter,
+                parsed.share_group,
+                opts,
+            );
+            self.session
+                .lock()
+                .subscriptions
+                .insert(f.filter.clone(), opts);
+            let send_retained = parsed.share_group.is_none()
+                && match f.retain_handling {
+                    0 => true,
+                    1 => is_new,
+                    _ => false,
+                };
+            if send_retained {
+                retained.extend(self.shared.router.retained_for(parsed.filter, &opts));
+            }
+            codes.push(f.qos as u8);
+        }
+        self.write_packet(&Packet::SubAck(SubAck {
+            pkid: s.pkid,
+            codes,
+            properties: Properties::default(),
+        }));
+        for d in retained {
+            self.session.enqueue(d, &self.shared.metrics);
+        }
+        None
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for raw in &u.filters {
+            let existed = self.session.lock().subscriptions.remove(raw).is_some();
+            if existed && let Ok(p) = starling_model::topic::parse_subscription(raw) {
+                self.shared
+                    .router
+                    .unsubscribe(self.session.key, p.filter, p.share_group);
+            }
+            codes.push(if existed {
+                reason::SUCCESS
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        if !self.version.is_v5() {
+            codes.clear();
+        }
+        self.write_packet(&Packet::UnsubAck(UnsubAck {
+            pkid: u.pkid,
+            codes,
+            properties: Properties::default(),
+        }));
+    }
+}
