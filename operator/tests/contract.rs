@@ -8,9 +8,7 @@
 //!
 //! The binary is `$STARLING_BIN`, else `target/debug/starling-broker` of this
 //! workspace (built by `cargo build -p starling-broker`, or by any
-//! workspace-wide `cargo test`). When it is missing the test says so and
-//! passes, unless `STARLING_CONTRACT_TEST=1` demands it (CI sets that after
-//! building the broker); `STARLING_CONTRACT_TEST=0` skips it.
+//! workspace-wide `cargo test`); when it is missing the test fails.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -84,35 +82,20 @@ fn data(s: &Secret, key: &str) -> String {
     String::from_utf8(s.data.as_ref().expect("data")[key].0.clone()).expect("utf-8")
 }
 
-/// The broker binary, or `None` when it is absent and not demanded.
-fn broker_binary() -> Option<PathBuf> {
-    let demanded = match std::env::var("STARLING_CONTRACT_TEST").as_deref() {
-        Ok("0") => {
-            eprintln!("contract test skipped: STARLING_CONTRACT_TEST=0");
-            return None;
-        }
-        Ok(_) => true,
-        Err(_) => false,
-    };
+/// The broker binary. A missing binary fails the test: a contract test that
+/// quietly passes without the broker would prove nothing.
+fn broker_binary() -> PathBuf {
     let bin = std::env::var_os("STARLING_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/starling-broker")
         });
-    if bin.exists() {
-        Some(bin)
-    } else if demanded {
-        panic!(
-            "STARLING_CONTRACT_TEST is set but {} does not exist; run `cargo build -p starling-broker` or set STARLING_BIN",
-            bin.display()
-        );
-    } else {
-        eprintln!(
-            "contract test SKIPPED: {} not found (build it with `cargo build -p starling-broker`, or set STARLING_BIN; STARLING_CONTRACT_TEST=1 makes this a failure)",
-            bin.display()
-        );
-        None
-    }
+    assert!(
+        bin.exists(),
+        "{} does not exist: run `cargo build -p starling-broker` or set STARLING_BIN",
+        bin.display()
+    );
+    bin
 }
 
 /// What the operator produced, written to files, plus the clients' view.
@@ -446,7 +429,7 @@ impl Mqtt {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_output_runs_the_real_broker_with_exactly_the_acl_access() {
-    let Some(bin) = broker_binary() else { return };
+    let bin = broker_binary();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let d = build();
     let broker = start(&bin, &d);
