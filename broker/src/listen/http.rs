@@ -15,7 +15,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use super::{SharedRef, admit};
+use super::{SharedRef, accept};
 use crate::listen::ws::WsTransport;
 use crate::session::connection;
 
@@ -44,8 +44,8 @@ async fn mqtt_ws(
 }
 
 /// Serves `app` on `listener` until shutdown; with `tls`, each connection
-/// first completes a TLS handshake (under the connect timeout, in its own
-/// task).
+/// first completes a TLS handshake. `limit` applies the connection limit
+/// (the MQTT-carrying listeners, not admin).
 pub async fn serve(
     shared: SharedRef,
     listener: TcpListener,
@@ -53,60 +53,33 @@ pub async fn serve(
     app: Router,
     limit: bool,
 ) {
-    let mut shutdown = shared.shutdown.subscribe();
     let acceptor = tls.map(TlsAcceptor::from);
     let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        if limit && !admit(&shared, peer) {
-            continue;
-        }
-        let _ = stream.set_nodelay(true);
+    accept::run(shared, listener, limit, move |stream, peer| {
         let svc = TowerToHyperService::new(app.clone().layer(Extension(Peer(peer))));
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let builder = {
-                let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new()).header_read_timeout(timeout);
-                b
-            };
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout);
             let result = match acceptor {
                 None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await
+                    let io = TokioIo::new(stream);
+                    builder.serve_connection(io, svc).with_upgrades().await
                 }
-                Some(acc) => match tokio::time::timeout(timeout, acc.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        builder
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .with_upgrades()
-                            .await
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                Some(acc) => {
+                    let Some(tls) = accept::tls_handshake(&acc, stream, peer, timeout).await else {
                         return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
+                    };
+                    let io = TokioIo::new(tls);
+                    builder.serve_connection(io, svc).with_upgrades().await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
         });
-    }
+    })
+    .await;
 }

@@ -2,6 +2,7 @@
 //! HTTP server that carries MQTT over WebSocket (and, later, `/broker/` and
 //! native WebSocket topic streams) and the admin endpoints.
 
+pub mod accept;
 pub mod admin;
 pub mod http;
 pub mod tcp;
