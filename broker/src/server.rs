@@ -58,6 +58,14 @@ impl Shared {
         }
     }
 
+    /// The topic policy for a subscription filter (wildcards allowed).
+    pub fn check_filter(&self, filter: &str) -> Result<(), TopicError> {
+        match &self.topic_policy {
+            Some(p) => p.check_filter(filter),
+            None => Ok(()),
+        }
+    }
+
     pub fn assign_client_id(&self) -> String {
         let n = self.client_seq.fetch_add(1, Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()

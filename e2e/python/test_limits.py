@@ -63,3 +63,59 @@ def test_offline_queue_is_bounded(run_broker, factory, version):
         got.append(int(m.payload))
     assert 1 <= len(got) <= 5, f"offline queue cap 5, delivered {len(got)}: {got}"
     assert got == sorted(got), f"queued messages out of order: {got}"
+
+
+def test_max_connections(run_broker, factory, version):
+    """STARLING_LIMITS_MAX_CONNECTIONS=3: a fourth connection is closed without
+    a CONNACK while the three admitted clients keep working; once one leaves,
+    a new client gets in."""
+    b = run_broker({"STARLING_LIMITS_MAX_CONNECTIONS": "3"}, name="maxconn")
+    clients = factory(b)
+    topic = uid("mc/")
+    sub = clients(version)
+    sub.subscribe(topic, 1)
+    pub = clients(version)
+    third = clients(version)
+    with raw.RawClient(b.mqtt, raw.V311) as r:
+        r.send(raw.connect(uid("over"), version=raw.V311))
+        pkts = r.wait_closed(5.0)
+        assert not any(p.ptype == raw.CONNACK for p in pkts), f"over the limit but got {pkts}"
+    pub.publish(topic, b"still-served", qos=1)
+    assert sub.get().payload == b"still-served"
+    third.disconnect()
+    deadline = time.monotonic() + 5.0
+    while True:
+        # The slot frees when the broker has processed the DISCONNECT.
+        c = clients(version, connect=False)
+        try:
+            c.connect()
+            break
+        except AssertionError:
+            c.close()
+            assert time.monotonic() < deadline, "no connection admitted after one left"
+            time.sleep(0.05)
+
+
+def test_topic_policy(run_broker, factory):
+    """[topics] max_length / allowed_chars (STARLING_TOPICS_*): an MQTT topic
+    over the policy is refused (v5 PUBACK 0x90, SUBACK 0x8F) and not routed;
+    topics within it flow."""
+    b = run_broker(
+        {"STARLING_TOPICS_MAX_LENGTH": "16", "STARLING_TOPICS_ALLOWED_CHARS": "/-_"},
+        name="policy",
+    )
+    clients = factory(b)
+    sub = clients(V5)
+    sub.subscribe("p/#", 1)
+    sub.subscribe("p/has space", 1, expect=0x8F)
+    with raw.RawClient(b.mqtt, raw.V5) as r:
+        r.connect(uid("pol"))
+        for pid, topic in [(1, "p/" + "x" * 20), (2, "p/has space")]:
+            r.send(raw.publish(topic, b"no", qos=1, pid=pid, version=raw.V5))
+            ack = r.expect(raw.PUBACK)
+            assert ack.reason == 0x90, f"{topic!r}: PUBACK reason {ack.reason:#x}"
+        r.send(raw.publish("p/ok-topic_1", b"yes", qos=1, pid=3, version=raw.V5))
+        assert r.expect(raw.PUBACK).reason in (0x00, 0x10)
+    got = sub.get()
+    assert (got.topic, got.payload) == ("p/ok-topic_1", b"yes")
+    assert not sub.drain(0.3), "a refused publish was routed"

@@ -208,7 +208,19 @@ impl TopicPolicy {
         }
     }
 
+    /// Checks a topic name.
     pub fn check(&self, topic: &str) -> Result<(), TopicError> {
+        self.check_with(topic, "")
+    }
+
+    /// Checks a subscription filter: the wildcards `+` and `#` are always
+    /// allowed (their placement is [`validate_filter`]'s job), so a policy
+    /// that lists only name characters does not forbid wildcard subscriptions.
+    pub fn check_filter(&self, filter: &str) -> Result<(), TopicError> {
+        self.check_with(filter, "+#")
+    }
+
+    fn check_with(&self, topic: &str, also: &str) -> Result<(), TopicError> {
         if let Some(max) = self.max_len {
             let len = topic.chars().count();
             if len > max {
@@ -218,7 +230,7 @@ impl TopicPolicy {
         let forbidden = self.allowed_extra.as_ref().and_then(|extra| {
             topic
                 .chars()
-                .find(|c| !c.is_ascii_alphanumeric() && !extra.contains(*c))
+                .find(|c| !c.is_ascii_alphanumeric() && !extra.contains(*c) && !also.contains(*c))
         });
         if let Some(c) = forbidden {
             return Err(TopicError::ForbiddenChar(c));
@@ -230,6 +242,21 @@ impl TopicPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_allows_wildcards_in_filters_only() {
+        let p = TopicPolicy {
+            max_len: Some(8),
+            allowed_extra: Some("/".into()),
+        };
+        assert!(p.check_filter("a/+/#").is_ok());
+        assert_eq!(p.check("a/+"), Err(TopicError::ForbiddenChar('+')));
+        assert_eq!(p.check_filter("a b"), Err(TopicError::ForbiddenChar(' ')));
+        assert!(matches!(
+            p.check_filter("a/b/c/d/e"),
+            Err(TopicError::TooLong { .. })
+        ));
+    }
 
     #[test]
     fn names() {

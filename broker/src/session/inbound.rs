@@ -204,7 +204,7 @@ impl Connection {
         let mut retained = Vec::new();
         for f in &s.filters {
             let parsed = match starling_model::topic::parse_subscription(&f.filter) {
-                Ok(p) if self.shared.check_topic(p.filter).is_ok() => p,
+                Ok(p) if self.shared.check_filter(p.filter).is_ok() => p,
                 _ => {
                     codes.push(if v5 {
                         reason::TOPIC_FILTER_INVALID
