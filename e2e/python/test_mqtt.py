@@ -471,6 +471,59 @@ def test_no_local_v5(clients):
     assert c.get().payload == b"other", "no-local subscription received its own message"
 
 
+def test_retain_as_published_v5(clients):
+    """Live messages carry retain=0 unless the subscription asked for
+    retain-as-published; a retained message sent on subscribe always has 1."""
+    topic = uid("rap/")
+    plain = clients(V5)
+    plain.subscribe(topic, 1)
+    rap = clients(V5)
+    rap.subscribe(topic, 1, options=mqtt.SubscribeOptions(qos=1, retainAsPublished=True))
+    pub = clients(V5)
+    pub.publish(topic, b"r", qos=1, retain=True)
+    assert plain.get().retain is False, "retain flag forwarded without retain-as-published"
+    assert rap.get().retain is True, "retain-as-published subscription lost the retain flag"
+    late = clients(V5)
+    late.subscribe(topic, 1)
+    assert late.get().retain is True, "retained message on subscribe without the retain flag"
+    pub.publish(topic, b"", qos=1, retain=True)
+
+
+@pytest.mark.parametrize("handling", [0, 1, 2])
+def test_retain_handling_v5(clients, handling):
+    """0: retained messages on every subscribe; 1: only when the subscription
+    is new; 2: never."""
+    topic = uid("rh/")
+    pub = clients(V5)
+    pub.publish(topic, b"kept", qos=1, retain=True)
+    c = clients(V5)
+    opts = mqtt.SubscribeOptions(qos=1, retainHandling=handling)
+    c.subscribe(topic, 1, options=opts)
+    first = c.drain(0.5)
+    c.subscribe(topic, 1, options=opts)  # the same subscription again
+    second = c.drain(0.5)
+    want = {0: (1, 1), 1: (1, 0), 2: (0, 0)}[handling]
+    assert (len(first), len(second)) == want, (
+        f"retain handling {handling}: {len(first)} then {len(second)} retained deliveries, wanted {want}"
+    )
+    pub.publish(topic, b"", qos=1, retain=True)
+
+
+def test_assigned_client_identifier_v5(broker):
+    """An empty client id on v5 gets an Assigned Client Identifier, and a
+    3.1.1 clean session with an empty id is accepted too."""
+    with raw.RawClient(broker.mqtt, raw.V5) as r:
+        ack = r.connect("")
+        assigned = ack.fields["props"].get(0x12)
+        assert assigned, f"no Assigned Client Identifier in {ack.fields}"
+    with raw.RawClient(broker.mqtt, raw.V311) as r:
+        assert r.connect("").reason == 0
+    with raw.RawClient(broker.mqtt, raw.V311) as r:
+        r.send(raw.connect("", version=raw.V311, clean=False))
+        ack = r.expect(raw.CONNACK)
+        assert ack.reason == 0x02, f"3.1.1 persistent session without id: CONNACK {ack.reason}"
+
+
 # ---------------------------------------------------------------- keepalive
 
 
