@@ -11,11 +11,21 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use index::{SubEntry, SubOptions, TopicIndex};
 pub use message::{Delivery, Message, SubIds};
 pub use retained::RetainedStore;
-use starling_codec::QoS;
 use tokio::time::Instant;
 
 use crate::metrics::{self, Metrics};
 use crate::session::Session;
+use crate::session::state::Queued;
+
+/// The outcome of [`Router::publish`].
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Sessions with a matching subscription.
+    pub matched: usize,
+    /// A connected subscriber over its queue cap: the publisher should
+    /// pause reading until it has room (QoS 1/2 backpressure).
+    pub congested: Option<Arc<Session>>,
+}
 
 #[derive(Debug)]
 pub struct Router {
@@ -88,8 +98,7 @@ impl Router {
     /// Routes `msg` to every matching subscriber and, if it is retained,
     /// updates the retained store. `scratch` is the caller's reusable buffer
     /// (one per connection) so routing allocates nothing once warm.
-    /// Returns the number of sessions it was queued for.
-    pub fn publish(&self, msg: Message, scratch: &mut Vec<SubEntry>) -> usize {
+    pub fn publish(&self, msg: Message, scratch: &mut Vec<SubEntry>) -> Routed {
         if msg.retain {
             let delta = write(&self.retained).apply(&msg);
             match delta {
@@ -105,7 +114,7 @@ impl Router {
             // subscriptions, carrying all their identifiers (MQTT 3.3.4).
             scratch.sort_unstable_by_key(|e| e.session.key);
         }
-        let mut delivered = 0;
+        let mut routed = Routed::default();
         let mut i = 0;
         while i < scratch.len() {
             let e = &scratch[i];
@@ -130,13 +139,21 @@ impl Router {
                     sub_ids,
                     msg: msg.clone(),
                 };
-                e.session.enqueue(d, &self.metrics);
-                delivered += 1;
+                match e.session.enqueue(d, &self.metrics) {
+                    Queued::Yes => routed.matched += 1,
+                    Queued::Congested => {
+                        routed.matched += 1;
+                        if routed.congested.is_none() {
+                            routed.congested = Some(e.session.clone());
+                        }
+                    }
+                    Queued::Dropped => routed.matched += 1,
+                }
             }
             i = j;
         }
         scratch.clear();
-        delivered
+        routed
     }
 
     /// Retained messages for a new subscription, as deliveries at the
@@ -166,9 +183,4 @@ impl Router {
     pub fn retained_count(&self) -> usize {
         read(&self.retained).len()
     }
-}
-
-/// The QoS a subscriber receives: never more than either side asked for.
-pub fn effective_qos(publish: QoS, subscription: QoS) -> QoS {
-    publish.min(subscription)
 }

@@ -25,6 +25,11 @@ use starling_model::acl::Principal;
 pub(super) const WRITE_BATCH: usize = 64 * 1024;
 /// A client that takes longer than this to accept one batch is stalled.
 const WRITE_STALL: Duration = Duration::from_secs(30);
+/// Longest pause of a publisher for one congested subscriber. A subscriber
+/// that frees no room in this time is treated as stalled and ...
+pub(super) const BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
+/// ... not waited for again for this long (its excess is dropped instead).
+const BACKPRESSURE_SKIP: Duration = Duration::from_secs(5);
 
 /// Why a connection ended; decides the will message and the v5 DISCONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +107,25 @@ enum ConnectError {
     Io(#[from] std::io::Error),
 }
 
+/// Waits until the congested session has room again (true) or the pause
+/// deadline passes (false).
+async fn wait_for_space(blocked: Option<&(Arc<Session>, Instant)>) -> bool {
+    let Some((session, deadline)) = blocked else {
+        return std::future::pending().await;
+    };
+    let notified = session.space.notified();
+    tokio::pin!(notified);
+    // Registered before the check, so a drain in between is not missed.
+    notified.as_mut().enable();
+    if !session.is_congested() {
+        return true;
+    }
+    tokio::select! {
+        _ = notified => true,
+        _ = sleep_until(*deadline) => false,
+    }
+}
+
 async fn read_connect<T: Transport>(
     t: &mut T,
     rbuf: &mut BytesMut,
@@ -142,6 +166,11 @@ pub(super) struct Connection {
     /// Reused for routing and draining so the hot path does not allocate.
     pub(super) scratch: Vec<SubEntry>,
     pub(super) batch: Vec<(u16, Delivery)>,
+    /// A subscriber over its queue cap that this publisher waits for (and
+    /// until when) before reading more: QoS 1/2 backpressure.
+    pub(super) blocked: Option<(Arc<Session>, Instant)>,
+    /// A subscriber that did not make room in time, not waited for until then.
+    pub(super) skip: Option<(u64, Instant)>,
 }
 
 impl Connection {
@@ -240,6 +269,8 @@ impl Connection {
             aliases_out: HashMap::new(),
             scratch: Vec::new(),
             batch: Vec::new(),
+            blocked: None,
+            skip: None,
         };
         if opened.present {
             conn.prune_unauthorized();
@@ -271,6 +302,7 @@ impl Connection {
                     continue;
                 }
             }
+            let blocked = self.blocked.clone();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return End::Server(reason::SERVER_SHUTTING_DOWN),
@@ -283,7 +315,17 @@ impl Connection {
                             return end;
                         }
                 }
-                n = t.read_into(rbuf) => {
+                room = wait_for_space(blocked.as_ref()), if blocked.is_some() => {
+                    if let (false, Some((s, _))) = (room, &blocked) {
+                        self.skip = Some((s.key, Instant::now() + BACKPRESSURE_SKIP));
+                    }
+                    self.blocked = None;
+                    // Packets read before the pause are handled first.
+                    if let Some(end) = self.process(rbuf) {
+                        return end;
+                    }
+                }
+                n = t.read_into(rbuf), if blocked.is_none() => {
                     match n {
                         Ok(0) | Err(_) => return End::Lost,
                         Ok(n) => {
@@ -340,6 +382,11 @@ impl Connection {
                 Ok(Some(p)) => {
                     if let Some(end) = self.handle(p) {
                         return Some(end);
+                    }
+                    if self.blocked.is_some() {
+                        // Backpressure: the rest stays buffered until the
+                        // congested subscriber has room.
+                        return None;
                     }
                 }
                 Ok(None) => return None,

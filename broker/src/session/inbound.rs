@@ -144,8 +144,17 @@ impl Connection {
             }
             Ok(()) => {
                 let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
-                let n = self.shared.router.publish(msg, &mut self.scratch);
-                if n == 0 {
+                let routed = self.shared.router.publish(msg, &mut self.scratch);
+                if let Some(s) = routed.congested {
+                    let now = Instant::now();
+                    let skipped = self
+                        .skip
+                        .is_some_and(|(k, until)| k == s.key && now < until);
+                    if !skipped {
+                        self.blocked = Some((s, now + super::connection::BACKPRESSURE_WAIT));
+                    }
+                }
+                if routed.matched == 0 {
                     reason::NO_MATCHING_SUBSCRIBERS
                 } else {
                     reason::SUCCESS

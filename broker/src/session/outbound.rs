@@ -53,6 +53,7 @@ impl Connection {
                 };
                 batch.push((pkid, d));
             }
+            self.session.after_drain(&st);
         }
         // One allocation for the whole batch (the buffer is released after
         // each flush).

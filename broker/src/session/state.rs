@@ -87,6 +87,16 @@ pub struct SessionState {
     pub limits: QueueLimits,
 }
 
+/// What became of a delivery handed to [`Session::enqueue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// Queued, but the session is over its cap: the publisher should pause
+    /// until [`Session::space`] signals room (backpressure for QoS 1/2).
+    Congested,
+    Dropped,
+}
+
 /// A client session, keyed by client id in the registry.
 #[derive(Debug)]
 pub struct Session {
@@ -97,6 +107,11 @@ pub struct Session {
     /// Mirrors `state.link.is_some()` so shared-subscription selection can
     /// prefer online members without taking each member's lock.
     online: AtomicBool,
+    /// Set when a QoS 1/2 delivery went over the queue cap; cleared (and
+    /// `space` signalled) once the connection has drained below it.
+    congested: AtomicBool,
+    /// Publishers paused by backpressure wait here.
+    pub space: Notify,
     state: Mutex<SessionState>,
 }
 
@@ -106,6 +121,8 @@ impl Session {
             key,
             client_id,
             online: AtomicBool::new(false),
+            congested: AtomicBool::new(false),
+            space: Notify::new(),
             state: Mutex::new(SessionState {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -156,6 +173,9 @@ impl Session {
                 st.queue.retain(|d| d.qos != QoS::AtMostOnce);
                 st.queued_bytes = st.queue.iter().map(Delivery::cost).sum();
                 self.online.store(false, Ordering::Relaxed);
+                drop(st);
+                // Nobody drains an offline session: publishers must not wait on it.
+                self.release_publishers();
                 true
             }
             _ => false,
@@ -166,28 +186,66 @@ impl Session {
     /// a full queue drops the new message (counted), like mosquitto's
     /// `max_queued_messages`, so a slow or absent subscriber never grows
     /// broker memory without bound.
-    pub fn enqueue(&self, d: Delivery, metrics: &Metrics) {
+    ///
+    /// QoS 1/2 messages for a connected client may use a second allowance
+    /// above the cap, and report [`Queued::Congested`] so the publisher
+    /// pauses: a burst from fast publishers is slowed down instead of lost,
+    /// and memory stays bounded by twice the cap.
+    pub fn enqueue(&self, d: Delivery, metrics: &Metrics) -> Queued {
         let mut st = self.lock();
         let qos = d.qos as usize;
-        if st.link.is_none() && d.qos == QoS::AtMostOnce {
+        let online = st.link.is_some();
+        if !online && d.qos == QoS::AtMostOnce {
             metrics::inc(&metrics.messages_dropped[qos]);
-            return;
+            return Queued::Dropped;
         }
+        let reliable = online && d.qos != QoS::AtMostOnce;
+        let allowance = if reliable { 2 } else { 1 };
         let cost = d.cost();
-        if st.queue.len() >= st.limits.max_messages || st.queued_bytes + cost > st.limits.max_bytes
+        if st.queue.len() >= st.limits.max_messages * allowance
+            || st.queued_bytes + cost > st.limits.max_bytes * allowance
         {
             metrics::inc(&metrics.messages_dropped[qos]);
-            return;
+            return Queued::Dropped;
         }
         st.queued_bytes += cost;
         st.queue.push_back(d);
         if let Some(link) = &st.link {
             link.wake.notify_one();
         }
+        if reliable && st.over_cap() {
+            self.congested.store(true, Ordering::Release);
+            Queued::Congested
+        } else {
+            Queued::Yes
+        }
+    }
+
+    /// Still over the cap (and connected)? Checked by a paused publisher
+    /// after registering its wait, so a wake-up cannot slip between.
+    pub fn is_congested(&self) -> bool {
+        let st = self.lock();
+        st.link.is_some() && st.over_cap()
+    }
+
+    /// Called by the connection after it drained the queue.
+    pub fn after_drain(&self, st: &SessionState) {
+        if !st.over_cap() && self.congested.load(Ordering::Acquire) {
+            self.release_publishers();
+        }
+    }
+
+    fn release_publishers(&self) {
+        self.congested.store(false, Ordering::Release);
+        self.space.notify_waiters();
     }
 }
 
 impl SessionState {
+    fn over_cap(&self) -> bool {
+        self.queue.len() >= self.limits.max_messages || self.queued_bytes > self.limits.max_bytes
+    }
+
     /// Next free outgoing packet id (1..=65535, skipping ids in flight).
     pub fn next_pkid(&mut self) -> u16 {
         loop {
