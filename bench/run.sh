@@ -8,8 +8,9 @@
 #                           BENCHMARKS.md (about 15 minutes on 2 cores)
 #   bench/run.sh --smoke    a few seconds per scenario against Starling only
 #                           (CI): fails if a scenario delivers nothing or loses
-#                           QoS 1 messages. Uses $BENCH_STARLING_BIN if set,
-#                           otherwise builds and uses the debug broker.
+#                           QoS 1 messages. Uses $BENCH_STARLING_BIN (or
+#                           $STARLING_BIN) if set, otherwise builds and uses
+#                           the debug broker.
 #
 # Extra arguments go to `starling-bench compare` (or `smoke`), e.g.
 #   bench/run.sh --repeat 5 --only a-,c-
@@ -34,11 +35,14 @@ target_dir() {
 if [[ $mode == smoke ]]; then
     cargo build -p starling-bench
     tdir=$(target_dir)
-    if [[ -z "${BENCH_STARLING_BIN:-}" ]]; then
+    # STARLING_BIN is accepted too (scripts/test-all.sh passes it); the
+    # harness never hands STARLING_* variables on to the broker itself.
+    bin="${BENCH_STARLING_BIN:-${STARLING_BIN:-}}"
+    if [[ -z "$bin" ]]; then
         cargo build -p starling-broker
-        export BENCH_STARLING_BIN="$tdir/debug/starling-broker"
+        bin="$tdir/debug/starling-broker"
     fi
-    exec "$tdir/debug/starling-bench" smoke "$@"
+    BENCH_STARLING_BIN="$bin" exec "$tdir/debug/starling-bench" smoke "$@"
 fi
 
 # --- peers -----------------------------------------------------------------
