@@ -25,6 +25,10 @@ pub struct Routed {
     /// A connected subscriber over its queue cap: the publisher should
     /// pause reading until it has room (QoS 1/2 backpressure).
     pub congested: Option<Arc<Session>>,
+    /// A subscriber's queue is filling up: the publisher should yield so the
+    /// subscriber's connection gets to run (matters most when several
+    /// publishers share one worker thread with it).
+    pub busy: bool,
 }
 
 #[derive(Debug)]
@@ -141,6 +145,10 @@ impl Router {
                 };
                 match e.session.enqueue(d, &self.metrics) {
                     Queued::Yes => routed.matched += 1,
+                    Queued::Busy => {
+                        routed.matched += 1;
+                        routed.busy = true;
+                    }
                     Queued::Congested => {
                         routed.matched += 1;
                         if routed.congested.is_none() {

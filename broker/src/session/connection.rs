@@ -171,6 +171,9 @@ pub(super) struct Connection {
     pub(super) blocked: Option<(Arc<Session>, Instant)>,
     /// A subscriber that did not make room in time, not waited for until then.
     pub(super) skip: Option<(u64, Instant)>,
+    /// A subscriber this connection feeds is filling up: stop decoding and
+    /// let other tasks run before going on.
+    pub(super) yield_soon: bool,
 }
 
 impl Connection {
@@ -271,6 +274,7 @@ impl Connection {
             batch: Vec::new(),
             blocked: None,
             skip: None,
+            yield_soon: false,
         };
         if opened.present {
             conn.prune_unauthorized();
@@ -292,6 +296,20 @@ impl Connection {
             return end;
         }
         loop {
+            if self.yield_soon && self.blocked.is_none() {
+                self.yield_soon = false;
+                // Flush acks first, then let the subscribers' tasks drain.
+                if !self.wbuf.is_empty()
+                    && let Some(end) = self.flush(t).await
+                {
+                    return end;
+                }
+                tokio::task::yield_now().await;
+                if let Some(end) = self.process(rbuf) {
+                    return end;
+                }
+                continue;
+            }
             self.drain();
             if !self.wbuf.is_empty() {
                 if let Some(end) = self.flush(t).await {
@@ -383,9 +401,9 @@ impl Connection {
                     if let Some(end) = self.handle(p) {
                         return Some(end);
                     }
-                    if self.blocked.is_some() {
+                    if self.blocked.is_some() || self.yield_soon {
                         // Backpressure: the rest stays buffered until the
-                        // congested subscriber has room.
+                        // subscriber has had its turn (or has room).
                         return None;
                     }
                 }

@@ -145,6 +145,7 @@ impl Connection {
             Ok(()) => {
                 let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
                 let routed = self.shared.router.publish(msg, &mut self.scratch);
+                self.yield_soon |= routed.busy;
                 if let Some(s) = routed.congested {
                     let now = Instant::now();
                     let skipped = self

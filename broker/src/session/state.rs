@@ -91,6 +91,9 @@ pub struct SessionState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Queued {
     Yes,
+    /// Queued; the queue is filling up (half its cap or more): the publisher
+    /// should give the subscriber's task a turn before routing more.
+    Busy,
     /// Queued, but the session is over its cap: the publisher should pause
     /// until [`Session::space`] signals room (backpressure for QoS 1/2).
     Congested,
@@ -216,6 +219,8 @@ impl Session {
         if reliable && st.over_cap() {
             self.congested.store(true, Ordering::Release);
             Queued::Congested
+        } else if online && st.queue.len() * 2 >= st.limits.max_messages {
+            Queued::Busy
         } else {
             Queued::Yes
         }
