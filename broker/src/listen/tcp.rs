@@ -23,7 +23,7 @@ pub async fn accept_loop(
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             match acceptor {
-                None => connection::serve(shared, TcpTransport(stream), peer).await,
+                None => connection::serve(shared, TcpTransport::new(stream), peer).await,
                 Some(acc) => {
                     if let Some(tls) = accept::tls_handshake(&acc, stream, peer, timeout).await {
                         connection::serve(shared, StreamTransport(tls), peer).await;

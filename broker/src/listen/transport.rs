@@ -25,28 +25,48 @@ pub trait Transport: Send + 'static {
 /// Plain TCP. Waits for readability *before* reserving the read buffer, so
 /// an idle connection holds no read buffer at all (the session drops an
 /// empty one after each batch): idle connections cost bytes, not 64 KiB.
-pub struct TcpTransport(pub TcpStream);
+/// Reads start small and go to [`READ_CHUNK`] once a read fills its space,
+/// so a chatty client gets big reads and a quiet one small allocations.
+pub struct TcpTransport {
+    stream: TcpStream,
+    busy: bool,
+}
+
+impl TcpTransport {
+    pub fn new(stream: TcpStream) -> Self {
+        TcpTransport {
+            stream,
+            busy: false,
+        }
+    }
+}
 
 impl Transport for TcpTransport {
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
-            self.0.readable().await?;
-            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                buf.reserve(READ_CHUNK);
+            self.stream.readable().await?;
+            let want = if self.busy { READ_CHUNK } else { 2048 };
+            if buf.capacity() - buf.len() < want / 4 {
+                buf.reserve(want);
             }
-            match self.0.try_read_buf(buf) {
+            let space = buf.capacity() - buf.len();
+            match self.stream.try_read_buf(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) => {
+                    self.busy = n == space;
+                    return Ok(n);
+                }
                 r => return r,
             }
         }
     }
 
     async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.0.write_all(data).await
+        self.stream.write_all(data).await
     }
 
     async fn close(&mut self) {
-        let _ = self.0.shutdown().await;
+        let _ = self.stream.shutdown().await;
     }
 }
 

@@ -295,6 +295,9 @@ impl Connection {
         if let Some(end) = self.process(rbuf) {
             return end;
         }
+        if rbuf.is_empty() {
+            *rbuf = BytesMut::new();
+        }
         loop {
             if self.yield_soon && self.blocked.is_none() {
                 self.yield_soon = false;
