@@ -20,6 +20,7 @@ P_TOPIC_ALIAS_MAX = 0x22
 P_TOPIC_ALIAS = 0x23
 P_SERVER_KEEP_ALIVE = 0x13
 P_REASON_STRING = 0x1F
+P_AUTH_METHOD = 0x15
 
 V311, V5 = 4, 5
 
@@ -54,6 +55,8 @@ def props(pairs: list[tuple[int, object]] | None = None) -> bytes:
             out += struct.pack("!I", val)
         elif pid in (P_RECEIVE_MAXIMUM, P_TOPIC_ALIAS_MAX, P_TOPIC_ALIAS, P_SERVER_KEEP_ALIVE):
             out += struct.pack("!H", val)
+        elif pid == P_AUTH_METHOD:
+            out += mqtt_str(val)
         else:
             raise ValueError(pid)
     return varint(len(out)) + bytes(out)

@@ -524,6 +524,19 @@ def test_assigned_client_identifier_v5(broker):
         assert ack.reason == 0x02, f"3.1.1 persistent session without id: CONNACK {ack.reason}"
 
 
+def test_enhanced_auth_is_refused_v5(broker):
+    """Enhanced authentication (AUTH exchanges) is not offered: a CONNECT
+    naming an authentication method gets CONNACK 0x8C and is closed; plain
+    clients are unaffected."""
+    with raw.RawClient(broker.mqtt, raw.V5) as r:
+        r.send(raw.connect(uid("scram"), version=raw.V5, connect_props=[(raw.P_AUTH_METHOD, "SCRAM-SHA-1")]))
+        ack = r.expect(raw.CONNACK)
+        assert ack.reason == 0x8C, f"CONNACK {ack.reason:#x}"
+        r.wait_closed(5.0)
+    with raw.RawClient(broker.mqtt, raw.V5) as r:
+        assert r.connect(uid("plain")).reason == 0
+
+
 # ---------------------------------------------------------------- keepalive
 
 
