@@ -205,11 +205,22 @@ fn real_main() -> Result<()> {
         .context("tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        match cli.cmd {
-            Cmd::Compare(a) => compare(a, &pin, nofile).await,
-            Cmd::Smoke(a) => smoke(a, &pin, nofile).await,
-            Cmd::Run(a) => run_external(a, &pin, nofile).await,
-            Cmd::Report(a) => report_cmd(a),
+        let work = async {
+            match cli.cmd {
+                Cmd::Compare(a) => compare(a, &pin, nofile).await,
+                Cmd::Smoke(a) => smoke(a, &pin, nofile).await,
+                Cmd::Run(a) => run_external(a, &pin, nofile).await,
+                Cmd::Report(a) => report_cmd(a),
+            }
+        };
+        // On SIGINT/SIGTERM the work is dropped: the running broker's Drop
+        // stops it, so no broker outlives the harness.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
+        tokio::select! {
+            r = work => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); broker stopped"),
+            _ = term.recv() => bail!("terminated (SIGTERM); broker stopped"),
         }
     })
 }
@@ -599,6 +610,10 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&work);
+    append_line(
+        &mut out,
+        &serde_json::json!({ "end": { "took_s": started.elapsed().as_secs_f64() } }),
+    )?;
     eprintln!(
         "starling-bench: {total} runs in {:.1} min → {}",
         started.elapsed().as_secs_f64() / 60.0,
@@ -637,8 +652,10 @@ fn header(meta: &Meta, recs: &[Record], took: Option<Duration>, jsonl: &Path) ->
     s.push_str(&format!(
         "- Other processes on the machine used {avg:.2} cores on average during the measured windows (max {max:.2}); load average before the run: {}{}\n",
         meta.load_before,
-        if max > 0.3 {
+        if avg >= 0.15 {
             ". **Shared machine: other work competed for the CPUs, so absolute numbers are noisy; compare the ratios.**"
+        } else if max > 0.3 {
+            ". A shared machine, mostly quiet during this run: the few windows that overlapped other work show it in the `others` column"
         } else {
             ""
         }
@@ -674,6 +691,7 @@ fn report_cmd(a: ReportArgs) -> Result<()> {
     let text =
         std::fs::read_to_string(&a.input).with_context(|| format!("read {}", a.input.display()))?;
     let mut meta = Meta::default();
+    let mut took = None;
     let mut recs = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -683,6 +701,11 @@ fn report_cmd(a: ReportArgs) -> Result<()> {
             serde_json::from_str(line).with_context(|| format!("line {}", n + 1))?;
         if let Some(m) = v.get("meta") {
             meta = serde_json::from_value(m.clone()).context("meta line")?;
+        } else if let Some(e) = v.get("end") {
+            took = e
+                .get("took_s")
+                .and_then(|t| t.as_f64())
+                .map(Duration::from_secs_f64);
         } else {
             recs.push(
                 serde_json::from_value::<Record>(v).with_context(|| format!("line {}", n + 1))?,
@@ -695,7 +718,7 @@ fn report_cmd(a: ReportArgs) -> Result<()> {
         meta.brokers = b;
     }
     match &a.markdown {
-        Some(md) => write_markdown(md, &meta, &recs, None, &a.input),
+        Some(md) => write_markdown(md, &meta, &recs, took, &a.input),
         None => {
             let kinds: Vec<Kind> = meta
                 .brokers
@@ -707,7 +730,7 @@ fn report_cmd(a: ReportArgs) -> Result<()> {
                 report::markdown(
                     &recs,
                     &kinds,
-                    &header(&meta, &recs, None, &a.input),
+                    &header(&meta, &recs, took, &a.input),
                     &meta.notes
                 )
             );
