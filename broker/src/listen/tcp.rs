@@ -20,17 +20,21 @@ pub async fn accept_loop(
     let s = shared.clone();
     accept::run(shared, listener, true, move |stream, peer| {
         let shared = s.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            match acceptor {
-                None => connection::serve(shared, TcpTransport::new(stream), peer).await,
-                Some(acc) => {
+        // Two separate task types: a plain connection's task must not be
+        // sized for the TLS state it will never have.
+        match &acceptor {
+            None => {
+                tokio::spawn(connection::serve(shared, TcpTransport::new(stream), peer));
+            }
+            Some(acc) => {
+                let acc = acc.clone();
+                tokio::spawn(async move {
                     if let Some(tls) = accept::tls_handshake(&acc, stream, peer, timeout).await {
                         connection::serve(shared, StreamTransport(tls), peer).await;
                     }
-                }
+                });
             }
-        });
+        }
     })
     .await;
 }

@@ -51,7 +51,14 @@ impl Transport for TcpTransport {
             }
             let space = buf.capacity() - buf.len();
             match self.stream.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was stale: give the buffer back before
+                    // waiting, or every idle connection would keep one.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                    continue;
+                }
                 Ok(n) => {
                     self.busy = n == space;
                     return Ok(n);

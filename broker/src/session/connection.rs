@@ -50,14 +50,23 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
     let mut rbuf = BytesMut::new();
     let limits = &shared.config.limits;
     let max_packet = limits.max_packet_size as usize;
-    let connect = timeout(
+    // The connect, start and finish phases are boxed: a task's future is as
+    // large as its largest state, and every idle connection pays for it;
+    // only the steady-state loop (`run`) stays inline.
+    let connect = Box::pin(timeout(
         Duration::from_secs(limits.connect_timeout),
         read_connect(&mut t, &mut rbuf, max_packet),
-    )
+    ))
     .await;
     match connect {
-        Ok(Ok(c)) => {
-            let mut conn = match Connection::start(&shared, &mut t, *c, peer).await {
+        Ok(Ok(boxed)) => {
+            // Unboxed in its own statement so the box is freed now, not when
+            // this arm ends (which is when the connection does).
+            let c = {
+                let b = boxed;
+                *b
+            };
+            let mut conn = match Box::pin(Connection::start(&shared, &mut t, c, peer)).await {
                 Some(conn) => conn,
                 None => {
                     metrics::inc(&m.connections_refused);
@@ -67,7 +76,7 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
                 }
             };
             let end = conn.run(&mut t, &mut rbuf).await;
-            conn.finish(&mut t, end).await;
+            Box::pin(conn.finish(&mut t, end)).await;
             metrics::dec(&m.connections_current);
             return;
         }
@@ -109,10 +118,7 @@ enum ConnectError {
 
 /// Waits until the congested session has room again (true) or the pause
 /// deadline passes (false).
-async fn wait_for_space(blocked: Option<&(Arc<Session>, Instant)>) -> bool {
-    let Some((session, deadline)) = blocked else {
-        return std::future::pending().await;
-    };
+async fn wait_for_space((session, deadline): &(Arc<Session>, Instant)) -> bool {
     let notified = session.space.notified();
     tokio::pin!(notified);
     // Registered before the check, so a drain in between is not missed.
@@ -150,7 +156,8 @@ pub(super) struct Connection {
     pub(super) link: Arc<ConnLink>,
     pub(super) version: ProtocolVersion,
     pub(super) agreed: Agreed,
-    pub(super) will: Option<LastWill>,
+    /// Boxed: most connections have none, and it is large.
+    pub(super) will: Option<Box<LastWill>>,
     /// The token this connection authenticated with (or anonymous).
     pub(super) principal: Arc<Principal>,
     /// Publish decisions per topic for the principal above; cleared when
@@ -262,7 +269,7 @@ impl Connection {
             link,
             version: v,
             agreed,
-            will: c.will,
+            will: c.will.map(Box::new),
             principal,
             acl_cache: HashMap::new(),
             peer,
@@ -336,7 +343,12 @@ impl Connection {
                             return end;
                         }
                 }
-                room = wait_for_space(blocked.as_ref()), if blocked.is_some() => {
+                room = async {
+                    match &blocked {
+                        Some(b) => Box::pin(wait_for_space(b)).await,
+                        None => std::future::pending().await,
+                    }
+                }, if blocked.is_some() => {
                     if let (false, Some((s, _))) = (room, &blocked) {
                         self.skip = Some((s.key, Instant::now() + BACKPRESSURE_SKIP));
                     }
