@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod reconcile;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;

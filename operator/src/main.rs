@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use starling_operator::shutdown::Shutdown;
-use starling_operator::{app, crd};
-use tracing_subscriber::EnvFilter;
+use starling_operator::{app, crd, telemetry};
 
 /// Kubernetes operator for Starling MQTT brokers: turns Broker, Token and ACL
 /// resources into running, secured brokers.
@@ -81,18 +80,15 @@ fn crdgen(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let telemetry = telemetry::init()?;
+    let result = operate(args).await;
+    // After the controllers stopped: export the last spans.
+    telemetry.shutdown().await;
+    result
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging();
+async fn operate(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::default();
     shutdown.on_signals();
     let client = kube::Client::try_default()

@@ -75,6 +75,14 @@ pub fn status(
     }
 }
 
+#[tracing::instrument(
+    skip_all,
+    fields(
+        kind = "ACL",
+        name = %acl.name_any(),
+        namespace = %acl.namespace().unwrap_or_default(),
+    )
+)]
 pub async fn reconcile(acl: Arc<Acl>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile(KIND);
     if acl.metadata.deletion_timestamp.is_some() {

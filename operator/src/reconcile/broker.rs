@@ -31,6 +31,14 @@ pub const KIND: &str = "broker";
 
 /// Reconciles one Broker. Errors are written to its status before they go
 /// to the error policy.
+#[tracing::instrument(
+    skip_all,
+    fields(
+        kind = "Broker",
+        name = %broker.name_any(),
+        namespace = %broker.namespace().unwrap_or_default(),
+    )
+)]
 pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile(KIND);
     if broker.metadata.deletion_timestamp.is_some() {

@@ -75,6 +75,14 @@ impl Verdict {
     }
 }
 
+#[tracing::instrument(
+    skip_all,
+    fields(
+        kind = "Token",
+        name = %token.name_any(),
+        namespace = %token.namespace().unwrap_or_default(),
+    )
+)]
 pub async fn reconcile(token: Arc<Token>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile(KIND);
     if token.metadata.deletion_timestamp.is_some() {
