@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod banner;
+pub mod file_stamp;
 pub mod listen;
 pub mod metrics;
 pub mod router;

@@ -106,7 +106,7 @@ impl Broker {
     /// Binds every enabled listener and starts serving.
     pub async fn start(config: BrokerConfig) -> anyhow::Result<BrokerHandle> {
         let tls_resolver = tls_resolver(&config)?;
-        let bundle_stamp = config.auth.bundle.as_deref().map(auth::watch::stamp);
+        let bundle_stamp = config.auth.bundle.as_deref().map(crate::file_stamp::stamp);
         let hub = match &config.auth.bundle {
             Some(path) => AuthHub::with_state(&config, auth::watch::load(path)?),
             None => AuthHub::open(&config),

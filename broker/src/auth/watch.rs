@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use starling_model::acl::AuthState;
 
+use crate::file_stamp::{Stamp, stamp};
 use crate::metrics;
 use crate::server::Shared;
 
@@ -41,14 +42,6 @@ pub fn load(path: &Path) -> Result<AuthState, LoadError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Size and mtime of the bundle file, to tell a change without reading it.
-pub type Stamp = Option<(SystemTime, u64)>;
-
-pub fn stamp(p: &Path) -> Stamp {
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 /// Tells every connected client's task to re-check its token and

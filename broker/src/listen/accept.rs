@@ -9,7 +9,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::{SharedRef, admit};
+use super::SharedRef;
+use crate::metrics;
+use crate::server::Shared;
 
 /// Accepts until shutdown and passes each admitted connection to `handle`
 /// (which spawns its own task, so nothing a client does can stall the loop).
@@ -61,4 +63,19 @@ pub async fn tls_handshake(
             None
         }
     }
+}
+
+/// Takes a connection slot, or refuses when the broker is at its limit.
+/// The slot is counted by the session itself; this only checks.
+fn admit(shared: &Shared, peer: SocketAddr) -> bool {
+    let current = shared
+        .metrics
+        .connections_current
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if current as usize >= shared.config.limits.max_connections {
+        metrics::inc(&shared.metrics.connections_refused);
+        tracing::warn!(%peer, "connection limit reached; refusing");
+        return false;
+    }
+    true
 }

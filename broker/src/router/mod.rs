@@ -55,10 +55,6 @@ impl Router {
         }
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     /// Adds a subscription; returns true if it is new (for retain handling 1).
     pub fn subscribe(
         &self,
@@ -143,19 +139,15 @@ impl Router {
                     sub_ids,
                     msg: msg.clone(),
                 };
+                routed.matched += 1;
                 match e.session.enqueue(d, &self.metrics) {
-                    Queued::Yes => routed.matched += 1,
-                    Queued::Busy => {
-                        routed.matched += 1;
-                        routed.busy = true;
-                    }
+                    Queued::Yes | Queued::Dropped => {}
+                    Queued::Busy => routed.busy = true,
                     Queued::Congested => {
-                        routed.matched += 1;
                         if routed.congested.is_none() {
                             routed.congested = Some(e.session.clone());
                         }
                     }
-                    Queued::Dropped => routed.matched += 1,
                 }
             }
             i = j;
@@ -182,13 +174,5 @@ impl Router {
                 }
             })
             .collect()
-    }
-
-    pub fn subscription_count(&self) -> usize {
-        read(&self.index).len()
-    }
-
-    pub fn retained_count(&self) -> usize {
-        read(&self.retained).len()
     }
 }

@@ -33,12 +33,4 @@ impl RetainedStore {
             .cloned()
             .collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.by_topic.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_topic.is_empty()
-    }
 }

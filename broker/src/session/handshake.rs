@@ -110,15 +110,6 @@ pub fn refusal_code(version: ProtocolVersion, r: &crate::auth::Refusal) -> u8 {
     }
 }
 
-/// "Not authorized" in the client's protocol version.
-pub fn not_authorized(version: ProtocolVersion) -> u8 {
-    if version.is_v5() {
-        reason::NOT_AUTHORIZED
-    } else {
-        reason::v3::NOT_AUTHORIZED
-    }
-}
-
 pub fn connack(version: ProtocolVersion, a: &Agreed, present: bool, limits: &Limits) -> ConnAck {
     let mut properties = Properties::default();
     if version.is_v5() {

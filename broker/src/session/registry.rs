@@ -96,14 +96,6 @@ impl Registry {
         expired.iter().filter_map(|k| map.remove(k)).collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Every session with a connection attached (for shutdown and kicks).
     pub fn online(&self) -> Vec<Arc<Session>> {
         self.lock()

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -12,6 +12,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use thiserror::Error;
+
+use crate::file_stamp::stamp;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -120,13 +122,6 @@ pub fn server_config(
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
-}
-
-fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
-    // metadata() follows symlinks, so Kubernetes' `..data` symlink swap of a
-    // mounted Secret shows up as a change of the target's mtime and size.
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 /// Polls the certificate and key files and swaps them in when they change.
