@@ -239,11 +239,7 @@ fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) ->
         let Some(child) = node.plus.as_deref_mut() else {
             return false;
         };
-        removed = if rest.is_empty() {
-            child.exact.remove(share, key)
-        } else {
-            remove_in(child, rest, share, key)
-        };
+        removed = remove_at(child, rest, share, key);
         if child.is_empty() {
             node.plus = None;
         }
@@ -251,16 +247,22 @@ fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) ->
         let Some(child) = node.children.get_mut(level) else {
             return false;
         };
-        removed = if rest.is_empty() {
-            child.exact.remove(share, key)
-        } else {
-            remove_in(child, rest, share, key)
-        };
+        removed = remove_at(child, rest, share, key);
         if child.is_empty() {
             node.children.remove(level);
         }
     }
     removed
+}
+
+/// Removes from `child` (the node for the level just consumed): here if no
+/// levels remain, otherwise further down.
+fn remove_at(child: &mut Node, rest: &[&str], share: Option<&str>, key: u64) -> bool {
+    if rest.is_empty() {
+        child.exact.remove(share, key)
+    } else {
+        remove_in(child, rest, share, key)
+    }
 }
 
 #[cfg(test)]
