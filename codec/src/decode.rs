@@ -422,7 +422,13 @@ fn subscribe(body: Bytes, v5: bool) -> Result<Subscribe, DecodeError> {
     let properties = read_props(&mut r, v5, properties::SUBSCRIBE)?;
     let mut filters = Vec::new();
     while !r.is_empty() {
+        if filters.len() >= crate::MAX_ITEMS_PER_PACKET {
+            return Err(DecodeError::TooMany("topic filters"));
+        }
         let filter = r.string()?;
+        if filter.is_empty() {
+            return Err(DecodeError::Protocol("empty topic filter"));
+        }
         let opts = r.u8()?;
         let qos = opts & 0b11;
         let retain_handling = (opts >> 4) & 0b11;
@@ -480,7 +486,14 @@ fn unsubscribe(body: Bytes, v5: bool) -> Result<Unsubscribe, DecodeError> {
     let properties = read_props(&mut r, v5, properties::UNSUBSCRIBE)?;
     let mut filters = Vec::new();
     while !r.is_empty() {
-        filters.push(r.string()?);
+        if filters.len() >= crate::MAX_ITEMS_PER_PACKET {
+            return Err(DecodeError::TooMany("topic filters"));
+        }
+        let filter = r.string()?;
+        if filter.is_empty() {
+            return Err(DecodeError::Protocol("empty topic filter"));
+        }
+        filters.push(filter);
     }
     if filters.is_empty() {
         return Err(DecodeError::Protocol("UNSUBSCRIBE without topic filters"));

@@ -16,6 +16,11 @@ pub enum DecodeError {
     UnsupportedProtocol,
     #[error("invalid topic name: {0}")]
     InvalidTopic(&'static str),
+    /// More items in one packet than the decoder accepts: bounds the memory
+    /// one packet can cost (a packet of empty items would otherwise decode
+    /// into many times its wire size).
+    #[error("too many {0} in one packet")]
+    TooMany(&'static str),
 }
 
 impl DecodeError {
@@ -26,6 +31,7 @@ impl DecodeError {
             DecodeError::PacketTooLarge { .. } => reason::PACKET_TOO_LARGE,
             DecodeError::UnsupportedProtocol => reason::UNSUPPORTED_PROTOCOL_VERSION,
             DecodeError::InvalidTopic(_) => reason::TOPIC_NAME_INVALID,
+            DecodeError::TooMany(_) => reason::QUOTA_EXCEEDED,
         }
     }
 }

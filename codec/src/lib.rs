@@ -17,6 +17,13 @@ mod reader;
 mod tests;
 
 pub use decode::decode;
+
+/// Most topic filters in one SUBSCRIBE or UNSUBSCRIBE, and most
+/// subscription identifiers in one packet. With [`MAX_USER_PROPERTIES`] this
+/// keeps a decoded packet within a small multiple of its wire size.
+pub const MAX_ITEMS_PER_PACKET: usize = 1024;
+/// Most user properties in one packet.
+pub const MAX_USER_PROPERTIES: usize = 128;
 pub use encode::{encode, encode_publish, publish_encoded_len};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;

@@ -81,6 +81,51 @@ impl Properties {
     pub fn is_empty(&self) -> bool {
         *self == Properties::default()
     }
+
+    /// Copies every borrowed string and binary field into its own
+    /// allocation, so that properties kept after the packet (queued,
+    /// retained) do not pin the whole read buffer they were sliced from.
+    pub fn detach(&mut self) {
+        fn s(v: &mut Option<ByteString>) {
+            if let Some(x) = v {
+                *x = ByteString::from(&**x);
+            }
+        }
+        fn b(v: &mut Option<Bytes>) {
+            if let Some(x) = v {
+                *x = Bytes::copy_from_slice(x);
+            }
+        }
+        s(&mut self.content_type);
+        s(&mut self.response_topic);
+        b(&mut self.correlation_data);
+        s(&mut self.assigned_client_identifier);
+        s(&mut self.authentication_method);
+        b(&mut self.authentication_data);
+        s(&mut self.response_information);
+        s(&mut self.server_reference);
+        s(&mut self.reason_string);
+        for (k, v) in &mut self.user_properties {
+            *k = ByteString::from(&**k);
+            *v = ByteString::from(&**v);
+        }
+    }
+}
+
+/// Redacted: a CONNECT is the one packet that carries a secret.
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connect")
+            .field("protocol", &self.protocol)
+            .field("clean_start", &self.clean_start)
+            .field("keep_alive", &self.keep_alive)
+            .field("client_id", &self.client_id)
+            .field("will", &self.will)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("properties", &self.properties)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +138,7 @@ pub struct LastWill {
     pub properties: Properties,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Connect {
     pub protocol: ProtocolVersion,
     /// "clean session" in 3.1.1, "clean start" in 5.0.

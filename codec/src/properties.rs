@@ -275,6 +275,9 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), DecodeErro
             // parse_varint caps values at 268_435_455, which fits in u32.
             let v = u32::try_from(v)
                 .map_err(|_| DecodeError::Malformed("subscription identifier too large"))?;
+            if p.subscription_identifiers.len() >= crate::MAX_ITEMS_PER_PACKET {
+                return Err(DecodeError::TooMany("subscription identifiers"));
+            }
             p.subscription_identifiers.push(v);
         }
         SESSION_EXPIRY_INTERVAL => p.session_expiry_interval = Some(r.u32()?),
@@ -296,6 +299,9 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), DecodeErro
         MAXIMUM_QOS => p.maximum_qos = Some(flag(r.u8()?)?),
         RETAIN_AVAILABLE => p.retain_available = Some(flag(r.u8()?)?),
         USER_PROPERTY => {
+            if p.user_properties.len() >= crate::MAX_USER_PROPERTIES {
+                return Err(DecodeError::TooMany("user properties"));
+            }
             let k = r.string()?;
             let v = r.string()?;
             p.user_properties.push((k, v));

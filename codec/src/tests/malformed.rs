@@ -12,6 +12,7 @@ enum Want {
     TooLarge(usize),
     Unsupported,
     InvalidTopic,
+    TooMany,
 }
 
 fn classify(r: Result<Option<Packet>, DecodeError>) -> Result<Want, String> {
@@ -23,6 +24,7 @@ fn classify(r: Result<Option<Packet>, DecodeError>) -> Result<Want, String> {
         Err(DecodeError::PacketTooLarge { size, .. }) => Ok(Want::TooLarge(size)),
         Err(DecodeError::UnsupportedProtocol) => Ok(Want::Unsupported),
         Err(DecodeError::InvalidTopic(_)) => Ok(Want::InvalidTopic),
+        Err(DecodeError::TooMany(_)) => Ok(Want::TooMany),
     }
 }
 
@@ -180,6 +182,10 @@ fn malformed_inputs_are_rejected_with_the_right_error() {
         ("PUBACK trailing after properties", vec![0x40, 5, 0, 1, 0, 0, 0], V5, Malformed),
         ("DISCONNECT will delay not allowed", raw(0xe0, b"\x00\x05\x18\x00\x00\x00\x01"), V5, Protocol),
         ("AUTH topic alias not allowed", raw(0xf0, b"\x18\x03\x23\x00\x01"), V5, Protocol),
+        // Empty topic filters (MQTT-4.7.3-1).
+        ("SUBSCRIBE empty filter", raw(0x82, b"\x00\x01\x00\x00\x00"), V3, Protocol),
+        ("SUBSCRIBE empty filter v5", raw(0x82, b"\x00\x01\x00\x00\x00\x00"), V5, Protocol),
+        ("UNSUBSCRIBE empty filter", raw(0xa2, b"\x00\x01\x00\x00"), V3, Protocol),
     ];
     let mut failures = Vec::new();
     for (name, bytes, v, want) in &cases {
@@ -193,6 +199,52 @@ fn malformed_inputs_are_rejected_with_the_right_error() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// One decoded packet costs a small multiple of its wire size: a packet
+/// of empty items is cut off at the item caps.
+#[test]
+fn item_counts_per_packet_are_capped() {
+    let max = 1 << 20;
+    let many = |n: usize, item: &[u8]| -> Vec<u8> { item.repeat(n) };
+    let sub = |n: usize| {
+        let mut b = vec![0, 1];
+        b.extend(many(n, b"\x00\x01#\x00"));
+        raw(0x82, &b)
+    };
+    let mut at = BytesMut::from(&sub(crate::MAX_ITEMS_PER_PACKET)[..]);
+    assert!(matches!(
+        decode(&mut at, V3, max),
+        Ok(Some(Packet::Subscribe(_)))
+    ));
+    let mut over = BytesMut::from(&sub(crate::MAX_ITEMS_PER_PACKET + 1)[..]);
+    assert_eq!(classify(decode(&mut over, V3, max)), Ok(Want::TooMany));
+    let mut unsub_body = vec![0, 1];
+    unsub_body.extend(many(crate::MAX_ITEMS_PER_PACKET + 1, b"\x00\x01a"));
+    let mut unsub = BytesMut::from(&raw(0xa2, &unsub_body)[..]);
+    assert_eq!(classify(decode(&mut unsub, V3, max)), Ok(Want::TooMany));
+    // v5 PUBLISH with empty user properties: 5 bytes each on the wire.
+    let props = many(crate::MAX_USER_PROPERTIES + 1, b"\x26\x00\x00\x00\x00");
+    let mut b = vec![0, 1, b't'];
+    let mut len = Vec::new();
+    let mut n = props.len();
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        if n == 0 {
+            len.push(byte);
+            break;
+        }
+        len.push(byte | 0x80);
+    }
+    b.extend(len);
+    b.extend(props);
+    let mut publish = BytesMut::from(&raw(0x30, &b)[..]);
+    assert_eq!(classify(decode(&mut publish, V5, max)), Ok(Want::TooMany));
+    assert_eq!(
+        DecodeError::TooMany("x").reason_code(),
+        crate::reason::QUOTA_EXCEEDED
+    );
 }
 
 #[test]
