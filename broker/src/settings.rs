@@ -26,6 +26,8 @@ pub enum SettingsError {
         origin: String,
         source: Box<toml::de::Error>,
     },
+    #[error("invalid configuration: {0}")]
+    Value(#[from] starling_model::config::InvalidSetting),
 }
 
 /// Settings given on the command line (they override everything else).
@@ -96,6 +98,7 @@ pub fn load(
     if overrides.self_signed {
         config.tls.self_signed = true;
     }
+    config.validate()?;
     Ok(config.with_default_binds())
 }
 

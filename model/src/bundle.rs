@@ -25,7 +25,7 @@ pub const BUNDLE_VERSION: u32 = 1;
 /// (EVRYTHNG style), like the broker's own name.
 pub const AUTHORIZATION_USERNAME: &str = "authorization";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthBundle {
     /// Always [`BUNDLE_VERSION`]; checked before anything else so that a
@@ -46,7 +46,7 @@ pub struct AuthBundle {
     pub acls: Vec<AclEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenEntry {
     /// Unique within the bundle; accepted as MQTT username for this token.
@@ -61,6 +61,33 @@ pub struct TokenEntry {
     /// Matched by ACL selectors (the Token resource's labels in Kubernetes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+}
+
+/// Redacted: bundles end up in logs and error chains, and the key (with a
+/// hash) is what a guesser needs.
+impl std::fmt::Debug for AuthBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthBundle")
+            .field("version", &self.version)
+            .field("broker", &self.broker)
+            .field("hash_key", &"<redacted>")
+            .field("default_policy", &self.default_policy)
+            .field("tokens", &self.tokens)
+            .field("acls", &self.acls)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for TokenEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenEntry")
+            .field("name", &self.name)
+            .field("secret_hash", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("disabled", &self.disabled)
+            .field("labels", &self.labels)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -765,6 +792,15 @@ mod tests {
     #[test]
     fn errors_never_show_secrets_or_hashes() {
         let b = sample();
+        let dump = format!("{b:?}");
+        assert!(
+            !dump.contains(&b.hash_key),
+            "Debug shows the hash key: {dump}"
+        );
+        assert!(
+            !dump.contains(&b.tokens[0].secret_hash),
+            "Debug shows a hash"
+        );
         let e = invalid(|x| x.tokens[1].secret_hash = x.tokens[0].secret_hash.clone());
         assert!(!e.to_string().contains(&b.tokens[0].secret_hash));
     }

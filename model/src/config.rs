@@ -159,7 +159,34 @@ pub struct Limits {
     pub max_session_expiry: u32,
     /// Seconds a new socket may take for TLS/WebSocket handshake and CONNECT.
     pub connect_timeout: u64,
+    /// Largest CONNECT accepted, in bytes. Much smaller than
+    /// `max_packet_size` because it is buffered before the client is known:
+    /// unauthenticated sockets must not be able to park a megabyte each.
+    /// The smaller of this and `max_packet_size` applies.
+    pub max_connect_packet_size: u32,
+    /// Levels (`/`-separated parts) allowed in a topic name or filter, like
+    /// EMQX's `max_topic_levels`. Bounds every walk over topic levels.
+    pub max_topic_levels: usize,
+    /// Subscriptions one session may hold; more get SUBACK 0x97 (v5) / 0x80.
+    pub max_subscriptions_per_session: usize,
+    /// Retained messages stored in total; a retained publish on a new topic
+    /// past it is refused (replacing an existing one is always allowed).
+    pub max_retained_messages: usize,
+    /// Bytes (topic + payload) of all retained messages, the second cap.
+    pub max_retained_bytes: usize,
+    /// Sessions with a non-zero expiry kept (online or offline); a CONNECT
+    /// that would create one more is refused (v5 0x97, 3.1.1 0x03).
+    pub max_persistent_sessions: usize,
+    /// Distinct `$share/<group>/<filter>` groups in the broker.
+    pub max_shared_groups: usize,
+    /// Open sockets per source address on the client listeners, TLS
+    /// handshakes included. 0 = no per-address cap.
+    pub max_connections_per_address: usize,
 }
+
+/// Hard ceiling for [`Limits::max_topic_levels`]: the topic trie is walked
+/// recursively to at most this depth, which fits any worker stack.
+pub const TOPIC_LEVELS_CEILING: usize = 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -173,7 +200,60 @@ impl Default for Limits {
             max_topic_aliases: 64,
             max_session_expiry: 7 * 24 * 3600,
             connect_timeout: 10,
+            max_connect_packet_size: 64 * 1024,
+            max_topic_levels: 128,
+            max_subscriptions_per_session: 10_000,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            max_persistent_sessions: 100_000,
+            max_shared_groups: 10_000,
+            max_connections_per_address: 4096,
         }
+    }
+}
+
+/// A setting that is well-formed but cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("[{section}] {key} = {value}: {why}")]
+pub struct InvalidSetting {
+    pub section: &'static str,
+    pub key: &'static str,
+    pub value: String,
+    pub why: String,
+}
+
+impl BrokerConfig {
+    /// Checks values serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let l = &self.limits;
+        let bad = |key: &'static str, value: String, why: String| InvalidSetting {
+            section: "limits",
+            key,
+            value,
+            why,
+        };
+        if !(1..=TOPIC_LEVELS_CEILING).contains(&l.max_topic_levels) {
+            return Err(bad(
+                "max_topic_levels",
+                l.max_topic_levels.to_string(),
+                format!("must be between 1 and {TOPIC_LEVELS_CEILING}"),
+            ));
+        }
+        if l.max_connect_packet_size < 64 {
+            return Err(bad(
+                "max_connect_packet_size",
+                l.max_connect_packet_size.to_string(),
+                "must be at least 64 bytes".into(),
+            ));
+        }
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
+            return Err(bad(
+                "max_packet_size",
+                l.max_packet_size.to_string(),
+                "must be between 64 and 268435460 (the MQTT maximum)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -212,10 +292,32 @@ pub struct AuthConfig {
     pub anonymous: Anonymous,
     /// Auth bundle file (tokens and ACLs); watched for changes.
     pub bundle: Option<PathBuf>,
-    /// Failed authentications allowed per source address per minute; past
-    /// it, that address is refused without checking until the minute is
-    /// over. 0 disables the limit.
+    /// Failed authentications allowed per (source address, username) per
+    /// minute; past it, that pair is refused without checking until the
+    /// minute is over. Keyed on the pair so that one bad client behind a NAT
+    /// or load balancer does not lock out every good one. 0 disables both
+    /// limits.
     pub max_failures_per_minute: u32,
+    /// Ceiling per source address over all usernames together, so guessing
+    /// with a fresh username each time is limited too.
+    pub max_failures_per_address_per_minute: u32,
+    /// Who owns a client id when tokens are in use.
+    pub client_ids: ClientIds,
+}
+
+/// Client id ownership between tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIds {
+    /// A client id belongs to the token (or anonymous client) that holds
+    /// it: a CONNECT from another token with that id is refused (v5 0x85,
+    /// 3.1.1 0x02), so one token cannot kick another's device or wipe its
+    /// session. The same token may take its own session over.
+    #[default]
+    Exclusive,
+    /// Client ids are namespaced per token: two tokens using the same id
+    /// get two separate sessions.
+    PerToken,
 }
 
 impl Default for AuthConfig {
@@ -224,6 +326,8 @@ impl Default for AuthConfig {
             anonymous: Anonymous::default(),
             bundle: None,
             max_failures_per_minute: 10,
+            max_failures_per_address_per_minute: 100,
+            client_ids: ClientIds::default(),
         }
     }
 }

@@ -21,6 +21,22 @@ pub enum TopicError {
     ForbiddenChar(char),
     #[error("invalid shared subscription: {0}")]
     InvalidShare(&'static str),
+    #[error("topic has more than {max} levels")]
+    TooManyLevels { max: usize },
+}
+
+/// Checks that `topic` (a name or a filter without its `$share/` prefix)
+/// has at most `max` levels. Counting stops at the first level over the
+/// limit, so the cost is bounded by `max`, not by the input.
+pub fn check_levels(topic: &str, max: usize) -> Result<(), TopicError> {
+    match topic
+        .bytes()
+        .filter(|&b| b == b'/')
+        .nth(max.saturating_sub(1))
+    {
+        Some(_) => Err(TopicError::TooManyLevels { max }),
+        None => Ok(()),
+    }
 }
 
 /// Checks a topic *name* (what PUBLISH carries): non-empty, no wildcards, no NUL.
@@ -256,6 +272,21 @@ mod tests {
             p.check_filter("a/b/c/d/e"),
             Err(TopicError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn level_limit() {
+        assert!(check_levels("a", 1).is_ok());
+        assert_eq!(
+            check_levels("a/b", 1),
+            Err(TopicError::TooManyLevels { max: 1 })
+        );
+        assert!(
+            check_levels(&"/".repeat(127), 128).is_ok(),
+            "128 empty levels"
+        );
+        assert!(check_levels(&"/".repeat(128), 128).is_err(), "129 levels");
+        assert!(check_levels(&"/".repeat(65_000), 128).is_err());
     }
 
     #[test]

@@ -87,6 +87,10 @@ pub fn broker_config(ctx: &BrokerCtx) -> Result<BrokerConfig, BuildError> {
         l.max_session_expiry,
         "maxSessionExpiry",
     )?;
+    // Behind a Service, source addresses are often node or load-balancer
+    // addresses shared by many clients: a per-address socket cap would
+    // throttle whole fleets, so in-cluster brokers rely on max_connections.
+    cfg.limits.max_connections_per_address = 0;
     if let Some(max) = l.max_topic_length {
         let mut v = 0usize;
         set(&mut v, Some(max), "maxTopicLength")?;
