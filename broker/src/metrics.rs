@@ -23,6 +23,60 @@ pub struct Metrics {
     pub keepalive_timeouts: AtomicU64,
     pub bundle_reloads: AtomicU64,
     pub bundle_errors: AtomicU64,
+    /// Indexed by [`Limit`].
+    pub limit_refusals: [AtomicU64; Limit::ALL.len()],
+}
+
+/// A configured cap that refused something (one label value each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    TopicLevels,
+    Subscriptions,
+    Retained,
+    PersistentSessions,
+    SharedGroups,
+    Connections,
+    ConnectionsPerAddress,
+    ConnectSize,
+    ClientIdOwner,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 9] = [
+        Limit::TopicLevels,
+        Limit::Subscriptions,
+        Limit::Retained,
+        Limit::PersistentSessions,
+        Limit::SharedGroups,
+        Limit::Connections,
+        Limit::ConnectionsPerAddress,
+        Limit::ConnectSize,
+        Limit::ClientIdOwner,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::TopicLevels => "max_topic_levels",
+            Limit::Subscriptions => "max_subscriptions_per_session",
+            Limit::Retained => "max_retained_messages",
+            Limit::PersistentSessions => "max_persistent_sessions",
+            Limit::SharedGroups => "max_shared_groups",
+            Limit::Connections => "max_connections",
+            Limit::ConnectionsPerAddress => "max_connections_per_address",
+            Limit::ConnectSize => "max_connect_packet_size",
+            Limit::ClientIdOwner => "client_id_owner",
+        }
+    }
+}
+
+impl Metrics {
+    pub fn limit_hit(&self, l: Limit) {
+        inc(&self.limit_refusals[l as usize]);
+    }
+
+    pub fn limit_count(&self, l: Limit) -> u64 {
+        self.limit_refusals[l as usize].load(Ordering::Relaxed)
+    }
 }
 
 pub fn inc(c: &AtomicU64) {
@@ -35,6 +89,10 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 pub fn dec(c: &AtomicU64) {
     c.fetch_sub(1, Ordering::Relaxed);
+}
+
+pub fn sub(c: &AtomicU64, n: u64) {
+    c.fetch_sub(n, Ordering::Relaxed);
 }
 
 impl Metrics {
@@ -147,6 +205,19 @@ impl Metrics {
             for (q, c) in arr.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{qos=\"{q}\"}} {}", g(c));
             }
+        }
+        let name = "starling_limit_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Things refused because a configured limit was reached, by limit.\n# TYPE {name} counter"
+        );
+        for l in Limit::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{limit=\"{}\"}} {}",
+                l.label(),
+                self.limit_count(l)
+            );
         }
         out
     }

@@ -47,14 +47,25 @@ impl Slot {
         self.subs.is_empty() && self.shared.is_empty()
     }
 
-    /// Adds or replaces; returns true if the subscription is new.
-    fn insert(&mut self, share: Option<&str>, entry: SubEntry) -> bool {
+    /// Adds or replaces; returns true if the subscription is new. A new
+    /// shared group is made only if `groups_left`.
+    fn insert(
+        &mut self,
+        share: Option<&str>,
+        entry: SubEntry,
+        groups_left: bool,
+    ) -> Result<Added, GroupsFull> {
+        let mut new_group = false;
         let list = match share {
             None => &mut self.subs,
             Some(name) => {
                 let pos = match self.shared.iter().position(|g| &*g.name == name) {
                     Some(p) => p,
                     None => {
+                        if !groups_left {
+                            return Err(GroupsFull);
+                        }
+                        new_group = true;
                         self.shared.push(SharedGroup {
                             name: Arc::from(name),
                             members: Vec::new(),
@@ -66,7 +77,7 @@ impl Slot {
                 &mut self.shared[pos].members
             }
         };
-        match list.iter_mut().find(|e| e.session.key == entry.session.key) {
+        let new = match list.iter_mut().find(|e| e.session.key == entry.session.key) {
             Some(e) => {
                 *e = entry;
                 false
@@ -75,28 +86,36 @@ impl Slot {
                 list.push(entry);
                 true
             }
-        }
+        };
+        Ok(Added { new, new_group })
     }
 
-    fn remove(&mut self, share: Option<&str>, key: u64) -> bool {
+    fn remove(&mut self, share: Option<&str>, key: u64) -> Removed {
         match share {
             None => {
                 let before = self.subs.len();
                 self.subs.retain(|e| e.session.key != key);
-                before != self.subs.len()
+                Removed {
+                    removed: before != self.subs.len(),
+                    group_gone: false,
+                }
             }
             Some(name) => {
                 let Some(pos) = self.shared.iter().position(|g| &*g.name == name) else {
-                    return false;
+                    return Removed::default();
                 };
                 let g = &mut self.shared[pos];
                 let before = g.members.len();
                 g.members.retain(|e| e.session.key != key);
                 let removed = before != g.members.len();
-                if g.members.is_empty() {
+                let group_gone = g.members.is_empty();
+                if group_gone {
                     self.shared.swap_remove(pos);
                 }
-                removed
+                Removed {
+                    removed,
+                    group_gone,
+                }
             }
         }
     }
@@ -110,6 +129,22 @@ impl Slot {
         }
     }
 }
+
+#[derive(Debug, Clone, Copy)]
+struct Added {
+    new: bool,
+    new_group: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Removed {
+    removed: bool,
+    group_gone: bool,
+}
+
+/// The broker already has `max_shared_groups` shared groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupsFull;
 
 /// Round robin over the group, skipping members whose client is offline
 /// while any member is online (an offline member would only queue it).
@@ -144,13 +179,32 @@ impl Node {
     }
 }
 
-#[derive(Debug, Default)]
+/// Subscriptions by filter. Filters are at most `max_topic_levels` deep
+/// (checked before they get here), which bounds the recursive walks below.
+#[derive(Debug)]
 pub struct TopicIndex {
     root: Node,
     count: usize,
+    groups: usize,
+    max_groups: usize,
+}
+
+impl Default for TopicIndex {
+    fn default() -> Self {
+        TopicIndex::new(usize::MAX)
+    }
 }
 
 impl TopicIndex {
+    pub fn new(max_groups: usize) -> Self {
+        TopicIndex {
+            root: Node::default(),
+            count: 0,
+            groups: 0,
+            max_groups,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.count
     }
@@ -161,7 +215,13 @@ impl TopicIndex {
 
     /// Adds (or updates) a subscription to a validated `filter`. Returns
     /// true if it did not exist before.
-    pub fn insert(&mut self, filter: &str, share: Option<&str>, entry: SubEntry) -> bool {
+    pub fn insert(
+        &mut self,
+        filter: &str,
+        share: Option<&str>,
+        entry: SubEntry,
+    ) -> Result<bool, GroupsFull> {
+        let groups_left = self.groups < self.max_groups;
         let mut node = &mut self.root;
         let mut levels = filter.split('/').peekable();
         let mut slot = None;
@@ -179,21 +239,22 @@ impl TopicIndex {
                 slot = Some(&mut node.exact);
             }
         }
-        let added = slot.is_some_and(|s| s.insert(share, entry));
-        if added {
-            self.count += 1;
-        }
-        added
+        let Some(slot) = slot else {
+            return Ok(false);
+        };
+        let added = slot.insert(share, entry, groups_left)?;
+        self.count += usize::from(added.new);
+        self.groups += usize::from(added.new_group);
+        Ok(added.new)
     }
 
     /// Removes `key`'s subscription to `filter`; prunes empty branches.
     pub fn remove(&mut self, filter: &str, share: Option<&str>, key: u64) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
-        let removed = remove_in(&mut self.root, &levels, share, key);
-        if removed {
-            self.count -= 1;
-        }
-        removed
+        let r = remove_in(&mut self.root, &levels, share, key);
+        self.count -= usize::from(r.removed);
+        self.groups -= usize::from(r.group_gone);
+        r.removed
     }
 
     /// Appends every subscription matching `topic` to `out` (shared groups
@@ -227,9 +288,9 @@ fn collect(
     }
 }
 
-fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) -> bool {
+fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) -> Removed {
     let Some((&level, rest)) = levels.split_first() else {
-        return false;
+        return Removed::default();
     };
     if level == "#" {
         return node.hash.remove(share, key);
@@ -237,7 +298,7 @@ fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) ->
     let removed;
     if level == "+" {
         let Some(child) = node.plus.as_deref_mut() else {
-            return false;
+            return Removed::default();
         };
         removed = remove_at(child, rest, share, key);
         if child.is_empty() {
@@ -245,7 +306,7 @@ fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) ->
         }
     } else {
         let Some(child) = node.children.get_mut(level) else {
-            return false;
+            return Removed::default();
         };
         removed = remove_at(child, rest, share, key);
         if child.is_empty() {
@@ -257,7 +318,7 @@ fn remove_in(node: &mut Node, levels: &[&str], share: Option<&str>, key: u64) ->
 
 /// Removes from `child` (the node for the level just consumed): here if no
 /// levels remain, otherwise further down.
-fn remove_at(child: &mut Node, rest: &[&str], share: Option<&str>, key: u64) -> bool {
+fn remove_at(child: &mut Node, rest: &[&str], share: Option<&str>, key: u64) -> Removed {
     if rest.is_empty() {
         child.exact.remove(share, key)
     } else {
@@ -307,7 +368,7 @@ mod tests {
         let mut idx = TopicIndex::default();
         let sessions: Vec<_> = (0..filters.len() as u64).map(session).collect();
         for (f, s) in filters.iter().zip(&sessions) {
-            assert!(idx.insert(f, None, entry(s)));
+            assert_eq!(idx.insert(f, None, entry(s)), Ok(true));
         }
         assert_eq!(idx.len(), filters.len());
         for t in topics {
@@ -330,8 +391,8 @@ mod tests {
     fn resubscribe_replaces() {
         let mut idx = TopicIndex::default();
         let s = session(1);
-        assert!(idx.insert("a/b", None, entry(&s)));
-        assert!(!idx.insert("a/b", None, entry(&s)));
+        assert_eq!(idx.insert("a/b", None, entry(&s)), Ok(true));
+        assert_eq!(idx.insert("a/b", None, entry(&s)), Ok(false));
         assert_eq!(keys(&idx, "a/b"), vec![1]);
         assert!(!idx.remove("a/c", None, 1));
     }
@@ -340,9 +401,9 @@ mod tests {
     fn shared_groups_pick_one_member_each() {
         let mut idx = TopicIndex::default();
         let (a, b, c) = (session(1), session(2), session(3));
-        idx.insert("t", Some("g"), entry(&a));
-        idx.insert("t", Some("g"), entry(&b));
-        idx.insert("t", Some("h"), entry(&c));
+        for (g, s) in [("g", &a), ("g", &b), ("h", &c)] {
+            idx.insert("t", Some(g), entry(s)).unwrap();
+        }
         let mut seen = [0; 4];
         for _ in 0..10 {
             let k = keys(&idx, "t");
@@ -356,5 +417,34 @@ mod tests {
         assert!(seen[1] > 0 && seen[2] > 0, "round robin");
         assert!(idx.remove("t", Some("g"), 1));
         assert_eq!(keys(&idx, "t"), vec![2, 3]);
+    }
+
+    #[test]
+    fn shared_group_cap() {
+        let mut idx = TopicIndex::new(2);
+        let (a, b) = (session(1), session(2));
+        assert_eq!(idx.insert("t", Some("g1"), entry(&a)), Ok(true));
+        assert_eq!(
+            idx.insert("u", Some("g1"), entry(&a)),
+            Ok(true),
+            "same name, other filter: a group"
+        );
+        assert_eq!(idx.insert("t", Some("g2"), entry(&a)), Err(GroupsFull));
+        assert_eq!(
+            idx.insert("t", Some("g1"), entry(&b)),
+            Ok(true),
+            "joining is fine"
+        );
+        assert_eq!(
+            idx.insert("x", None, entry(&b)),
+            Ok(true),
+            "plain subscriptions are not groups"
+        );
+        assert!(idx.remove("u", Some("g1"), 1));
+        assert_eq!(
+            idx.insert("t", Some("g2"), entry(&a)),
+            Ok(true),
+            "room again"
+        );
     }
 }

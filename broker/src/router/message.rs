@@ -25,6 +25,19 @@ pub struct Message {
 }
 
 impl Message {
+    /// Gives topic, payload and properties their own allocations. Decoded
+    /// messages are slices of the read buffer they arrived in (up to
+    /// 64 KiB, shared with every other packet of that read): kept in a queue
+    /// or the retained store, a few bytes of payload would pin all of it, and
+    /// `max_queued_bytes` would not bound real memory.
+    pub fn detach(&mut self) {
+        self.topic = ByteString::from(&*self.topic);
+        self.payload = Bytes::copy_from_slice(&self.payload);
+        if let Some(p) = &mut self.properties {
+            Arc::make_mut(p).detach();
+        }
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }

@@ -8,12 +8,15 @@ mod retained;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-pub use index::{SubEntry, SubOptions, TopicIndex};
+use std::ops::ControlFlow;
+
+pub use index::{GroupsFull, SubEntry, SubOptions, TopicIndex};
 pub use message::{Delivery, Message, SubIds};
-pub use retained::RetainedStore;
+pub use retained::{Retain, RetainedLimits, RetainedStore};
+use starling_model::config::Limits;
 use tokio::time::Instant;
 
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, Limit, Metrics};
 use crate::session::Session;
 use crate::session::state::Queued;
 
@@ -29,6 +32,9 @@ pub struct Routed {
     /// subscriber's connection gets to run (matters most when several
     /// publishers share one worker thread with it).
     pub busy: bool,
+    /// A retained publish on a new topic with the retained store full:
+    /// nothing was stored or delivered.
+    pub retained_full: bool,
 }
 
 #[derive(Debug)]
@@ -47,10 +53,13 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl Router {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, limits: &Limits) -> Self {
         Router {
-            index: RwLock::default(),
-            retained: RwLock::default(),
+            index: RwLock::new(TopicIndex::new(limits.max_shared_groups)),
+            retained: RwLock::new(RetainedStore::new(RetainedLimits {
+                max_messages: limits.max_retained_messages,
+                max_bytes: limits.max_retained_bytes,
+            })),
             metrics,
         }
     }
@@ -62,14 +71,16 @@ impl Router {
         filter: &str,
         share: Option<&str>,
         opts: SubOptions,
-    ) -> bool {
+    ) -> Result<bool, GroupsFull> {
         let entry = SubEntry {
             session: session.clone(),
             opts,
         };
         let added = write(&self.index).insert(filter, share, entry);
-        if added {
-            metrics::inc(&self.metrics.subscriptions);
+        match added {
+            Ok(true) => metrics::inc(&self.metrics.subscriptions),
+            Ok(false) => {}
+            Err(GroupsFull) => self.metrics.limit_hit(Limit::SharedGroups),
         }
         added
     }
@@ -98,17 +109,29 @@ impl Router {
     /// Routes `msg` to every matching subscriber and, if it is retained,
     /// updates the retained store. `scratch` is the caller's reusable buffer
     /// (one per connection) so routing allocates nothing once warm.
-    pub fn publish(&self, msg: Message, scratch: &mut Vec<SubEntry>) -> Routed {
-        if msg.retain {
-            let delta = write(&self.retained).apply(&msg);
-            match delta {
-                1 => metrics::inc(&self.metrics.retained),
-                -1 => metrics::dec(&self.metrics.retained),
-                _ => {}
-            }
-        }
+    pub fn publish(&self, mut msg: Message, scratch: &mut Vec<SubEntry>) -> Routed {
         scratch.clear();
         read(&self.index).matches(&msg.topic, scratch);
+        if msg.retain || !scratch.is_empty() {
+            // It outlives the packet: stop pinning the publisher's read buffer.
+            msg.detach();
+        }
+        if msg.retain {
+            let applied = write(&self.retained).apply(&msg);
+            match applied {
+                Retain::Stored => metrics::inc(&self.metrics.retained),
+                Retain::Cleared => metrics::dec(&self.metrics.retained),
+                Retain::Replaced | Retain::Nothing => {}
+                Retain::Full => {
+                    self.metrics.limit_hit(Limit::Retained);
+                    scratch.clear();
+                    return Routed {
+                        retained_full: true,
+                        ..Routed::default()
+                    };
+                }
+            }
+        }
         if scratch.len() > 1 {
             // One copy per session, at the highest QoS of its matching
             // subscriptions, carrying all their identifiers (MQTT 3.3.4).
@@ -156,23 +179,39 @@ impl Router {
         routed
     }
 
-    /// Retained messages for a new subscription, as deliveries at the
-    /// subscription's QoS with the retain flag set.
-    pub fn retained_for(&self, filter: &str, opts: &SubOptions) -> Vec<Delivery> {
+    /// Queues the retained messages matching a new subscription for
+    /// `session`, at the subscription's QoS with the retain flag set, until
+    /// its queue is at its cap: one SUBSCRIBE can cost no more than the
+    /// session may hold. Returns how many were queued.
+    pub fn deliver_retained(&self, session: &Session, filter: &str, opts: &SubOptions) -> usize {
         let now = Instant::now();
-        read(&self.retained)
-            .matching(filter, now)
-            .into_iter()
-            .map(|msg| {
-                let mut sub_ids = SubIds::None;
-                sub_ids.push(opts.sub_id);
-                Delivery {
-                    qos: opts.qos.min(msg.qos),
-                    retain: true,
-                    sub_ids,
-                    msg,
+        let mut queued = 0;
+        read(&self.retained).for_each_match(filter, now, |msg| {
+            let mut sub_ids = SubIds::None;
+            sub_ids.push(opts.sub_id);
+            let d = Delivery {
+                qos: opts.qos.min(msg.qos),
+                retain: true,
+                sub_ids,
+                msg: msg.clone(),
+            };
+            match session.enqueue_within_cap(d, &self.metrics) {
+                Queued::Yes | Queued::Busy => {
+                    queued += 1;
+                    ControlFlow::Continue(())
                 }
-            })
-            .collect()
+                Queued::Congested | Queued::Dropped => ControlFlow::Break(()),
+            }
+        });
+        queued
+    }
+
+    /// Drops expired retained messages (the periodic housekeeping).
+    pub fn purge_expired_retained(&self) {
+        let now = Instant::now();
+        let n = write(&self.retained).purge_expired(now);
+        if n > 0 {
+            metrics::sub(&self.metrics.retained, n as u64);
+        }
     }
 }
