@@ -11,6 +11,7 @@ pub mod auth;
 pub mod banner;
 pub mod file_stamp;
 pub mod listen;
+pub mod logging;
 pub mod metrics;
 pub mod router;
 pub mod server;

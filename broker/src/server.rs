@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use starling_model::config::{BrokerConfig, Enabled, ListenerConfig};
-use starling_model::topic::{TopicError, TopicPolicy};
+use starling_model::topic::{TopicError, TopicPolicy, check_levels};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::{self, AuthHub};
 use crate::listen;
+use crate::listen::slots::SocketCounter;
+use crate::logging::LogBudget;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::session::Registry;
@@ -30,6 +32,10 @@ pub struct Shared {
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Sender<bool>,
+    /// Failed-CONNECT log lines: clients can cause them at line rate.
+    pub auth_log: LogBudget,
+    /// Open sockets per source address on the client listeners.
+    pub sockets: SocketCounter,
     topic_policy: Option<TopicPolicy>,
     client_seq: AtomicU64,
 }
@@ -40,26 +46,32 @@ impl Shared {
         let policy = config.topics.policy();
         Arc::new(Shared {
             auth,
-            router: Router::new(metrics.clone()),
+            router: Router::new(metrics.clone(), &config.limits),
             registry: Registry::default(),
             metrics,
             shutdown: watch::channel(false).0,
+            auth_log: LogBudget::new(10),
+            sockets: SocketCounter::default(),
             topic_policy: (policy != TopicPolicy::default()).then_some(policy),
             client_seq: AtomicU64::new(0),
             config,
         })
     }
 
-    /// The configured MQTT topic policy (none by default, as the spec says).
+    /// The level limit, then the configured MQTT topic policy (none by
+    /// default, as the spec says).
     pub fn check_topic(&self, topic: &str) -> Result<(), TopicError> {
+        check_levels(topic, self.config.limits.max_topic_levels)?;
         match &self.topic_policy {
             Some(p) => p.check(topic),
             None => Ok(()),
         }
     }
 
-    /// The topic policy for a subscription filter (wildcards allowed).
+    /// The same for a subscription filter (wildcards allowed), without its
+    /// `$share/<group>/` prefix.
     pub fn check_filter(&self, filter: &str) -> Result<(), TopicError> {
+        check_levels(filter, self.config.limits.max_topic_levels)?;
         match &self.topic_policy {
             Some(p) => p.check_filter(filter),
             None => Ok(()),
@@ -250,6 +262,7 @@ async fn reap_sessions(shared: Arc<Shared>) {
         for s in shared.registry.take_expired(tokio::time::Instant::now()) {
             shared.router.drop_session(&s);
         }
+        shared.router.purge_expired_retained();
     }
 }
 

@@ -340,7 +340,8 @@ both_versions!(
     malformed_bundle_keeps_the_old_rules,
     token_expiry_armed_at_startup,
     token_expiry_armed_by_a_reload,
-    failed_auth_is_rate_limited_per_address,
+    failed_auth_is_rate_limited_per_address_and_username,
+    failures_from_one_address_have_a_ceiling,
     anonymous_with_a_bundle,
     anonymous_denied,
 );
@@ -893,7 +894,9 @@ async fn expires_on_time(v: Version, a: &Auth, b: &Broker, mut short: Client, ex
     );
 }
 
-async fn failed_auth_is_rate_limited_per_address(v: Version) {
+/// Failures are counted per (address, username): behind a NAT one bad
+/// client must not lock out the others (issue 8, defect 10).
+async fn failed_auth_is_rate_limited_per_address_and_username(v: Version) {
     let a = Auth::standard();
     let b = a.start(&[("STARLING_AUTH_MAX_FAILURES_PER_MINUTE", "3")]);
     let t = format!("data/{}", uid("rl"));
@@ -908,24 +911,54 @@ async fn failed_auth_is_rate_limited_per_address(v: Version) {
             .expect("wrong secret accepted");
         assert!(e.contains(bad_credentials_error(v)), "failure {i}: {e}");
     }
-    // Now a correct token is refused from this address too.
-    let (mut s, code) = raw_session(v, b.mqtt(), Some("reader"), Some(a.secret("reader"))).await;
+    // Now the correct secret is refused for that username from this address.
+    let (mut s, code) = raw_session(v, b.mqtt(), Some("writer"), Some(a.secret("writer"))).await;
     let want = match v {
         V311 => V3_NOT_AUTHORIZED,
         V5 => RATE_EXCEEDED,
     };
     assert_eq!(code, want, "CONNACK after 3 failures");
     raw_read_to_close(&mut s, STEP).await;
-    assert!(
-        Client::try_connect(a.opts(v, "second", b.mqtt()))
-            .await
-            .is_err()
+    // Another username from the same address still gets in.
+    let (_s, code) = raw_session(v, b.mqtt(), Some("reader"), Some(a.secret("reader"))).await;
+    assert_eq!(
+        code, 0,
+        "another username from the same address is not locked out"
     );
     // The client that connected before is unaffected.
     for i in 0..3 {
         good.publish(&t, 1, false, format!("m{i}").as_bytes()).await;
         assert_eq!(good.recv().await.text(), format!("m{i}"));
     }
+}
+
+/// Guessing with a fresh username each time is limited by the per-address
+/// ceiling.
+async fn failures_from_one_address_have_a_ceiling(v: Version) {
+    let a = Auth::standard();
+    let b = a.start(&[
+        ("STARLING_AUTH_MAX_FAILURES_PER_MINUTE", "3"),
+        ("STARLING_AUTH_MAX_FAILURES_PER_ADDRESS_PER_MINUTE", "5"),
+    ]);
+    for i in 0..5 {
+        let (_s, code) = raw_session(
+            v,
+            b.mqtt(),
+            Some(&format!("guess-{i}")),
+            Some("wrong-secret-0123456789"),
+        )
+        .await;
+        assert_ne!(code, 0, "guess {i} accepted");
+    }
+    let (_s, code) = raw_session(v, b.mqtt(), Some("reader"), Some(a.secret("reader"))).await;
+    let want = match v {
+        V311 => V3_NOT_AUTHORIZED,
+        V5 => RATE_EXCEEDED,
+    };
+    assert_eq!(
+        code, want,
+        "the address is over its ceiling for every username"
+    );
 }
 
 /// Default `anonymous = loopback`: a client without credentials connects
@@ -1019,19 +1052,71 @@ async fn token_new_cli_adds_a_token_live() {
 // ---------------------------------------------------------------------------
 
 both_versions!(
-    resumed_session_is_checked_against_the_new_token,
+    another_tokens_client_id_is_refused,
+    per_token_client_ids_are_separate_sessions,
     acl_narrowed_while_offline,
     revoked_tokens_will_is_not_published,
 );
 
-/// A persistent session resumed by another token holds only what that token
-/// may read. Before the fix, Connection::start resumed it whatever token connected:
-/// `limited` (may read data/public/# only) reusing reader's client id reads
-/// through reader's subscription, queued and live messages alike.
-async fn resumed_session_is_checked_against_the_new_token(v: Version) {
+/// A client id belongs to the token that holds it (issue 8, defect 12):
+/// another token connecting with it is refused, online or offline, and the
+/// holder keeps its connection and its session. Before, `bob` could kick
+/// `alice`'s device (and wipe its session with a clean start).
+async fn another_tokens_client_id_is_refused(v: Version) {
     let a = Auth::standard();
     let b = a.start(&[]);
     let base = uid("rs");
+    let id = uid("sess");
+    let opts = Opts::new(v, &id, b.mqtt())
+        .persistent(300)
+        .credentials("reader", a.secret("reader"));
+    let mut reader = Client::connect(opts.clone()).await;
+    reader.sub(&format!("data/{base}/#"), 1).await;
+    let want = match v {
+        V311 => 0x02,
+        V5 => 0x85,
+    };
+    let mut writer = a.client(v, "writer", b.mqtt()).await;
+    let addr = b.mqtt();
+    let refused = |label: &'static str| {
+        let id = id.clone();
+        let secret = a.secret("limited").to_owned();
+        async move {
+            let mut s = raw_connect(addr).await;
+            raw_send(
+                &mut s,
+                &connect_packet(v, &id, Some("limited"), Some(&secret)),
+            )
+            .await;
+            let (head, body) = raw_read_packet(&mut s).await;
+            assert_eq!((head, body[1]), (0x20, want), "{label}: CONNACK");
+            raw_read_to_close(&mut s, STEP).await;
+        }
+    };
+    refused("while the holder is online").await;
+    writer
+        .publish(&format!("data/{base}/live"), 1, false, b"live")
+        .await;
+    assert_eq!(
+        reader.recv().await.text(),
+        "live",
+        "the holder was not kicked"
+    );
+    reader.disconnect().await;
+    writer
+        .publish(&format!("data/{base}/queued"), 1, false, b"queued")
+        .await;
+    refused("while the holder is offline").await;
+    let mut reader = Client::connect(opts).await;
+    assert_eq!(reader.recv().await.text(), "queued", "the session survived");
+}
+
+/// With `client_ids = "per_token"` the same id names a separate session per
+/// token: nobody is refused or kicked, and nothing crosses over.
+async fn per_token_client_ids_are_separate_sessions(v: Version) {
+    let a = Auth::standard();
+    let b = a.start(&[("STARLING_AUTH_CLIENT_IDS", "per_token")]);
+    let base = uid("pt");
     let id = uid("sess");
     let mut reader = Client::connect(
         Opts::new(v, &id, b.mqtt())
@@ -1040,20 +1125,17 @@ async fn resumed_session_is_checked_against_the_new_token(v: Version) {
     )
     .await;
     reader.sub(&format!("data/{base}/#"), 1).await;
-    reader.disconnect().await;
-    let mut writer = a.client(v, "writer", b.mqtt()).await;
-    writer
-        .publish(&format!("data/{base}/queued"), 1, false, b"queued")
-        .await;
     let mut limited = Client::connect(
         Opts::new(v, &id, b.mqtt())
             .persistent(300)
             .credentials("limited", a.secret("limited")),
     )
     .await;
+    let mut writer = a.client(v, "writer", b.mqtt()).await;
     writer
         .publish(&format!("data/{base}/live"), 1, false, b"live")
         .await;
+    assert_eq!(reader.recv().await.text(), "live");
     limited.assert_silent(Duration::from_secs(1)).await;
 }
 

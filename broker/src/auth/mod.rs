@@ -25,7 +25,7 @@ pub enum Refusal {
     BadToken(#[from] AuthError),
     #[error("anonymous access is not allowed from this address")]
     AnonymousNotAllowed,
-    #[error("too many failed authentications from this address")]
+    #[error("too many failed authentications from this address and username")]
     RateLimited,
 }
 
@@ -48,7 +48,10 @@ impl AuthHub {
     pub fn with_state(cfg: &BrokerConfig, state: AuthState) -> Self {
         AuthHub {
             state: RwLock::new(Arc::new(state)),
-            limiter: FailureLimiter::new(cfg.auth.max_failures_per_minute),
+            limiter: FailureLimiter::new(
+                cfg.auth.max_failures_per_minute,
+                cfg.auth.max_failures_per_address_per_minute,
+            ),
             anonymous: cfg.auth.anonymous,
             changed: Notify::new(),
         }
@@ -77,7 +80,7 @@ impl AuthHub {
         metrics: &Metrics,
     ) -> Result<Arc<Principal>, Refusal> {
         let now = Instant::now();
-        if self.limiter.is_blocked(peer, now) {
+        if self.limiter.is_blocked(peer, username, now) {
             metrics::inc(&metrics.auth_failures);
             return Err(Refusal::RateLimited);
         }
@@ -93,7 +96,7 @@ impl AuthHub {
         };
         if result.is_err() {
             metrics::inc(&metrics.auth_failures);
-            self.limiter.record_failure(peer, now);
+            self.limiter.record_failure(peer, username, now);
         }
         result
     }

@@ -10,17 +10,19 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::SharedRef;
+use super::slots::{self, Refused, Slot};
 use crate::metrics;
 use crate::server::Shared;
 
 /// Accepts until shutdown and passes each admitted connection to `handle`
 /// (which spawns its own task, so nothing a client does can stall the loop).
-/// `limit` applies the broker's connection limit.
+/// `limit` makes each socket take a connection slot (see [`slots`]), handed
+/// to `handle` to keep for the socket's life; the admin listener takes none.
 pub async fn run(
     shared: SharedRef,
     listener: TcpListener,
     limit: bool,
-    mut handle: impl FnMut(TcpStream, SocketAddr),
+    mut handle: impl FnMut(TcpStream, SocketAddr, Option<Slot>),
 ) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
@@ -36,11 +38,33 @@ pub async fn run(
                 }
             },
         };
-        if limit && !admit(&shared, peer) {
-            continue;
-        }
+        let slot = if limit {
+            match slots::take(&shared, peer.ip()) {
+                Ok(s) => Some(s),
+                Err(why) => {
+                    metrics::inc(&shared.metrics.connections_refused);
+                    refused_log(&shared, peer, why);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         let _ = stream.set_nodelay(true);
-        handle(stream, peer);
+        handle(stream, peer, slot);
+    }
+}
+
+fn refused_log(shared: &Shared, peer: SocketAddr, why: Refused) {
+    if let Some(suppressed) = shared.auth_log.take(std::time::Instant::now()) {
+        match why {
+            Refused::Total => {
+                tracing::warn!(%peer, suppressed, "connection limit reached; refusing")
+            }
+            Refused::PerAddress => {
+                tracing::warn!(%peer, suppressed, "too many connections from this address; refusing")
+            }
+        }
     }
 }
 
@@ -63,19 +87,4 @@ pub async fn tls_handshake(
             None
         }
     }
-}
-
-/// Takes a connection slot, or refuses when the broker is at its limit.
-/// The slot is counted by the session itself; this only checks.
-fn admit(shared: &Shared, peer: SocketAddr) -> bool {
-    let current = shared
-        .metrics
-        .connections_current
-        .load(std::sync::atomic::Ordering::Relaxed);
-    if current as usize >= shared.config.limits.max_connections {
-        metrics::inc(&shared.metrics.connections_refused);
-        tracing::warn!(%peer, "connection limit reached; refusing");
-        return false;
-    }
-    true
 }

@@ -15,6 +15,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use super::slots::SlotCell;
 use super::{SharedRef, accept};
 use crate::listen::ws::WsTransport;
 use crate::session::connection;
@@ -34,13 +35,19 @@ pub fn router(shared: SharedRef) -> Router {
 async fn mqtt_ws(
     State(shared): State<SharedRef>,
     Extension(Peer(peer)): Extension<Peer>,
+    Extension(cell): Extension<SlotCell>,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
     let max = shared.config.limits.max_packet_size as usize;
+    // The socket's slot moves with it into the WebSocket task.
+    let slot = cell.take();
     ws.protocols(["mqtt", "mqttv3.1"])
         .max_message_size(max.saturating_add(16))
         .max_frame_size(max.saturating_add(16))
-        .on_upgrade(move |socket| connection::serve(shared, WsTransport(socket), peer))
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            connection::serve(shared, WsTransport(socket), peer).await;
+        })
 }
 
 /// Serves `app` on `listener` until shutdown; with `tls`, each connection
@@ -55,8 +62,12 @@ pub async fn serve(
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
     let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
-    accept::run(shared, listener, limit, move |stream, peer| {
-        let svc = TowerToHyperService::new(app.clone().layer(Extension(Peer(peer))));
+    accept::run(shared, listener, limit, move |stream, peer, slot| {
+        let svc = TowerToHyperService::new(
+            app.clone()
+                .layer(Extension(Peer(peer)))
+                .layer(Extension(SlotCell::new(slot))),
+        );
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();

@@ -5,6 +5,7 @@
 pub mod accept;
 pub mod admin;
 pub mod http;
+pub mod slots;
 pub mod tcp;
 pub mod transport;
 pub mod ws;

@@ -18,17 +18,21 @@ pub async fn accept_loop(
     let acceptor = tls.map(TlsAcceptor::from);
     let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
     let s = shared.clone();
-    accept::run(shared, listener, true, move |stream, peer| {
+    accept::run(shared, listener, true, move |stream, peer, slot| {
         let shared = s.clone();
         // Two separate task types: a plain connection's task must not be
         // sized for the TLS state it will never have.
         match &acceptor {
             None => {
-                tokio::spawn(connection::serve(shared, TcpTransport::new(stream), peer));
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    connection::serve(shared, TcpTransport::new(stream), peer).await;
+                });
             }
             Some(acc) => {
                 let acc = acc.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Some(tls) = accept::tls_handshake(&acc, stream, peer, timeout).await {
                         connection::serve(shared, StreamTransport(tls), peer).await;
                     }

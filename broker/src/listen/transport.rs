@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -19,7 +20,42 @@ pub trait Transport: Send + 'static {
 
     fn write_all(&mut self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
 
-    fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// Says goodbye within [`CLOSE_DEADLINE`], whatever the peer does: shuts
+    /// down the write side (TLS close_notify, WebSocket Close) and, with
+    /// `linger`, reads and discards what the client still sends until it
+    /// closes too. Closing a socket with unread input makes the kernel send
+    /// a reset, which destroys the DISCONNECT or CONNACK just written before
+    /// the client reads it; lingering lets the client learn why it was
+    /// closed. A peer that stops reading cannot hold the task past the
+    /// deadline (a TLS shutdown otherwise waits for its flush forever).
+    fn close(&mut self, linger: bool) -> impl Future<Output = ()> + Send;
+}
+
+/// Longest time a connection spends closing.
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+/// Most input discarded while lingering.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reads and drops input until EOF, an error or [`LINGER_BYTES`].
+async fn discard<S: AsyncRead + Unpin>(s: &mut S) {
+    let mut buf = vec![0u8; 8192];
+    let mut total = 0;
+    while total < LINGER_BYTES {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+async fn shut_and_linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, linger: bool) {
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
+        let _ = s.shutdown().await;
+        if linger {
+            discard(s).await;
+        }
+    })
+    .await;
 }
 
 /// Plain TCP. Waits for readability *before* reserving the read buffer, so
@@ -72,8 +108,8 @@ impl Transport for TcpTransport {
         self.stream.write_all(data).await
     }
 
-    async fn close(&mut self) {
-        let _ = self.stream.shutdown().await;
+    async fn close(&mut self, linger: bool) {
+        shut_and_linger(&mut self.stream, linger).await;
     }
 }
 
@@ -103,7 +139,7 @@ where
         self.0.flush().await
     }
 
-    async fn close(&mut self) {
-        let _ = self.0.shutdown().await;
+    async fn close(&mut self, linger: bool) {
+        shut_and_linger(&mut self.0, linger).await;
     }
 }

@@ -5,7 +5,7 @@ use std::io;
 use axum::extract::ws::{Message, WebSocket};
 use bytes::{Bytes, BytesMut};
 
-use super::transport::Transport;
+use super::transport::{CLOSE_DEADLINE, Transport};
 
 pub struct WsTransport(pub WebSocket);
 
@@ -41,7 +41,19 @@ impl Transport for WsTransport {
             .map_err(io::Error::other)
     }
 
-    async fn close(&mut self) {
-        let _ = self.0.send(Message::Close(None)).await;
+    async fn close(&mut self, linger: bool) {
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
+            if self.0.send(Message::Close(None)).await.is_err() || !linger {
+                return;
+            }
+            // Until the client's Close (or the deadline): the WebSocket
+            // closing handshake, and any frames it still had in flight.
+            while let Some(Ok(m)) = self.0.recv().await {
+                if matches!(m, Message::Close(_)) {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 }

@@ -18,7 +18,8 @@ impl Connection {
         if self.acl_cache.len() >= 1024 {
             self.acl_cache.clear();
         }
-        self.acl_cache.insert(topic.clone(), allowed);
+        // Its own copy: a slice would pin the publisher's read buffer.
+        self.acl_cache.insert(ByteString::from(&**topic), allowed);
         allowed
     }
 

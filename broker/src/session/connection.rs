@@ -14,17 +14,22 @@ use starling_codec::{
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::handshake::{self, Agreed};
+use super::registry::{OpenError, OpenRequest};
 use super::state::{ConnLink, QueueLimits, Session};
 use crate::listen::transport::Transport;
-use crate::metrics;
+use crate::logging::{Shown, shown};
+use crate::metrics::{self, Limit};
 use crate::router::{Delivery, SubEntry};
 use crate::server::Shared;
 use starling_model::acl::Principal;
+use starling_model::config::ClientIds;
 
 /// Stop filling the write buffer past this; it is flushed and the drain resumes.
 pub(super) const WRITE_BATCH: usize = 64 * 1024;
 /// A client that takes longer than this to accept one batch is stalled.
 const WRITE_STALL: Duration = Duration::from_secs(30);
+/// Longest wait for the last bytes (acks, DISCONNECT) when closing.
+const CLOSE_WRITE_DEADLINE: Duration = Duration::from_secs(2);
 /// Longest pause of a publisher for one congested subscriber. A subscriber
 /// that frees no room in this time is treated as stalled and ...
 pub(super) const BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
@@ -49,13 +54,15 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
     metrics::inc(&m.connections_current);
     let mut rbuf = BytesMut::new();
     let limits = &shared.config.limits;
-    let max_packet = limits.max_packet_size as usize;
+    // The client is unknown until CONNECT is decoded: keep what it may make
+    // the broker buffer small.
+    let max_connect = limits.max_connect_packet_size.min(limits.max_packet_size) as usize;
     // The connect, start and finish phases are boxed: a task's future is as
     // large as its largest state, and every idle connection pays for it;
     // only the steady-state loop (`run`) stays inline.
     let connect = Box::pin(timeout(
         Duration::from_secs(limits.connect_timeout),
-        read_connect(&mut t, &mut rbuf, max_packet),
+        read_connect(&mut t, &mut rbuf, max_connect),
     ))
     .await;
     match connect {
@@ -70,7 +77,8 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
                 Some(conn) => conn,
                 None => {
                     metrics::inc(&m.connections_refused);
-                    t.close().await;
+                    // Linger so the client reads its CONNACK refusal.
+                    t.close(true).await;
                     metrics::dec(&m.connections_current);
                     return;
                 }
@@ -88,6 +96,15 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
                 .write_all(&[0x20, 0x02, 0x00, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION])
                 .await;
         }
+        Ok(Err(ConnectError::Decode(DecodeError::PacketTooLarge { size, max }))) => {
+            metrics::inc(&m.connections_refused);
+            shared.metrics.limit_hit(crate::metrics::Limit::ConnectSize);
+            tracing::debug!(%peer, size, max, "CONNECT over max_connect_packet_size; closing");
+            // No lingering: that would read the oversized body after all.
+            t.close(false).await;
+            metrics::dec(&m.connections_current);
+            return;
+        }
         Ok(Err(e)) => {
             metrics::inc(&m.connections_refused);
             if !matches!(e, ConnectError::Closed) {
@@ -100,7 +117,7 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
             tracing::debug!(%peer, "no CONNECT within the connect timeout");
         }
     }
-    t.close().await;
+    t.close(true).await;
     metrics::dec(&m.connections_current);
 }
 
@@ -215,8 +232,11 @@ impl Connection {
         ) {
             Ok(p) => p,
             Err(e) => {
-                // The reason is logged, never the secret.
-                tracing::info!(%peer, client_id = %c.client_id, username = ?c.username.as_deref(), reason = %e, "authentication failed");
+                // The reason is logged, never the secret; client values are
+                // cut and escaped, and the line is rate-limited.
+                if let Some(suppressed) = shared.auth_log.take(std::time::Instant::now()) {
+                    tracing::info!(%peer, client_id = %Shown(&c.client_id), username = %shown(c.username.as_deref()), reason = %e, suppressed, "authentication failed");
+                }
                 let code = handshake::refusal_code(v, &e);
                 let _ = codec::encode(&refuse(code), v, &mut out);
                 let _ = t.write_all(&out).await;
@@ -249,16 +269,54 @@ impl Connection {
             return None;
         }
         let link = Arc::new(ConnLink::default());
-        let opened = shared.registry.open(
-            &agreed.client_id,
-            c.clean_start,
-            agreed.session_expiry,
-            link.clone(),
-            QueueLimits {
+        let owner: Option<Arc<str>> = principal.name().map(Arc::from);
+        let key = match (&owner, shared.config.auth.client_ids) {
+            // NUL cannot occur in an MQTT string, so keys cannot collide.
+            (Some(token), ClientIds::PerToken) => format!("{token}\0{}", agreed.client_id),
+            _ => agreed.client_id.clone(),
+        };
+        let opened = shared.registry.open(OpenRequest {
+            key: &key,
+            owner,
+            clean_start: c.clean_start,
+            expiry: agreed.session_expiry,
+            link: link.clone(),
+            limits: QueueLimits {
                 max_messages: limits.max_queued_messages,
                 max_bytes: limits.max_queued_bytes,
             },
-        );
+            max_persistent: limits.max_persistent_sessions,
+        });
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let (limit, code) = match e {
+                    OpenError::NotOwner => (
+                        Limit::ClientIdOwner,
+                        if v.is_v5() {
+                            reason::CLIENT_IDENTIFIER_NOT_VALID
+                        } else {
+                            reason::v3::IDENTIFIER_REJECTED
+                        },
+                    ),
+                    OpenError::PersistentFull => (
+                        Limit::PersistentSessions,
+                        if v.is_v5() {
+                            reason::QUOTA_EXCEEDED
+                        } else {
+                            reason::v3::SERVER_UNAVAILABLE
+                        },
+                    ),
+                };
+                shared.metrics.limit_hit(limit);
+                if let Some(suppressed) = shared.auth_log.take(std::time::Instant::now()) {
+                    tracing::info!(%peer, client_id = %Shown(&agreed.client_id), token = ?principal.name(), reason = %e, suppressed, "connection refused");
+                }
+                let _ = codec::encode(&refuse(code), v, &mut out);
+                let _ = t.write_all(&out).await;
+                return None;
+            }
+        };
         if let Some(old) = &opened.replaced {
             shared.router.drop_session(old);
         }
@@ -269,7 +327,13 @@ impl Connection {
             link,
             version: v,
             agreed,
-            will: c.will.map(Box::new),
+            will: c.will.map(|mut w| {
+                // Kept for the whole connection: not a slice of the CONNECT.
+                w.topic = ByteString::from(&*w.topic);
+                w.payload = bytes::Bytes::copy_from_slice(&w.payload);
+                w.properties.detach();
+                Box::new(w)
+            }),
             principal,
             acl_cache: HashMap::new(),
             peer,
@@ -432,8 +496,10 @@ impl Connection {
         }
     }
 
-    /// Sends what is owed, the v5 DISCONNECT if the broker is closing, the
-    /// will if the client vanished, and hands the session back.
+    /// Sends what is owed and the v5 DISCONNECT if the broker is closing,
+    /// hands the session back and handles the will — all before the socket
+    /// is closed, so a peer that stops reading cannot delay any of it — and
+    /// then closes the socket within a deadline.
     async fn finish<T: Transport>(mut self, t: &mut T, end: End) {
         if let End::Server(code) = end {
             if code == reason::SERVER_SHUTTING_DOWN {
@@ -447,10 +513,18 @@ impl Connection {
                 }));
             }
         }
-        if !self.wbuf.is_empty() {
-            let _ = timeout(Duration::from_secs(2), t.write_all(&self.wbuf)).await;
+        if !self.wbuf.is_empty() && !matches!(end, End::Lost) {
+            let _ = timeout(CLOSE_WRITE_DEADLINE, t.write_all(&self.wbuf)).await;
         }
-        t.close().await;
+        self.hand_back(end);
+        // Broker-initiated closes linger so the client reads the reason.
+        t.close(matches!(end, End::Server(_))).await;
+        tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, ?end, "disconnected");
+    }
+
+    /// Detaches the session (dropping it if it ends with the connection)
+    /// and publishes or schedules the will.
+    fn hand_back(&mut self, end: End) {
         let publish_will = match end {
             End::ClientDisconnect { will } => will,
             End::Lost => true,
@@ -506,6 +580,5 @@ impl Connection {
                 });
             }
         }
-        tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, ?end, "disconnected");
     }
 }

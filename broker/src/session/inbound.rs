@@ -1,18 +1,21 @@
 //! Packets from the client: PUBLISH (with topic aliases, QoS 2 dedupe and
 //! ACL check), acknowledgements, SUBSCRIBE/UNSUBSCRIBE, PINGREQ, DISCONNECT.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use starling_codec::{
-    ByteString, Packet, Properties, PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck,
-    Unsubscribe, reason,
+    ByteString, Packet, Properties, PubResp, Publish, QoS, SubAck, Subscribe, SubscribeFilter,
+    UnsubAck, Unsubscribe, reason,
 };
+use starling_model::topic::TopicError;
 use tokio::time::Instant;
 
 use super::connection::{Connection, End};
-use crate::metrics;
-use crate::router::{Message, SubOptions};
+use crate::logging::Shown;
+use crate::metrics::{self, Limit};
+use crate::router::{GroupsFull, Message, SubOptions};
 
 impl Connection {
     pub(super) fn protocol_error(&self, why: &str) -> Option<End> {
@@ -22,6 +25,11 @@ impl Connection {
     }
 
     pub(super) fn handle(&mut self, p: Packet) -> Option<End> {
+        // Taken over (or kicked) while packets were still buffered: nothing
+        // more of this connection may touch the session.
+        if let Some(r) = self.link.kicked() {
+            return Some(End::Server(r));
+        }
         match p {
             Packet::Publish(p) => return self.on_publish(p),
             Packet::PubAck(r) => {
@@ -65,7 +73,7 @@ impl Connection {
                 self.session.lock().take_inflight(r.pkid);
             }
             Packet::Subscribe(s) => return self.on_subscribe(s),
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::Unsubscribe(u) => return self.on_unsubscribe(u),
             Packet::PingReq => self.write_packet(&Packet::PingResp),
             Packet::Disconnect(d) => {
                 if self.version.is_v5()
@@ -106,7 +114,8 @@ impl Connection {
                         None => return self.protocol_error("unknown topic alias"),
                     }
                 } else {
-                    self.aliases_in.insert(alias, p.topic.clone());
+                    // Kept across packets: its own copy, not a slice of the read buffer.
+                    self.aliases_in.insert(alias, ByteString::from(&*p.topic));
                 }
             }
             if !p.properties.subscription_identifiers.is_empty() {
@@ -132,7 +141,10 @@ impl Connection {
             st.incoming_qos2.insert(p.pkid);
         }
         let code = match self.shared.check_topic(&p.topic) {
-            Err(_) => {
+            Err(e) => {
+                if matches!(e, TopicError::TooManyLevels { .. }) {
+                    self.shared.metrics.limit_hit(Limit::TopicLevels);
+                }
                 metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
                 reason::TOPIC_NAME_INVALID
             }
@@ -145,6 +157,9 @@ impl Connection {
             Ok(()) => {
                 let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
                 let routed = self.shared.router.publish(msg, &mut self.scratch);
+                if routed.retained_full {
+                    metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
+                }
                 self.yield_soon |= routed.busy;
                 if let Some(s) = routed.congested {
                     let now = Instant::now();
@@ -155,7 +170,9 @@ impl Connection {
                         self.blocked = Some((s, now + super::connection::BACKPRESSURE_WAIT));
                     }
                 }
-                if routed.matched == 0 {
+                if routed.retained_full {
+                    reason::QUOTA_EXCEEDED
+                } else if routed.matched == 0 {
                     reason::NO_MATCHING_SUBSCRIBERS
                 } else {
                     reason::SUCCESS
@@ -165,6 +182,12 @@ impl Connection {
         // v3.1.1 cannot refuse a publish: it is acknowledged (and counted as
         // dropped above) so the client does not resend it forever.
         let code = if self.version.is_v5() { code } else { 0 };
+        if code >= 0x80 && p.qos == QoS::ExactlyOnce {
+            // A refusing PUBREC ends the QoS 2 flow (MQTT 4.3.3): the id is
+            // free again, so its next use is a new message, not a duplicate,
+            // and refusals never fill the Receive Maximum.
+            self.session.lock().incoming_qos2.remove(&p.pkid);
+        }
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.write_packet(&Packet::PubAck(PubResp::new(p.pkid, code))),
@@ -202,6 +225,10 @@ impl Connection {
         }
     }
 
+    /// Handles a SUBSCRIBE with bounded work: each distinct filter once
+    /// (the last occurrence's options win, as a later subscription
+    /// replaces an earlier one), the session's subscription cap, and
+    /// retained messages queued only up to the session's queue cap.
     pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Option<End> {
         let v5 = self.version.is_v5();
         let sub_id = s
@@ -210,33 +237,48 @@ impl Connection {
             .first()
             .copied()
             .unwrap_or(0);
-        let mut codes = Vec::with_capacity(s.filters.len());
+        let n = s.filters.len();
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(n);
+        for (i, f) in s.filters.iter().enumerate() {
+            last.insert(&f.filter, i);
+        }
+        let mut codes = vec![0u8; n];
         let mut retained = Vec::new();
-        for f in &s.filters {
-            let parsed = match starling_model::topic::parse_subscription(&f.filter) {
-                Ok(p) if self.shared.check_filter(p.filter).is_ok() => p,
-                _ => {
-                    codes.push(if v5 {
-                        reason::TOPIC_FILTER_INVALID
-                    } else {
-                        reason::v3::SUBACK_FAILURE
-                    });
-                    continue;
-                }
-            };
-            if parsed.share_group.is_some() && f.no_local && v5 {
-                return self.protocol_error("no-local on a shared subscription");
-            }
-            if !self.principal.may_subscribe(parsed.filter) {
-                metrics::inc(&self.shared.metrics.acl_refusals);
-                tracing::debug!(peer = %self.peer, token = ?self.principal.name(), filter = %f.filter, "subscription refused by ACL");
-                codes.push(if v5 {
-                    reason::NOT_AUTHORIZED
-                } else {
-                    reason::v3::SUBACK_FAILURE
-                });
+        for (i, f) in s.filters.iter().enumerate() {
+            if last.get(&*f.filter) != Some(&i) {
                 continue;
             }
+            let outcome = self.subscribe_one(f, sub_id);
+            codes[i] = match outcome {
+                Ok((code, Some(filter))) => {
+                    retained.push((filter, i));
+                    code
+                }
+                Ok((code, None)) => code,
+                Err(end) => return Some(end),
+            };
+        }
+        for (i, f) in s.filters.iter().enumerate() {
+            if let Some(&j) = last.get(&*f.filter)
+                && j != i
+            {
+                codes[i] = codes[j];
+            }
+        }
+        if !v5 {
+            for c in &mut codes {
+                if *c >= 0x80 {
+                    *c = reason::v3::SUBACK_FAILURE;
+                }
+            }
+        }
+        self.write_packet(&Packet::SubAck(SubAck {
+            pkid: s.pkid,
+            codes,
+            properties: Properties::default(),
+        }));
+        for (filter, i) in retained {
+            let f = &s.filters[i];
             let opts = SubOptions {
                 qos: f.qos,
                 no_local: f.no_local,
@@ -244,47 +286,97 @@ impl Connection {
                 retain_handling: f.retain_handling,
                 sub_id,
             };
-            let is_new = self.shared.router.subscribe(
-                &self.session,
-                parsed.filter,
-                parsed.share_group,
-                opts,
-            );
-            self.session
-                .lock()
-                .subscriptions
-                .insert(f.filter.clone(), opts);
-            let send_retained = parsed.share_group.is_none()
-                && match f.retain_handling {
-                    0 => true,
-                    1 => is_new,
-                    _ => false,
-                };
-            if send_retained {
-                retained.extend(self.shared.router.retained_for(parsed.filter, &opts));
-            }
-            codes.push(f.qos as u8);
-        }
-        self.write_packet(&Packet::SubAck(SubAck {
-            pkid: s.pkid,
-            codes,
-            properties: Properties::default(),
-        }));
-        for d in retained {
-            self.session.enqueue(d, &self.shared.metrics);
+            self.shared
+                .router
+                .deliver_retained(&self.session, &filter, &opts);
         }
         None
     }
 
-    pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
+    /// One filter of a SUBSCRIBE: the v5 reason code (mapped for 3.1.1 by
+    /// the caller) and, when retained messages are due, the filter to send
+    /// them for.
+    fn subscribe_one(
+        &mut self,
+        f: &SubscribeFilter,
+        sub_id: u32,
+    ) -> Result<(u8, Option<String>), End> {
+        let parsed = match starling_model::topic::parse_subscription(&f.filter) {
+            Ok(p) => p,
+            Err(_) => return Ok((reason::TOPIC_FILTER_INVALID, None)),
+        };
+        if let Err(e) = self.shared.check_filter(parsed.filter) {
+            if matches!(e, TopicError::TooManyLevels { .. }) {
+                self.shared.metrics.limit_hit(Limit::TopicLevels);
+            }
+            return Ok((reason::TOPIC_FILTER_INVALID, None));
+        }
+        if parsed.share_group.is_some() && f.no_local && self.version.is_v5() {
+            return Err(self
+                .protocol_error("no-local on a shared subscription")
+                .unwrap_or(End::Server(reason::PROTOCOL_ERROR)));
+        }
+        if !self.principal.may_subscribe(parsed.filter) {
+            metrics::inc(&self.shared.metrics.acl_refusals);
+            tracing::debug!(peer = %self.peer, token = ?self.principal.name(), filter = %Shown(&f.filter), "subscription refused by ACL");
+            return Ok((reason::NOT_AUTHORIZED, None));
+        }
+        let opts = SubOptions {
+            qos: f.qos,
+            no_local: f.no_local,
+            retain_as_published: f.retain_as_published,
+            retain_handling: f.retain_handling,
+            sub_id,
+        };
+        // Checked and applied under the session lock: a connection that was
+        // taken over meanwhile must not add subscriptions to the session
+        // (or to the router, for a session already dropped).
+        let mut st = self.session.lock();
+        if !st.owned_by(&self.link) {
+            return Err(End::Server(reason::SESSION_TAKEN_OVER));
+        }
+        let existing = st.subscriptions.contains_key(&f.filter);
+        if !existing
+            && st.subscriptions.len() >= self.shared.config.limits.max_subscriptions_per_session
+        {
+            drop(st);
+            self.shared.metrics.limit_hit(Limit::Subscriptions);
+            return Ok((reason::QUOTA_EXCEEDED, None));
+        }
+        let is_new = match self.shared.router.subscribe(
+            &self.session,
+            parsed.filter,
+            parsed.share_group,
+            opts,
+        ) {
+            Ok(n) => n,
+            Err(GroupsFull) => return Ok((reason::QUOTA_EXCEEDED, None)),
+        };
+        st.subscriptions.insert(ByteString::from(&*f.filter), opts);
+        drop(st);
+        let send_retained = parsed.share_group.is_none()
+            && match f.retain_handling {
+                0 => true,
+                1 => is_new,
+                _ => false,
+            };
+        Ok((f.qos as u8, send_retained.then(|| parsed.filter.to_owned())))
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) -> Option<End> {
         let mut codes = Vec::with_capacity(u.filters.len());
         for raw in &u.filters {
-            let existed = self.session.lock().subscriptions.remove(raw).is_some();
+            let mut st = self.session.lock();
+            if !st.owned_by(&self.link) {
+                return Some(End::Server(reason::SESSION_TAKEN_OVER));
+            }
+            let existed = st.subscriptions.remove(raw).is_some();
             if existed && let Ok(p) = starling_model::topic::parse_subscription(raw) {
                 self.shared
                     .router
                     .unsubscribe(self.session.key, p.filter, p.share_group);
             }
+            drop(st);
             codes.push(if existed {
                 reason::SUCCESS
             } else {
@@ -299,5 +391,6 @@ impl Connection {
             codes,
             properties: Properties::default(),
         }));
+        None
     }
 }

@@ -37,6 +37,12 @@ impl Connection {
         let mut bytes = 0;
         {
             let mut st = self.session.lock();
+            if !st.owned_by(&self.link) {
+                // Taken over: the queue is the new connection's now. Draining
+                // it here would put messages in flight on a dead socket,
+                // where they block the new connection's window.
+                return;
+            }
             while bytes < WRITE_BATCH && st.inflight.len() < window {
                 let Some(d) = st.pop_queued() else { break };
                 bytes += d.cost() + 16;
@@ -88,8 +94,11 @@ impl Connection {
                     topic = "";
                 }
                 None => {
-                    let next = self.aliases_out.len() as u16 + 1;
-                    if next <= self.agreed.client_alias_max {
+                    // Assigned 1..=Topic Alias Maximum, then no more (u16
+                    // arithmetic would wrap to the invalid alias 0).
+                    let used = self.aliases_out.len();
+                    if used < usize::from(self.agreed.client_alias_max) {
+                        let next = u16::try_from(used + 1).unwrap_or(u16::MAX);
                         self.aliases_out.insert(msg.topic.clone(), next);
                         alias = Some(next);
                     }

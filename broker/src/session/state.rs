@@ -115,17 +115,33 @@ pub struct Session {
     congested: AtomicBool,
     /// Publishers paused by backpressure wait here.
     pub space: Notify,
+    /// The token that made the session (`None`: anonymous). With tokens, a
+    /// client id belongs to its owner: another token may not take it over.
+    pub owner: Option<Arc<str>>,
+    /// Counted against `max_persistent_sessions` (registry bookkeeping).
+    pub counted_persistent: AtomicBool,
     state: Mutex<SessionState>,
 }
 
 impl Session {
     pub fn new(key: u64, client_id: Arc<str>, limits: QueueLimits) -> Self {
+        Self::owned(key, client_id, limits, None)
+    }
+
+    pub fn owned(
+        key: u64,
+        client_id: Arc<str>,
+        limits: QueueLimits,
+        owner: Option<Arc<str>>,
+    ) -> Self {
         Session {
             key,
             client_id,
             online: AtomicBool::new(false),
             congested: AtomicBool::new(false),
             space: Notify::new(),
+            owner,
+            counted_persistent: AtomicBool::new(false),
             state: Mutex::new(SessionState {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -150,6 +166,13 @@ impl Session {
 
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Relaxed)
+    }
+
+    /// Is `link` the connection attached to this session? Only that one may
+    /// drain the queue or change subscriptions: a connection that was taken
+    /// over is still running until it notices its kick.
+    pub fn is_attached(&self, link: &Arc<ConnLink>) -> bool {
+        self.lock().owned_by(link)
     }
 
     /// Attaches a connection, kicking the previous one (session takeover).
@@ -195,6 +218,17 @@ impl Session {
     /// pauses: a burst from fast publishers is slowed down instead of lost,
     /// and memory stays bounded by twice the cap.
     pub fn enqueue(&self, d: Delivery, metrics: &Metrics) -> Queued {
+        self.enqueue_with(d, metrics, true)
+    }
+
+    /// Like [`Session::enqueue`] without the second allowance: for work the
+    /// broker makes on its own (retained messages on subscribe), which must
+    /// stop at the cap rather than pause anyone.
+    pub fn enqueue_within_cap(&self, d: Delivery, metrics: &Metrics) -> Queued {
+        self.enqueue_with(d, metrics, false)
+    }
+
+    fn enqueue_with(&self, d: Delivery, metrics: &Metrics, may_exceed: bool) -> Queued {
         let mut st = self.lock();
         let qos = d.qos as usize;
         let online = st.link.is_some();
@@ -203,7 +237,7 @@ impl Session {
             return Queued::Dropped;
         }
         let reliable = online && d.qos != QoS::AtMostOnce;
-        let allowance = if reliable { 2 } else { 1 };
+        let allowance = if reliable && may_exceed { 2 } else { 1 };
         let cost = d.cost();
         if st.queue.len() >= st.limits.max_messages * allowance
             || st.queued_bytes + cost > st.limits.max_bytes * allowance
@@ -247,6 +281,10 @@ impl Session {
 }
 
 impl SessionState {
+    pub fn owned_by(&self, link: &Arc<ConnLink>) -> bool {
+        self.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, link))
+    }
+
     fn over_cap(&self) -> bool {
         self.queue.len() >= self.limits.max_messages || self.queued_bytes > self.limits.max_bytes
     }
