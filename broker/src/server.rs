@@ -229,15 +229,13 @@ fn tls_resolver(cfg: &BrokerConfig) -> anyhow::Result<Option<Arc<tls::ReloadingR
 /// Binds `addr`. A taken port is a clear error, except for the local HTTP
 /// listener, which moves to a free port (and says so) like shiftr Desktop.
 async fn bind(name: &str, addr: &str, may_move: bool) -> anyhow::Result<(TcpListener, String)> {
-    match TcpListener::bind(addr).await {
+    match listen_on(addr).await {
         Ok(l) => Ok((l, String::new())),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse && may_move => {
             let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or("127.0.0.1");
-            let l = TcpListener::bind((host.trim_matches(['[', ']']), 0))
-                .await
-                .with_context(|| {
-                    format!("{name} listener: {addr} is in use and no free port was found")
-                })?;
+            let l = listen_on(&format!("{host}:0")).await.with_context(|| {
+                format!("{name} listener: {addr} is in use and no free port was found")
+            })?;
             Ok((l, format!(" (port of {addr} was in use; moved)")))
         }
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
@@ -249,6 +247,30 @@ async fn bind(name: &str, addr: &str, may_move: bool) -> anyhow::Result<(TcpList
             Err(anyhow::Error::new(e).context(format!("{name} listener: cannot bind {addr}")))
         }
     }
+}
+
+/// Pending connections the kernel queues per listener. The std default
+/// (128) overflows in a reconnect storm: SYNs are dropped and clients wait
+/// a second for the retry.
+const LISTEN_BACKLOG: u32 = 1024;
+
+async fn listen_on(addr: &str) -> io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
+    }))
 }
 
 /// Drops sessions whose expiry interval has passed since their client left.

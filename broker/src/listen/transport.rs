@@ -81,6 +81,11 @@ impl Transport for TcpTransport {
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
             self.stream.readable().await?;
+            // Readiness and try_read never spend tokio's cooperative budget:
+            // a client whose socket always has data would keep its worker
+            // thread and starve every connection queued there. Spent before
+            // reading, so a cancelled call has read nothing (cancel safety).
+            tokio::task::consume_budget().await;
             let want = if self.busy { READ_CHUNK } else { 2048 };
             if buf.capacity() - buf.len() < want / 4 {
                 buf.reserve(want);

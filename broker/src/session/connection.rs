@@ -452,18 +452,49 @@ impl Connection {
         }
     }
 
+    /// Writes the batch. A client that does not read can hold this for up
+    /// to [`WRITE_STALL`], so it also listens for a kick: a takeover (or
+    /// revocation) of a stalled connection takes effect at once, not when
+    /// the stall times out. Abandoning the write is fine then: the
+    /// connection is ending.
     async fn flush<T: Transport>(&mut self, t: &mut T) -> Option<End> {
         let n = self.wbuf.len();
-        match timeout(WRITE_STALL, t.write_all(&self.wbuf)).await {
-            Ok(Ok(())) => {
+        let link = self.link.clone();
+        let mut woken = false;
+        let result = {
+            let write = timeout(WRITE_STALL, t.write_all(&self.wbuf));
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut write => break Some(r),
+                    _ = link.wake.notified() => {
+                        if link.kicked().is_some() {
+                            break None;
+                        }
+                        woken = true;
+                    }
+                }
+            }
+        };
+        if woken {
+            // The wake-up was for the run loop (queued messages, a bundle
+            // re-check): hand it back.
+            link.wake.notify_one();
+        }
+        match result {
+            None => Some(End::Server(
+                link.kicked().unwrap_or(reason::UNSPECIFIED_ERROR),
+            )),
+            Some(Ok(Ok(()))) => {
                 metrics::add(&self.shared.metrics.bytes_out, n as u64);
                 // Released rather than kept: an idle connection should hold
                 // no buffers; a busy one pays one allocation per batch.
                 self.wbuf = BytesMut::new();
                 None
             }
-            Ok(Err(_)) => Some(End::Lost),
-            Err(_) => {
+            Some(Ok(Err(_))) => Some(End::Lost),
+            Some(Err(_)) => {
                 tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, "client stalled: not reading");
                 self.wbuf.clear();
                 Some(End::Lost)
