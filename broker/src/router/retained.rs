@@ -83,6 +83,10 @@ impl RetainedStore {
         self.count
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// Whether `msg` (a retained publish) could be applied: clearing and
     /// replacing always can; a new topic must fit the caps.
     pub fn admits(&self, msg: &Message) -> bool {
