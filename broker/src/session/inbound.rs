@@ -250,8 +250,8 @@ impl Connection {
             }
             let outcome = self.subscribe_one(f, sub_id);
             codes[i] = match outcome {
-                Ok((code, Some(filter))) => {
-                    retained.push((filter, i));
+                Ok((code, Some(due))) => {
+                    retained.push(due);
                     code
                 }
                 Ok((code, None)) => code,
@@ -277,15 +277,7 @@ impl Connection {
             codes,
             properties: Properties::default(),
         }));
-        for (filter, i) in retained {
-            let f = &s.filters[i];
-            let opts = SubOptions {
-                qos: f.qos,
-                no_local: f.no_local,
-                retain_as_published: f.retain_as_published,
-                retain_handling: f.retain_handling,
-                sub_id,
-            };
+        for (filter, opts) in retained {
             self.shared
                 .router
                 .deliver_retained(&self.session, &filter, &opts);
@@ -294,13 +286,13 @@ impl Connection {
     }
 
     /// One filter of a SUBSCRIBE: the v5 reason code (mapped for 3.1.1 by
-    /// the caller) and, when retained messages are due, the filter to send
-    /// them for.
+    /// the caller) and, when retained messages are due, the filter and
+    /// options to send them with.
     fn subscribe_one(
         &mut self,
         f: &SubscribeFilter,
         sub_id: u32,
-    ) -> Result<(u8, Option<String>), End> {
+    ) -> Result<(u8, Option<(String, SubOptions)>), End> {
         let parsed = match starling_model::topic::parse_subscription(&f.filter) {
             Ok(p) => p,
             Err(_) => return Ok((reason::TOPIC_FILTER_INVALID, None)),
@@ -360,7 +352,10 @@ impl Connection {
                 1 => is_new,
                 _ => false,
             };
-        Ok((f.qos as u8, send_retained.then(|| parsed.filter.to_owned())))
+        Ok((
+            f.qos as u8,
+            send_retained.then(|| (parsed.filter.to_owned(), opts)),
+        ))
     }
 
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) -> Option<End> {
