@@ -159,6 +159,7 @@ mod tests {
         expected.tls.cert = Some("/etc/starling/tls/tls.crt".into());
         expected.tls.key = Some("/etc/starling/tls/tls.key".into());
         expected.auth.anonymous = Anonymous::Deny;
+        expected.limits.max_connections_per_address = 0;
         assert_eq!(cfg, expected);
     }
 
