@@ -33,9 +33,13 @@ pub const DEFAULT_IMAGE: &str = concat!(
     status = "BrokerStatus",
     shortname = "br",
     category = "starling",
-    validation = kube::core::Rule::new("size(self.metadata.name) <= 52 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
-        .message("Broker names are DNS labels of at most 52 characters (they name a Service and a StatefulSet, and become label values)")
-        .field_path(".metadata.name"),
+    // Rules on metadata.name live at the root without a fieldPath: the API
+    // server resolves fieldPath against the schema, which has no metadata
+    // (it refuses the CRD otherwise); the message names the field instead.
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 52")
+        .message("metadata.name: a Broker name is at most 52 characters (it names a Service and a StatefulSet, and becomes a label value)"),
+    validation = kube::core::Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name: a Broker name is a DNS label: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit"),
     doc = "A Starling MQTT broker: listeners, TLS, limits, persistence and pod settings. Tokens and ACLs refer to it by name.",
     printcolumn(
         name = "Ready",

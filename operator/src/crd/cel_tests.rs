@@ -84,13 +84,21 @@ fn broker_rules() {
         ),
         "LoadBalancer",
     );
+    check::<Broker>(broker(&"b".repeat(52), json!({})), None).unwrap();
+    check::<Broker>(broker("home-2", json!({})), None).unwrap();
+    for bad in ["Home", "home-", "home.iot", "-home"] {
+        fails_with(
+            check::<Broker>(broker(bad, json!({})), None),
+            "metadata.name: a Broker name is a DNS label",
+        );
+    }
     fails_with(
         check::<Broker>(broker("9lives", json!({})), None),
-        "DNS labels",
+        "metadata.name: a Broker name is a DNS label",
     );
     fails_with(
         check::<Broker>(broker(&"b".repeat(53), json!({})), None),
-        "52 characters",
+        "metadata.name: a Broker name is at most 52 characters",
     );
 }
 
@@ -123,12 +131,17 @@ fn token_rules() {
         ),
         "brokerRef cannot be changed",
     );
+    check::<Token>(
+        token(&"t".repeat(63), json!({"brokerRef": {"name": "demo"}})),
+        None,
+    )
+    .unwrap();
     fails_with(
         check::<Token>(
             token(&"t".repeat(64), json!({"brokerRef": {"name": "demo"}})),
             None,
         ),
-        "63 characters",
+        "metadata.name: a Token name is at most 63 characters",
     );
 }
 

@@ -26,9 +26,10 @@ use super::common::{BrokerRef, Condition, conditions_schema};
     validation = kube::core::Rule::new("!has(self.spec.secretRef) || self.spec.secretRef.name != self.metadata.name + '-credentials'")
         .message("spec.secretRef must not name the credentials Secret the operator writes (<token>-credentials)")
         .field_path(".spec.secretRef.name"),
+    // No fieldPath on a metadata.name rule: the API server resolves it
+    // against the schema, which has no metadata (see broker.rs).
     validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
-        .message("Token names are at most 63 characters (they become label values)")
-        .field_path(".metadata.name"),
+        .message("metadata.name: a Token name is at most 63 characters (it becomes a label value)"),
     doc = "A client token for a Starling Broker; its labels can be matched by ACL tokenSelectors.",
     printcolumn(name = "Broker", type_ = "string", json_path = ".spec.brokerRef.name"),
     printcolumn(
