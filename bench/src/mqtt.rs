@@ -15,6 +15,9 @@ pub const CONNECT: u8 = 1;
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
 pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
+pub const PUBREL: u8 = 6;
+pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
 pub const SUBACK: u8 = 9;
 pub const PINGREQ: u8 = 12;
@@ -64,18 +67,72 @@ fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
 
 /// CONNECT with no credentials, no will.
 pub fn connect(buf: &mut Vec<u8>, v: Version, client_id: &[u8], keepalive: u16, clean: bool) {
-    let props = if v == Version::V5 { 1 } else { 0 };
-    let rem = 2 + 4 + 1 + 1 + 2 + props + 2 + client_id.len();
+    connect_with(
+        buf,
+        v,
+        &ConnectOpts {
+            client_id,
+            keepalive,
+            clean,
+            ..Default::default()
+        },
+    );
+}
+
+/// What a CONNECT carries besides the protocol version (no will).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectOpts<'a> {
+    pub client_id: &'a [u8],
+    pub keepalive: u16,
+    /// Clean session (3.1.1) / clean start (5).
+    pub clean: bool,
+    pub username: Option<&'a [u8]>,
+    pub password: Option<&'a [u8]>,
+    /// MQTT 5 Session Expiry Interval property, seconds (ignored for 3.1.1,
+    /// whose persistent sessions have no expiry of their own).
+    pub session_expiry: Option<u32>,
+}
+
+pub fn connect_with(buf: &mut Vec<u8>, v: Version, o: &ConnectOpts<'_>) {
+    let v5 = v == Version::V5;
+    let expiry = o.session_expiry.filter(|_| v5);
+    let props = if v5 {
+        1 + if expiry.is_some() { 5 } else { 0 }
+    } else {
+        0
+    };
+    let creds = o.username.map_or(0, |u| 2 + u.len()) + o.password.map_or(0, |p| 2 + p.len());
+    let rem = 2 + 4 + 1 + 1 + 2 + props + 2 + o.client_id.len() + creds;
+    let mut flags = if o.clean { 0x02 } else { 0x00 };
+    if o.username.is_some() {
+        flags |= 0x80;
+    }
+    if o.password.is_some() {
+        flags |= 0x40;
+    }
     buf.push(CONNECT << 4);
     put_varint(buf, rem);
     put_str(buf, b"MQTT");
     buf.push(v.level());
-    buf.push(if clean { 0x02 } else { 0x00 });
-    buf.extend_from_slice(&keepalive.to_be_bytes());
-    if v == Version::V5 {
-        buf.push(0); // no properties
+    buf.push(flags);
+    buf.extend_from_slice(&o.keepalive.to_be_bytes());
+    if v5 {
+        match expiry {
+            Some(e) => {
+                buf.push(5);
+                buf.push(0x11);
+                buf.extend_from_slice(&e.to_be_bytes());
+            }
+            None => buf.push(0),
+        }
     }
-    put_str(buf, client_id);
+    put_str(buf, o.client_id);
+    if let Some(u) = o.username {
+        put_str(buf, u);
+    }
+    if let Some(p) = o.password {
+        put_str(buf, p);
+    }
 }
 
 pub fn subscribe(buf: &mut Vec<u8>, v: Version, pid: u16, filter: &[u8], qos: u8) {
@@ -101,12 +158,25 @@ pub fn publish_header(
     pid: u16,
     payload_len: usize,
 ) {
+    publish_header_flags(buf, v, topic, qos, false, pid, payload_len);
+}
+
+/// [`publish_header`] with the RETAIN flag.
+pub fn publish_header_flags(
+    buf: &mut Vec<u8>,
+    v: Version,
+    topic: &[u8],
+    qos: u8,
+    retain: bool,
+    pid: u16,
+    payload_len: usize,
+) {
     let rem = 2
         + topic.len()
         + if qos > 0 { 2 } else { 0 }
         + if v == Version::V5 { 1 } else { 0 }
         + payload_len;
-    buf.push((PUBLISH << 4) | (qos << 1));
+    buf.push((PUBLISH << 4) | (qos << 1) | u8::from(retain));
     put_varint(buf, rem);
     put_str(buf, topic);
     if qos > 0 {
@@ -124,12 +194,40 @@ pub fn puback(buf: &mut Vec<u8>, pid: u16) {
     buf.extend_from_slice(&pid.to_be_bytes());
 }
 
+/// PUBREC (success), the receiver's first QoS 2 answer.
+pub fn pubrec(buf: &mut Vec<u8>, pid: u16) {
+    buf.push(PUBREC << 4);
+    buf.push(2);
+    buf.extend_from_slice(&pid.to_be_bytes());
+}
+
+/// PUBREL (flags 0b0010, as the spec requires).
+pub fn pubrel(buf: &mut Vec<u8>, pid: u16) {
+    buf.push((PUBREL << 4) | 0x02);
+    buf.push(2);
+    buf.extend_from_slice(&pid.to_be_bytes());
+}
+
+/// PUBCOMP (success).
+pub fn pubcomp(buf: &mut Vec<u8>, pid: u16) {
+    buf.push(PUBCOMP << 4);
+    buf.push(2);
+    buf.extend_from_slice(&pid.to_be_bytes());
+}
+
 pub fn pingreq(buf: &mut Vec<u8>) {
     buf.extend_from_slice(&[PINGREQ << 4, 0]);
 }
 
 pub fn disconnect(buf: &mut Vec<u8>) {
     buf.extend_from_slice(&[DISCONNECT << 4, 0]);
+}
+
+/// MQTT 5 DISCONNECT (normal) that sets the session expiry interval, e.g.
+/// 0 to end a persistent session with this connection.
+pub fn disconnect_v5_expiry(buf: &mut Vec<u8>, expiry: u32) {
+    buf.extend_from_slice(&[DISCONNECT << 4, 7, 0, 5, 0x11]);
+    buf.extend_from_slice(&expiry.to_be_bytes());
 }
 
 /// Length of a complete frame at the start of `b`: `Ok(None)` if more bytes
@@ -163,6 +261,8 @@ pub struct Frame<'a> {
 
 pub struct Publish<'a> {
     pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
     pub pid: u16,
     pub topic: &'a [u8],
     pub payload: &'a [u8],
@@ -205,6 +305,8 @@ pub fn parse_publish<'a>(v: Version, flags: u8, body: &'a [u8]) -> Result<Publis
     let payload = body.get(at..).context("truncated PUBLISH")?;
     Ok(Publish {
         qos,
+        retain: flags & 0x01 != 0,
+        dup: flags & 0x08 != 0,
         pid,
         topic,
         payload,
@@ -214,6 +316,17 @@ pub fn parse_publish<'a>(v: Version, flags: u8, body: &'a [u8]) -> Result<Publis
 /// Return code of a CONNACK (0 = accepted, in both versions).
 pub fn connack_code(body: &[u8]) -> Result<u8> {
     body.get(1).copied().context("truncated CONNACK")
+}
+
+/// Session Present flag of a CONNACK.
+pub fn connack_session_present(body: &[u8]) -> Result<bool> {
+    Ok(body.first().context("truncated CONNACK")? & 0x01 != 0)
+}
+
+/// Packet id and reason code of a PUBACK / PUBREC / PUBREL / PUBCOMP (the
+/// short form, valid in both versions, means success).
+pub fn ack_fields(body: &[u8]) -> Result<(u16, u8)> {
+    Ok((u16_at(body, 0)?, body.get(2).copied().unwrap_or(0)))
 }
 
 /// Granted QoS / reason codes of a SUBACK, after its packet id.
@@ -337,6 +450,23 @@ impl Conn {
         keepalive: u16,
         rbuf: usize,
     ) -> Result<Conn> {
+        let o = ConnectOpts {
+            client_id: client_id.as_bytes(),
+            keepalive,
+            clean: true,
+            ..Default::default()
+        };
+        Ok(Conn::open_with(stream, v, &o, rbuf).await?.0)
+    }
+
+    /// [`Conn::open`] with credentials and session options; also returns the
+    /// CONNACK's Session Present flag.
+    pub async fn open_with(
+        stream: TcpStream,
+        v: Version,
+        o: &ConnectOpts<'_>,
+        rbuf: usize,
+    ) -> Result<(Conn, bool)> {
         stream.set_nodelay(true).context("TCP_NODELAY")?;
         let mut conn = Conn {
             stream,
@@ -344,7 +474,7 @@ impl Conn {
             v,
         };
         let mut out = Vec::with_capacity(64);
-        connect(&mut out, v, client_id.as_bytes(), keepalive, true);
+        connect_with(&mut out, v, o);
         conn.stream.write_all(&out).await.context("send CONNECT")?;
         loop {
             if let Some(f) = conn.rb.next_frame()? {
@@ -355,7 +485,8 @@ impl Conn {
                 );
                 let code = connack_code(f.body)?;
                 ensure!(code == 0, "CONNACK refused with code {code:#x}");
-                return Ok(conn);
+                let present = connack_session_present(f.body)?;
+                return Ok((conn, present));
             }
             conn.rb
                 .fill(&conn.stream)
@@ -366,6 +497,15 @@ impl Conn {
 
     /// SUBSCRIBE one filter and wait for its SUBACK.
     pub async fn subscribe(&mut self, pid: u16, filter: &str, qos: u8) -> Result<()> {
+        let code = self.subscribe_code(pid, filter, qos).await?;
+        ensure!(code < 0x80, "subscription to {filter} refused ({code:#x})");
+        Ok(())
+    }
+
+    /// SUBSCRIBE one filter; the SUBACK's code (granted QoS, or ≥ 0x80 for a
+    /// refusal). Other packets before the SUBACK are skipped; those after it
+    /// stay in the read buffer.
+    pub async fn subscribe_code(&mut self, pid: u16, filter: &str, qos: u8) -> Result<u8> {
         let mut out = Vec::with_capacity(64);
         subscribe(&mut out, self.v, pid, filter.as_bytes(), qos);
         self.stream
@@ -379,9 +519,7 @@ impl Conn {
                 }
                 let (got, codes) = suback_codes(self.v, f.body)?;
                 ensure!(got == pid, "SUBACK for packet id {got}, expected {pid}");
-                let code = codes.first().copied().context("SUBACK without codes")?;
-                ensure!(code < 0x80, "subscription to {filter} refused ({code:#x})");
-                return Ok(());
+                return codes.first().copied().context("SUBACK without codes");
             }
             self.rb
                 .fill(&self.stream)
@@ -444,6 +582,58 @@ mod tests {
         let mut b = vec![0x30];
         put_varint(&mut b, 2 << 20);
         assert!(frame_len(&b).is_err());
+    }
+
+    #[test]
+    fn connect_with_credentials_and_expiry() {
+        let mut b = Vec::new();
+        let o = ConnectOpts {
+            client_id: b"c",
+            keepalive: 30,
+            clean: false,
+            username: Some(b"u"),
+            password: Some(b"pw"),
+            session_expiry: Some(300),
+        };
+        connect_with(&mut b, Version::V5, &o);
+        let (hdr, total) = frame_len(&b).unwrap().unwrap();
+        assert_eq!(total, b.len());
+        let body = &b[hdr..];
+        assert_eq!(&body[..7], &[0, 4, b'M', b'Q', b'T', b'T', 5]);
+        assert_eq!(body[7], 0xc0, "username + password, no clean start");
+        assert_eq!(&body[10..16], &[5, 0x11, 0, 0, 1, 44]);
+        assert_eq!(&body[16..], &[0, 1, b'c', 0, 1, b'u', 0, 2, b'p', b'w']);
+        // 3.1.1 carries no properties.
+        let mut b = Vec::new();
+        connect_with(&mut b, Version::V311, &o);
+        let (hdr, total) = frame_len(&b).unwrap().unwrap();
+        assert_eq!(total, b.len());
+        assert_eq!(&b[hdr + 10..], &[0, 1, b'c', 0, 1, b'u', 0, 2, b'p', b'w']);
+    }
+
+    #[test]
+    fn qos2_acks_and_retain() {
+        let mut b = Vec::new();
+        pubrec(&mut b, 0x0102);
+        pubrel(&mut b, 0x0102);
+        pubcomp(&mut b, 0x0102);
+        assert_eq!(
+            b,
+            [0x50, 2, 1, 2, 0x62, 2, 1, 2, 0x70, 2, 1, 2],
+            "PUBREL has flags 0b0010"
+        );
+        assert_eq!(ack_fields(&[1, 2]).unwrap(), (0x0102, 0));
+        assert_eq!(ack_fields(&[1, 2, 0x87, 0]).unwrap(), (0x0102, 0x87));
+        let mut b = Vec::new();
+        publish_header_flags(&mut b, Version::V311, b"t", 2, true, 9, 1);
+        b.push(b'x');
+        let (hdr, total) = frame_len(&b).unwrap().unwrap();
+        let p = parse_publish(Version::V311, b[0] & 0x0f, &b[hdr..total]).unwrap();
+        assert!(p.retain && !p.dup);
+        assert_eq!((p.qos, p.pid, p.payload), (2, 9, &b"x"[..]));
+        let mut b = Vec::new();
+        disconnect_v5_expiry(&mut b, 0);
+        assert_eq!(frame_len(&b).unwrap().unwrap(), (2, b.len()));
     }
 
     #[test]
