@@ -11,6 +11,14 @@
 #                           QoS 1 messages. Uses $BENCH_STARLING_BIN (or
 #                           $STARLING_BIN) if set, otherwise builds and uses
 #                           the debug broker.
+#   bench/run.sh --soak [SECS]
+#                           soak test (default 600 s; CI runs 60): mixed
+#                           QoS 0/1/2, retained, persistent and short-lived
+#                           clients while the auth bundle is rewritten; fails
+#                           on QoS 1/2 loss, QoS 2 duplicates, RSS growth or
+#                           leaked fds. Writes bench/results/soak-<ts>.jsonl.
+#                           Uses $BENCH_STARLING_BIN (or $STARLING_BIN) if set,
+#                           otherwise builds and uses the release broker.
 #
 # Extra arguments go to `starling-bench compare` (or `smoke`), e.g.
 #   bench/run.sh --repeat 5 --only a-,c-
@@ -21,9 +29,17 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 mode=full
+soak_secs=600
 if [[ "${1:-}" == "--smoke" ]]; then
     mode=smoke
     shift
+elif [[ "${1:-}" == "--soak" ]]; then
+    mode=soak
+    shift
+    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+        soak_secs=$1
+        shift
+    fi
 fi
 
 # Where cargo puts binaries (honours CARGO_TARGET_DIR and config).
@@ -43,6 +59,21 @@ if [[ $mode == smoke ]]; then
         bin="$tdir/debug/starling-broker"
     fi
     BENCH_STARLING_BIN="$bin" exec "$tdir/debug/starling-bench" smoke "$@"
+fi
+
+if [[ $mode == soak ]]; then
+    cargo build -p starling-bench
+    tdir=$(target_dir)
+    bin="${BENCH_STARLING_BIN:-${STARLING_BIN:-}}"
+    if [[ -z "$bin" ]]; then
+        cargo build --release -p starling-broker
+        bin="$tdir/release/starling-broker"
+    fi
+    mkdir -p bench/results
+    out="bench/results/soak-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+    BENCH_STARLING_BIN="$bin" exec "$tdir/debug/starling-bench" soak \
+        --duration "$soak_secs" --out "$out" \
+        --command "bench/run.sh --soak $soak_secs${*:+ $*}" "$@"
 fi
 
 # --- peers -----------------------------------------------------------------

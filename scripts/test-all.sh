@@ -2,7 +2,7 @@
 # Runs every test on a fresh machine: installs what the tests need (Debian
 # packages, a Python venv), builds the workspace, runs the Rust tests
 # (unit + integration against the real broker binary), the Python/mosquitto
-# end-to-end suite and the benchmark smoke.
+# end-to-end suite, the benchmark smoke and a 60 s soak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -27,4 +27,6 @@ STARLING_BIN="$PWD/target/debug/starling-broker" bash e2e/run-python.sh
 if [ -f bench/run.sh ]; then
   echo "== benchmark smoke"
   STARLING_BIN="$PWD/target/debug/starling-broker" bash bench/run.sh --smoke
+  echo "== soak (60 s, debug broker; see BENCHMARKS.md \"Soak\")"
+  STARLING_BIN="$PWD/target/debug/starling-broker" bash bench/run.sh --soak 60
 fi

@@ -60,12 +60,17 @@ pub struct StartOpts<'a> {
     pub max_connections: usize,
     /// Working directory for config, data and logs (created).
     pub dir: PathBuf,
+    /// Extra environment for the broker (Starling: further `STARLING_*`
+    /// settings, e.g. the auth bundle of the soak test).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Broker {
     pub kind: Kind,
     pub pid: u32,
     pub addr: SocketAddr,
+    /// Starling's admin listener (`/metrics`), from its banner.
+    pub admin: Option<SocketAddr>,
     child: Child,
     pub dir: PathBuf,
 }
@@ -143,6 +148,9 @@ impl Broker {
                         "STARLING_LIMITS_MAX_CONNECTIONS",
                         o.max_connections.to_string(),
                     );
+                for (k, v) in &o.env {
+                    cmd.env(k, v);
+                }
             }
             Kind::Mosquitto => {
                 let conf = o.dir.join("mosquitto.conf");
@@ -164,6 +172,7 @@ impl Broker {
             kind,
             pid: child.id(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: None,
             child,
             dir: o.dir.clone(),
         };
@@ -186,6 +195,9 @@ impl Broker {
                 for line in out.lines() {
                     if let Some(addr) = parse_listener(line, "mqtt") {
                         self.addr = addr;
+                    }
+                    if let Some(addr) = parse_listener(line, "admin") {
+                        self.admin = Some(addr);
                     }
                     ready |= line.trim() == "ready";
                 }

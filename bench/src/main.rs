@@ -7,12 +7,15 @@
 //!   Markdown table;
 //! - `smoke`: a few seconds per scenario against Starling only (CI);
 //! - `run`: scenarios against a broker that is already running;
-//! - `report`: rebuild the Markdown from JSON lines.
+//! - `report`: rebuild the Markdown from JSON lines;
+//! - `soak`: minutes of mixed load against Starling while its auth bundle
+//!   changes: QoS 1/2 loss and duplicates, RSS and fd leaks (see soak.rs).
 
 mod broker;
 mod mqtt;
 mod report;
 mod scenario;
+mod soak;
 mod sys;
 
 use anyhow::{Context, Result, bail};
@@ -44,6 +47,9 @@ enum Cmd {
     Run(RunArgs),
     /// Rebuild the Markdown table from JSON lines.
     Report(ReportArgs),
+    /// Long mixed load against Starling with live bundle reloads; fails on
+    /// QoS 1/2 loss, QoS 2 duplicates, RSS growth or leaked fds.
+    Soak(SoakArgs),
 }
 
 #[derive(Args, Clone)]
@@ -138,6 +144,69 @@ struct SmokeArgs {
 }
 
 #[derive(Args)]
+struct SoakArgs {
+    #[arg(
+        long,
+        env = "BENCH_STARLING_BIN",
+        default_value = "target/debug/starling-broker"
+    )]
+    starling_bin: PathBuf,
+    /// Length of the load: `600`, `600s`, `10m`.
+    #[arg(long, default_value = "600s", value_parser = parse_secs)]
+    duration: f64,
+    /// Seconds between rows of the progress table.
+    #[arg(long, default_value_t = 5.0)]
+    report_every: f64,
+    /// Seconds between rewrites of the auth bundle.
+    #[arg(long, default_value_t = 3.0)]
+    reload_every: f64,
+    /// Multiplier of the publish rates (1 = ~970 msg/s published, ~3,800
+    /// deliveries/s).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Short-lived connections per second.
+    #[arg(long, default_value_t = 10.0)]
+    short_rate: f64,
+    /// JSON line output (appended); default bench/results/soak-<UTC time>.jsonl.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// RSS growth over the run (slope after warm-up × duration) that fails
+    /// the soak, MiB; the larger of this and --rss-limit-pct applies.
+    #[arg(long, default_value_t = 2.0)]
+    rss_limit_mib: f64,
+    /// … in percent of the broker's RSS after warm-up.
+    #[arg(long, default_value_t = 10.0)]
+    rss_limit_pct: f64,
+    /// Open fds allowed above the start value once every client has left.
+    #[arg(long, default_value_t = 4)]
+    fd_slack: u64,
+    /// The command line to record.
+    #[arg(long, default_value = "starling-bench soak")]
+    command: String,
+    /// Keep the work directory (bundle, broker stdout/stderr) after a pass.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// `600`, `600s`, `10m`, `1h` → seconds.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (s, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 => Ok(v * mult),
+        _ => Err(format!("{s:?} is not a duration like 60, 60s or 10m")),
+    }
+}
+
+#[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
     load: LoadArgs,
@@ -174,12 +243,13 @@ fn real_main() -> Result<()> {
         Cmd::Compare(a) => a.load.no_pin,
         Cmd::Run(a) => a.load.no_pin,
         Cmd::Smoke(_) => false,
-        Cmd::Report(_) => true,
+        // The soak measures correctness and leaks, not speed: unpinned.
+        Cmd::Report(_) | Cmd::Soak(_) => true,
     };
     let nice = match &cli.cmd {
         Cmd::Compare(a) => Some(a.load.nice),
         Cmd::Run(a) => Some(a.load.nice),
-        Cmd::Smoke(_) | Cmd::Report(_) => None,
+        Cmd::Smoke(_) | Cmd::Report(_) | Cmd::Soak(_) => None,
     };
     let mut pin = plan_pinning(no_pin)?;
     let fifo = match &cli.cmd {
@@ -211,6 +281,7 @@ fn real_main() -> Result<()> {
                 Cmd::Smoke(a) => smoke(a, &pin, nofile).await,
                 Cmd::Run(a) => run_external(a, &pin, nofile).await,
                 Cmd::Report(a) => report_cmd(a),
+                Cmd::Soak(a) => soak_cmd(a).await,
             }
         };
         // On SIGINT/SIGTERM the work is dropped: the running broker's Drop
@@ -416,6 +487,7 @@ async fn one_run(
         fifo,
         max_connections: sc.connections() + 1000,
         dir: dir.clone(),
+        env: Vec::new(),
     };
     let mut b = match Broker::start(kind, &opts).await {
         Ok(b) => b,
@@ -817,6 +889,37 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         bail!("smoke failed: {} scenario(s)", failed.len());
     }
     Ok(())
+}
+
+async fn soak_cmd(a: SoakArgs) -> Result<()> {
+    let bin = sys::find_in_path(&a.starling_bin.to_string_lossy())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .with_context(|| {
+            format!(
+                "Starling binary not found at {} (set BENCH_STARLING_BIN)",
+                a.starling_bin.display()
+            )
+        })?;
+    let out = a.out.unwrap_or_else(|| {
+        let stamp =
+            shell("date", &["-u", "+%Y%m%dT%H%M%SZ"]).unwrap_or_else(|| now_unix().to_string());
+        PathBuf::from(format!("bench/results/soak-{stamp}.jsonl"))
+    });
+    soak::run(soak::Opts {
+        bin,
+        secs: a.duration,
+        report_every: a.report_every,
+        reload_every: a.reload_every,
+        rate: a.rate,
+        short_rate: a.short_rate,
+        out,
+        rss_limit_mib: a.rss_limit_mib,
+        rss_limit_pct: a.rss_limit_pct,
+        fd_slack: a.fd_slack,
+        command: a.command,
+        keep: a.keep,
+    })
+    .await
 }
 
 async fn run_external(a: RunArgs, pin: &Pinning, nofile: u64) -> Result<()> {
