@@ -84,16 +84,22 @@ def test_max_connections(run_broker, factory, version):
     assert sub.get().payload == b"still-served"
     third.disconnect()
     deadline = time.monotonic() + 5.0
+    rv = raw.V5 if version == V5 else raw.V311
     while True:
-        # The slot frees when the broker has processed the DISCONNECT.
-        c = clients(version, connect=False)
+        # The slot frees when the broker has processed the DISCONNECT. A raw
+        # client learns of a refusal at once (paho would wait its whole
+        # CONNACK timeout, longer than this deadline).
+        r = raw.RawClient(b.mqtt, rv)
         try:
-            c.connect()
+            r.connect(uid("after"))
             break
-        except AssertionError:
-            c.close()
+        except (AssertionError, raw.Closed, OSError):
+            r.close()
             assert time.monotonic() < deadline, "no connection admitted after one left"
             time.sleep(0.05)
+    r.send(raw.pingreq())
+    assert r.expect(raw.PINGRESP)
+    r.close()
 
 
 def test_topic_policy(run_broker, factory):
