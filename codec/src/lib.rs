@@ -10,6 +10,8 @@
 mod decode;
 mod encode;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod packet;
 mod properties;
 mod reader;

@@ -5,5 +5,7 @@
 pub mod acl;
 pub mod bundle;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod token;
 pub mod topic;
