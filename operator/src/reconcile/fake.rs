@@ -192,6 +192,175 @@ fn label_match(obj: &Value, selector: Option<&str>) -> bool {
         })
 }
 
+/// The largest request body the API server reads (3 MiB).
+pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
+/// The largest `data` of a Secret or ConfigMap (1 MiB).
+pub const MAX_DATA_BYTES: usize = 1024 * 1024;
+
+/// Kind and API group of a plural, as the API server names them in errors.
+fn kind_of(plural: &str) -> (&'static str, &'static str) {
+    match plural {
+        "statefulsets" => ("StatefulSet", "apps"),
+        "services" => ("Service", ""),
+        "secrets" => ("Secret", ""),
+        "configmaps" => ("ConfigMap", ""),
+        "serviceaccounts" => ("ServiceAccount", ""),
+        "poddisruptionbudgets" => ("PodDisruptionBudget", "policy"),
+        "roles" => ("Role", "rbac.authorization.k8s.io"),
+        "rolebindings" => ("RoleBinding", "rbac.authorization.k8s.io"),
+        "certificates" => ("Certificate", "cert-manager.io"),
+        "brokers" => ("Broker", "starling.dev"),
+        "tokens" => ("Token", "starling.dev"),
+        "acls" => ("ACL", "starling.dev"),
+        _ => ("Object", ""),
+    }
+}
+
+/// A 422 Invalid as the API server words it: `Kind.group "name" is invalid:
+/// field: detail`.
+fn invalid(plural: &str, name: &str, field: &str, cause: &str, detail: &str) -> Box<Resp> {
+    let (kind, group) = kind_of(plural);
+    let qualified = if group.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}.{group}")
+    };
+    let mut body = status_body(
+        422,
+        "Invalid",
+        &format!("{qualified} \"{name}\" is invalid: {field}: {detail}"),
+    );
+    body["details"] = json!({
+        "name": name,
+        "group": group,
+        "kind": plural,
+        "causes": [{"reason": cause, "message": detail, "field": field}],
+    });
+    Box::new(respond(422, &body))
+}
+
+/// Size of a Secret's or ConfigMap's data as the API server counts it
+/// (Secrets: the decoded values; ConfigMaps: keys and values).
+fn data_size(plural: &str, obj: &Value) -> usize {
+    use base64::Engine;
+    let decoded = |v: &Value| {
+        v.as_str()
+            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+            .map_or(0, |b| b.len())
+    };
+    let entries = |field: &str| {
+        obj.get(field)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+    };
+    match plural {
+        "secrets" => {
+            entries("data").map(|(_, v)| decoded(v)).sum::<usize>()
+                + entries("stringData")
+                    .map(|(_, v)| v.as_str().map_or(0, str::len))
+                    .sum::<usize>()
+        }
+        "configmaps" => {
+            entries("data")
+                .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                .sum::<usize>()
+                + entries("binaryData")
+                    .map(|(k, v)| k.len() + decoded(v))
+                    .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+/// What a real API server refuses in a create or update that the fake would
+/// otherwise store: immutable fields, oversized data.
+fn validate(plural: &str, name: &str, old: Option<&Value>, new: &Value) -> Result<(), Box<Resp>> {
+    if matches!(plural, "secrets" | "configmaps") && data_size(plural, new) > MAX_DATA_BYTES {
+        return Err(invalid(
+            plural,
+            name,
+            "data",
+            "FieldValueTooLong",
+            &format!("Too long: must have at most {MAX_DATA_BYTES} bytes"),
+        ));
+    }
+    let Some(old) = old else { return Ok(()) };
+    let field = |v: &Value, f: &str| v.pointer(f).cloned().unwrap_or(Value::Null);
+    match plural {
+        "statefulsets" => {
+            let immutable = [
+                "/spec/selector",
+                "/spec/serviceName",
+                "/spec/volumeClaimTemplates",
+                "/spec/podManagementPolicy",
+            ];
+            if immutable.iter().any(|f| field(old, f) != field(new, f)) {
+                return Err(invalid(
+                    plural,
+                    name,
+                    "spec",
+                    "FieldValueForbidden",
+                    "Forbidden: updates to statefulset spec for fields other than 'replicas', \
+                     'ordinals', 'template', 'updateStrategy', \
+                     'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+                ));
+            }
+        }
+        "services" => {
+            let old_ip = field(old, "/spec/clusterIP");
+            let new_ip = field(new, "/spec/clusterIP");
+            if old_ip.as_str().is_some_and(|s| !s.is_empty()) && old_ip != new_ip {
+                return Err(invalid(
+                    plural,
+                    name,
+                    "spec.clusterIPs[0]",
+                    "FieldValueInvalid",
+                    &format!(
+                        "Invalid value: []string{{{}}}: may not change once set",
+                        new_ip
+                    ),
+                ));
+            }
+            let lb = |v: &Value| field(v, "/spec/type").as_str() == Some("LoadBalancer");
+            let (old_class, new_class) = (
+                field(old, "/spec/loadBalancerClass"),
+                field(new, "/spec/loadBalancerClass"),
+            );
+            if lb(old) && lb(new) && old_class != new_class {
+                return Err(invalid(
+                    plural,
+                    name,
+                    "spec.loadBalancerClass",
+                    "FieldValueInvalid",
+                    &format!("Invalid value: {new_class}: may not change once set"),
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What the API server fills in on create (only what the operator could
+/// trip over): a Service's cluster IP.
+fn allocate(plural: &str, rv: u64, obj: &mut Value) {
+    if plural != "services" {
+        return;
+    }
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if spec.get("type").and_then(Value::as_str) == Some("ExternalName") {
+        return;
+    }
+    let ip = spec
+        .entry("clusterIP")
+        .or_insert_with(|| json!(format!("10.96.{}.{}", (rv / 250) % 250, rv % 250 + 1)))
+        .clone();
+    spec.entry("clusterIPs").or_insert_with(|| json!([ip]));
+}
+
 impl FakeApi {
     pub fn new() -> FakeApi {
         FakeApi::default()
@@ -371,6 +540,16 @@ impl FakeApi {
     async fn handle(&self, req: Request<Body>) -> Resp {
         let (parts, body) = req.into_parts();
         let body = body.collect_bytes().await.unwrap_or_default();
+        if body.len() > MAX_REQUEST_BYTES {
+            return respond(
+                413,
+                &status_body(
+                    413,
+                    "RequestEntityTooLarge",
+                    &format!("Request entity too large: limit is {MAX_REQUEST_BYTES}"),
+                ),
+            );
+        }
         let query: BTreeMap<String, String> = parts
             .uri
             .query()
@@ -485,8 +664,12 @@ impl FakeApi {
                 if st.objects.contains_key(&key(&name)) {
                     return respond(409, &status_body(409, "AlreadyExists", "exists"));
                 }
+                if let Err(refused) = validate(plural, &name, None, &v) {
+                    return *refused;
+                }
                 st.rv += 1;
                 let rv = st.rv;
+                allocate(plural, rv, &mut v);
                 if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
                     m.insert("resourceVersion".into(), json!(rv.to_string()));
                     m.insert("uid".into(), json!(format!("uid-{plural}-{name}")));
@@ -527,6 +710,24 @@ impl FakeApi {
                     return respond(400, &status_body(400, "BadRequest", "body is not JSON"));
                 };
                 let apply = content_type.starts_with("application/apply-patch");
+                if apply {
+                    let expected = prefix
+                        .trim_start_matches("api/")
+                        .trim_start_matches("apis/");
+                    let version = patch.get("apiVersion").and_then(Value::as_str);
+                    let kind = patch.get("kind").and_then(Value::as_str);
+                    if version != Some(expected) {
+                        let msg = format!(
+                            "Incorrect version specified in apply patch. Specified patch version: {}, expected: {expected}",
+                            version.unwrap_or_default()
+                        );
+                        return respond(400, &status_body(400, "BadRequest", &msg));
+                    }
+                    if kind.is_none_or(str::is_empty) {
+                        let msg = "Object 'Kind' is missing in apply patch";
+                        return respond(400, &status_body(400, "BadRequest", msg));
+                    }
+                }
                 let k = key(name);
                 let old = st.objects.get(&k).cloned();
                 let new = match (sub, &old) {
@@ -591,6 +792,14 @@ impl FakeApi {
                     }
                 };
                 let mut new = new;
+                if sub.is_none() {
+                    if old.is_none() {
+                        allocate(plural, st.rv + 1, &mut new);
+                    }
+                    if let Err(refused) = validate(plural, name, old.as_ref(), &new) {
+                        return *refused;
+                    }
+                }
                 let changed = old.as_ref().map(without_rv) != Some(without_rv(&new));
                 let mut rv = old
                     .as_ref()

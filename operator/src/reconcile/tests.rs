@@ -555,3 +555,193 @@ async fn controllers_follow_tokens_and_acls_through_watches() {
         .expect("controllers stop on shutdown")
         .expect("controller task");
 }
+
+/// The API server's answer to a write that failed: (code, reason, message).
+fn refused<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> (u16, String, String) {
+    match r {
+        Err(kube::Error::Api(s)) => (s.code, s.reason.clone(), s.message.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Applies `obj` as a second field manager would (a user with kubectl).
+async fn apply_as_user<K>(fake: &FakeApi, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<K> = Api::namespaced(fake.client(), NS);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply("kubectl").force(),
+        &Patch::Apply(obj),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn fake_refuses_immutable_statefulset_fields() {
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+    let sts: StatefulSet = fake.get(NS, "demo").unwrap();
+    let mut mutated: Vec<(&str, StatefulSet)> = Vec::new();
+    let mut s = sts.clone();
+    s.spec.as_mut().unwrap().service_name = Some("other".into());
+    mutated.push(("serviceName", s));
+    let mut s = sts.clone();
+    s.spec
+        .as_mut()
+        .unwrap()
+        .selector
+        .match_labels
+        .as_mut()
+        .unwrap()
+        .insert("extra".into(), "x".into());
+    mutated.push(("selector", s));
+    let mut s = sts.clone();
+    s.spec.as_mut().unwrap().pod_management_policy = Some("OrderedReady".into());
+    mutated.push(("podManagementPolicy", s));
+    let mut s = sts.clone();
+    s.spec.as_mut().unwrap().volume_claim_templates =
+        Some(vec![k8s_openapi::api::core::v1::PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some("data".into()),
+                ..ObjectMeta::default()
+            },
+            ..Default::default()
+        }]);
+    mutated.push(("volumeClaimTemplates", s));
+    for (field, s) in mutated {
+        let (code, reason, message) = refused(apply_as_user(&fake, &s).await);
+        assert_eq!((code, reason.as_str()), (422, "Invalid"), "{field}");
+        assert_eq!(
+            message,
+            "StatefulSet.apps \"demo\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+            "{field}"
+        );
+    }
+    // What a StatefulSet can take in place is taken.
+    let mut s = sts.clone();
+    s.spec.as_mut().unwrap().replicas = Some(0);
+    s.spec.as_mut().unwrap().min_ready_seconds = Some(5);
+    apply_as_user(&fake, &s).await.unwrap();
+    // The operator's own applies never trip over it.
+    reconcile_broker(&fake, &ctx).await;
+}
+
+#[tokio::test]
+async fn fake_allocates_cluster_ips_that_never_change() {
+    use k8s_openapi::api::core::v1::Service;
+    let (fake, ctx) = setup();
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+    let cluster_ip = |fake: &FakeApi, name: &str| {
+        fake.get::<Service>(NS, name)
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+    };
+    let ip = cluster_ip(&fake, "demo");
+    assert!(
+        ip.as_deref().is_some_and(|ip| ip.starts_with("10.96.")),
+        "{ip:?}"
+    );
+    assert_eq!(cluster_ip(&fake, "demo-headless").as_deref(), Some("None"));
+    // The operator never applies clusterIP on the client Service: the
+    // allocated one stays, and reconciling again changes nothing.
+    reconcile_broker(&fake, &ctx).await;
+    fake.take_writes();
+    reconcile_broker(&fake, &ctx).await;
+    assert_eq!(fake.take_changes(), Vec::<String>::new());
+
+    // Switching the Broker to a LoadBalancer with a class keeps the IP.
+    let mut b: Broker = fake.get(NS, "demo").unwrap();
+    b.spec.service = serde_json::from_value(
+        json!({"type": "LoadBalancer", "loadBalancerClass": "example.com/lb"}),
+    )
+    .unwrap();
+    fake.put(&b);
+    reconcile_broker(&fake, &ctx).await;
+    assert_eq!(cluster_ip(&fake, "demo"), ip);
+
+    // A real API server refuses changing either once set.
+    let mut svc: Service = fake.get(NS, "demo").unwrap();
+    svc.spec.as_mut().unwrap().cluster_ip = Some("10.96.9.9".into());
+    let (code, _, message) = refused(apply_as_user(&fake, &svc).await);
+    assert_eq!(code, 422);
+    assert!(
+        message.starts_with("Service \"demo\" is invalid: spec.clusterIPs[0]: Invalid value")
+            && message.ends_with("may not change once set"),
+        "{message}"
+    );
+    let mut svc: Service = fake.get(NS, "demo").unwrap();
+    svc.spec.as_mut().unwrap().load_balancer_class = Some("other.example/lb".into());
+    let (code, _, message) = refused(apply_as_user(&fake, &svc).await);
+    assert_eq!(code, 422);
+    assert!(message.contains("spec.loadBalancerClass"), "{message}");
+}
+
+#[tokio::test]
+async fn fake_enforces_the_size_limits() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let fake = FakeApi::new();
+    let secret = |n: usize| Secret {
+        metadata: meta("big"),
+        data: Some(crate::build::secret_data([("k", "x".repeat(n))])),
+        ..Secret::default()
+    };
+    apply_as_user(&fake, &secret(1024 * 1024)).await.unwrap();
+    let (code, reason, message) = refused(apply_as_user(&fake, &secret(1024 * 1024 + 1)).await);
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        message,
+        "Secret \"big\" is invalid: data: Too long: must have at most 1048576 bytes"
+    );
+    let cm = |n: usize| ConfigMap {
+        metadata: meta("big"),
+        data: Some([("k".to_string(), "x".repeat(n))].into()),
+        ..ConfigMap::default()
+    };
+    let (code, _, message) = refused(apply_as_user(&fake, &cm(1024 * 1024)).await);
+    assert_eq!(code, 422);
+    assert!(
+        message.starts_with("ConfigMap \"big\" is invalid: data: Too long"),
+        "{message}"
+    );
+    let (code, reason, message) = refused(apply_as_user(&fake, &cm(4 * 1024 * 1024)).await);
+    assert_eq!((code, reason.as_str()), (413, "RequestEntityTooLarge"));
+    assert_eq!(message, "Request entity too large: limit is 3145728");
+}
+
+#[tokio::test]
+async fn fake_refuses_apply_patches_without_api_version_or_kind() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, Patch, PatchParams};
+    let fake = FakeApi::new();
+    let api: Api<ConfigMap> = Api::namespaced(fake.client(), NS);
+    let pp = PatchParams::apply("kubectl");
+    for patch in [
+        json!({"metadata": {"name": "c"}, "data": {"a": "b"}}),
+        json!({"kind": "ConfigMap", "metadata": {"name": "c"}}),
+        json!({"apiVersion": "v1", "metadata": {"name": "c"}}),
+        json!({"apiVersion": "apps/v1", "kind": "ConfigMap", "metadata": {"name": "c"}}),
+    ] {
+        let (code, reason, _) = refused(api.patch("c", &pp, &Patch::Apply(&patch)).await);
+        assert_eq!((code, reason.as_str()), (400, "BadRequest"), "{patch}");
+    }
+    assert!(fake.names().is_empty());
+    api.patch(
+        "c",
+        &pp,
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}})),
+    )
+    .await
+    .unwrap();
+}
