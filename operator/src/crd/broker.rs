@@ -128,8 +128,16 @@ pub struct BrokerSpec {
     #[serde(default)]
     pub auth: AuthSpec,
 
-    /// Persistent storage for retained messages and sessions.
+    /// Persistent storage for retained messages and sessions. Fixed once
+    /// enabled: a StatefulSet's volumeClaimTemplates cannot change.
     #[serde(default)]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self == oldSelf || (!(has(self.enabled) && self.enabled) && !(has(oldSelf.enabled) && oldSelf.enabled))"
+    ).message(
+        "spec.persistence cannot change while persistence is enabled (a StatefulSet's volumeClaimTemplates are immutable): \
+         to grow the volume, leave spec.persistence as it is and resize the PersistentVolumeClaim data-<broker>-0 \
+         (its StorageClass must allow volume expansion); for another size, class or no volume, delete the Broker and its PVC and create it again"
+    ))]
     pub persistence: PersistenceSpec,
 
     /// Logging and tracing.
@@ -477,7 +485,8 @@ pub struct PersistenceSpec {
     /// (an emptyDir: state survives container restarts but not pod deletion).
     #[serde(default)]
     pub enabled: bool,
-    /// Volume size. Default 1Gi. Changing it later needs a storage class that allows expansion.
+    /// Volume size. Default 1Gi. Fixed once enabled: to grow the volume,
+    /// resize its PersistentVolumeClaim (data-<broker>-0) if the storage class allows expansion.
     #[serde(default = "default_size")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
     pub size: String,

@@ -183,3 +183,30 @@ fn acl_rules() {
         "brokerRef cannot be changed",
     );
 }
+
+#[test]
+fn broker_persistence_is_fixed_once_enabled() {
+    let p = |enabled: bool, size: &str| json!({"persistence": {"enabled": enabled, "size": size}});
+    let update =
+        |old: Value, new: Value| check::<Broker>(broker("demo", new), Some(broker("demo", old)));
+    // Unchanged, or no volume before nor after: fine.
+    update(p(true, "5Gi"), p(true, "5Gi")).unwrap();
+    update(p(false, "1Gi"), p(false, "5Gi")).unwrap();
+    // Created with any persistence: fine (transition rules need an old object).
+    check::<Broker>(broker("demo", p(true, "5Gi")), None).unwrap();
+    // A change the StatefulSet cannot take is refused, saying what to do.
+    for (old, new) in [
+        (p(true, "5Gi"), p(true, "10Gi")),
+        (p(false, "1Gi"), p(true, "1Gi")),
+        (p(true, "1Gi"), p(false, "1Gi")),
+        (
+            p(true, "1Gi"),
+            json!({"persistence": {"enabled": true, "size": "1Gi", "storageClassName": "fast"}}),
+        ),
+    ] {
+        fails_with(
+            update(old, new),
+            "resize the PersistentVolumeClaim data-<broker>-0",
+        );
+    }
+}
