@@ -245,6 +245,9 @@ pub fn failed_status(
     now: &str,
 ) -> BrokerStatus {
     let mut status = previous.cloned().unwrap_or_default();
+    // Failure is an outcome of this generation too: kstatus, Flux and Argo
+    // then report it instead of "in progress".
+    status.observed_generation = generation;
     let mut fresh: Vec<Condition> = status
         .conditions
         .iter()
@@ -454,6 +457,7 @@ mod tests {
         assert_eq!(d.status, ConditionStatus::True);
         assert_eq!(d.message, "boom");
         assert_eq!(d.observed_generation, Some(3));
+        assert_eq!(s.observed_generation, Some(3));
         assert!(s.conditions.iter().any(|c| c.type_ == "Ready"));
     }
 }

@@ -52,7 +52,7 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action,
             Ok(action)
         }
         Err(e) => {
-            let message = e.to_string();
+            let message = e.message();
             let status = failed_status(
                 broker.status.as_ref(),
                 broker.metadata.generation,

@@ -41,6 +41,14 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// A server-side apply of one object failed.
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("{0}")]
     Build(#[from] BuildError),
     #[error("TLS: {0}")]
@@ -51,12 +59,78 @@ impl Error {
     /// Short class for metrics and condition reasons.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::Kube(_) => "ApiError",
+            Error::Kube(_) | Error::Apply { .. } => "ApiError",
             Error::Build(BuildError::InvalidSpec(_)) => "InvalidSpec",
             Error::Build(_) => "InvalidObject",
             Error::Tls(_) => "CertificateError",
         }
     }
+
+    /// The error for people, as a condition message: one sentence with the
+    /// object, the Kubernetes reason and what to do, no debug dump (the full
+    /// error goes to the log).
+    pub fn message(&self) -> String {
+        match self {
+            Error::Apply { kind, name, source } => {
+                api_message(&format!("{kind} {name} could not be applied"), source)
+            }
+            Error::Kube(e) => api_message("Reading from the Kubernetes API failed", e),
+            Error::Build(e) => one_line(&e.to_string()),
+            Error::Tls(e) => format!(
+                "{}; the operator retries with backoff",
+                one_line(&e.to_string())
+            ),
+        }
+    }
+}
+
+/// `what`, the API server's reason and message, and what to do about it.
+fn api_message(what: &str, e: &kube::Error) -> String {
+    let kube::Error::Api(s) = e else {
+        return format!(
+            "{what}: the Kubernetes API server could not be reached or answered badly ({}); \
+             the operator retries with backoff",
+            one_line(&e.to_string())
+        );
+    };
+    let hint = match s.code {
+        403 => "grant the operator the RBAC listed in operator/README.md",
+        404 => {
+            "install the API it needs (cert-manager's CRDs for spec.tls.certManager) or remove the setting that needs it"
+        }
+        409 => "another client changed it at the same time; the operator retries",
+        413 => "the object is too large; reduce what goes into it",
+        422 if s.message.contains("updates to statefulset spec") => {
+            "the StatefulSet cannot take this change in place: revert it, or delete the StatefulSet with --cascade=orphan (pods and volumes stay) so the operator recreates it"
+        }
+        400 | 422 => "revert the last change to the resource's spec",
+        _ => "the operator retries with backoff",
+    };
+    let reason = if s.reason.is_empty() {
+        format!("HTTP {}", s.code)
+    } else {
+        s.reason.clone()
+    };
+    format!("{what} ({reason}: {}); {hint}", one_line(&s.message))
+}
+
+/// The first line of `s`, at most 300 characters, without braces (Go and
+/// Rust dumps in server messages read badly in `kubectl get`).
+fn one_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or_default().trim();
+    let mut out: String = line
+        .chars()
+        .map(|c| match c {
+            '{' => '(',
+            '}' => ')',
+            c => c,
+        })
+        .take(300)
+        .collect();
+    if line.chars().count() > 300 {
+        out.push('…');
+    }
+    out
 }
 
 /// What every reconciler shares.
@@ -152,14 +226,16 @@ where
         name = %obj.name_any(),
         namespace = %obj.namespace().unwrap_or_default(),
         error = %error,
+        details = ?error,
         retry_in = ?delay,
         "reconcile failed"
     );
     Action::requeue(delay)
 }
 
-/// Server-side apply of `obj` under the operator's field manager.
-pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
+/// Server-side apply of `obj` under the operator's field manager; an error
+/// names the object.
+pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
 {
@@ -170,6 +246,14 @@ where
         &Patch::Apply(obj),
     )
     .await
+    .map_err(|source| Error::Apply {
+        kind: serde_json::to_value(obj)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from))
+            .unwrap_or_else(|| "object".into()),
+        name,
+        source,
+    })
 }
 
 /// Server-side apply of a status: `{apiVersion, kind, status}` on the status
@@ -200,6 +284,41 @@ pub fn now() -> String {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    fn apply_error(code: u16, reason: &str, message: &str) -> Error {
+        Error::Apply {
+            kind: "Service".into(),
+            name: "demo".into(),
+            source: kube::Error::Api(
+                kube::core::Status::failure(message, reason)
+                    .with_code(code)
+                    .boxed(),
+            ),
+        }
+    }
+
+    #[test]
+    fn condition_messages_are_one_sentence_without_dumps() {
+        let e = apply_error(
+            422,
+            "Invalid",
+            "Service \"demo\" is invalid: spec.clusterIPs[0]: Invalid value: []string{\"10.0.0.1\"}: may not change once set\nmore",
+        );
+        let m = e.message();
+        assert_eq!(
+            m,
+            "Service demo could not be applied (Invalid: Service \"demo\" is invalid: spec.clusterIPs[0]: \
+             Invalid value: []string(\"10.0.0.1\"): may not change once set); revert the last change to the resource's spec"
+        );
+        // The log keeps everything.
+        assert!(format!("{e:?}").contains("Status {"));
+        let m = apply_error(403, "Forbidden", "secrets \"x\" is forbidden").message();
+        assert!(m.contains("(Forbidden: ") && m.contains("RBAC"), "{m}");
+        let m = apply_error(500, "", &"x".repeat(1000)).message();
+        assert!(m.contains("(HTTP 500: ") && m.len() < 450, "{m}");
+        let m = Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded).message();
+        assert!(!m.contains('{') && m.contains("retries"), "{m}");
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {

@@ -745,3 +745,57 @@ async fn fake_refuses_apply_patches_without_api_version_or_kind() {
     .await
     .unwrap();
 }
+
+/// A failing apply (here: a persistence change an old CRD without the CEL
+/// rule let through, which the StatefulSet cannot take) is Degraded with one
+/// sentence naming the object, at the Broker's generation; reverting the
+/// change recovers.
+#[tokio::test]
+async fn failing_apply_is_one_sentence_at_the_current_generation() {
+    let (fake, ctx) = setup();
+    let spec: BrokerSpec =
+        serde_json::from_value(json!({"persistence": {"enabled": true, "size": "5Gi"}})).unwrap();
+    new_broker(&fake, spec);
+    reconcile_broker(&fake, &ctx).await;
+
+    let mut b: Broker = fake.get(NS, "demo").unwrap();
+    b.spec.persistence.size = "10Gi".into();
+    b.metadata.generation = Some(2);
+    let b = fake.put(&b);
+    let err = broker::reconcile(Arc::new(b), ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "ApiError");
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let s = b.status.clone().unwrap();
+    let (st, reason, message) = condition(&s.conditions, "Degraded");
+    assert_eq!((st, reason.as_str()), (ConditionStatus::True, "ApiError"));
+    assert!(
+        message.starts_with(
+            "StatefulSet demo could not be applied (Invalid: StatefulSet.apps \"demo\" is invalid: spec: Forbidden: updates to statefulset spec"
+        ),
+        "{message}"
+    );
+    assert!(message.contains("--cascade=orphan"), "{message}");
+    for bad in ["{", "Status {", "\n"] {
+        assert!(!message.contains(bad), "{bad:?} in {message}");
+    }
+    assert_eq!(s.observed_generation, b.metadata.generation);
+    assert_eq!(s.observed_generation, Some(2));
+    let d = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(d.observed_generation, Some(2));
+
+    // Never a permanent Degraded: the change reverted, the Broker recovers.
+    let mut b: Broker = fake.get(NS, "demo").unwrap();
+    b.spec.persistence.size = "5Gi".into();
+    b.metadata.generation = Some(3);
+    fake.put(&b);
+    reconcile_broker(&fake, &ctx).await;
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let s = b.status.unwrap();
+    assert_eq!(
+        condition(&s.conditions, "Degraded").0,
+        ConditionStatus::False
+    );
+    assert_eq!(s.observed_generation, Some(3));
+}

@@ -101,8 +101,9 @@ pub async fn reconcile(token: Arc<Token>, ctx: Arc<Context>) -> Result<Action, E
                 types::DEGRADED,
                 true,
                 e.reason(),
-                e.to_string(),
+                e.message(),
             )];
+            status.observed_generation = token.metadata.generation;
             let mut conds: Vec<Condition> = status
                 .conditions
                 .iter()
