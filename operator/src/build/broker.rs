@@ -119,6 +119,8 @@ pub struct Observed {
     pub certificate_expires_at: Option<SystemTime>,
     /// Problems with the certificate source (e.g. the user's Secret is missing).
     pub tls_problem: Option<String>,
+    /// The bundle Secret was not applied: it is over the Secret size limit.
+    pub bundle_too_large: Option<String>,
 }
 
 /// The Broker's status after a successful apply.
@@ -151,10 +153,15 @@ pub fn status(
     if let Some(p) = &observed.tls_problem {
         problems.insert(0, p.clone());
     }
+    if let Some(p) = &observed.bundle_too_large {
+        problems.insert(0, p.clone());
+    }
     let degraded = if problems.is_empty() {
         Condition::new(types::DEGRADED, false, "AsExpected", "")
     } else {
-        let reason = if observed.tls_problem.is_some() {
+        let reason = if observed.bundle_too_large.is_some() {
+            "AuthBundleTooLarge"
+        } else if observed.tls_problem.is_some() {
             "CertificateUnavailable"
         } else {
             "InvalidTokensOrACLs"

@@ -131,12 +131,34 @@ pub fn bundle_secret(ctx: &BrokerCtx, bundle: &AuthBundle) -> Secret {
     Secret {
         metadata: ctx.meta(ctx.names.bundle_secret(), "auth"),
         type_: Some("Opaque".into()),
-        data: Some(secret_data([(
-            secret_keys::BUNDLE,
-            bundle.to_json_pretty(),
-        )])),
+        data: Some(secret_data([(secret_keys::BUNDLE, compact_json(bundle))])),
         ..Secret::default()
     }
+}
+
+/// The bundle as compact JSON: it is read by programs, and every byte counts
+/// against the 1 MiB a Secret may hold.
+pub fn compact_json(bundle: &AuthBundle) -> String {
+    // Only strings, integers, booleans and string-keyed maps: serde_json
+    // cannot fail on them.
+    serde_json::to_string(bundle).unwrap_or_default()
+}
+
+/// The size of a Secret's data as the API server counts it against its
+/// limit: the sum of the (decoded) values.
+pub fn data_size(secret: &Secret) -> usize {
+    secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(_, v)| v.0.len())
+        .sum::<usize>()
+        + secret
+            .string_data
+            .iter()
+            .flatten()
+            .map(|(_, v)| v.len())
+            .sum::<usize>()
 }
 
 /// The hash key of an existing bundle Secret, if it holds a readable bundle.

@@ -154,10 +154,19 @@ async fn run(broker: &Broker, ctx: &Context) -> Result<Action, Error> {
         Err(e) => return Err(e.into()),
     };
 
-    // apply
-    let bundle_changed =
-        read.bundle.as_ref().and_then(|s| s.data.as_ref()) != objs.bundle_secret.data.as_ref();
-    let sts = apply_all(client, &bctx, &objs).await?;
+    // apply (the bundle only if the API server can take it)
+    let bundle_size = crate::build::bundle::data_size(&objs.bundle_secret);
+    if bundle_size > ctx.secret_limit {
+        observed.bundle_too_large = Some(format!(
+            "The auth bundle Secret {} would hold {bundle_size} bytes, over the {} byte limit of a Secret, \
+             so it is left as it was; remove Tokens or ACLs of this Broker or spread them over more Brokers",
+            bctx.names.bundle_secret(),
+            ctx.secret_limit
+        ));
+    }
+    let bundle_changed = observed.bundle_too_large.is_none()
+        && read.bundle.as_ref().and_then(|s| s.data.as_ref()) != objs.bundle_secret.data.as_ref();
+    let sts = apply_all(client, &bctx, &objs, observed.bundle_too_large.is_none()).await?;
     observed.statefulset = Some(sts);
 
     if issued != Issued::Nothing {
@@ -335,11 +344,14 @@ fn value(secret: &Secret, key: &str) -> Option<String> {
         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
 }
 
-/// Applies every object; returns the StatefulSet as the server has it.
+/// Applies every object (the bundle Secret only with `bundle`); returns the
+/// StatefulSet as the server has it. A failed bundle apply does not keep the
+/// Services, PodDisruptionBudget and StatefulSet from being applied.
 async fn apply_all(
     client: &Client,
     b: &BrokerCtx<'_>,
     o: &BrokerObjects,
+    bundle: bool,
 ) -> Result<StatefulSet, Error> {
     let ns = &b.namespace;
     let c = || client.clone();
@@ -361,11 +373,16 @@ async fn apply_all(
     }
     apply(&secrets, &o.ca_secret).await?;
     apply(&secrets, &o.admin_secret).await?;
-    apply(&secrets, &o.bundle_secret).await?;
+    let bundle = if bundle {
+        apply(&secrets, &o.bundle_secret).await.map(drop)
+    } else {
+        Ok(())
+    };
     let services = Api::<Service>::namespaced(c(), ns);
     apply(&services, &o.service).await?;
     apply(&services, &o.headless_service).await?;
     apply(&Api::<PodDisruptionBudget>::namespaced(c(), ns), &o.pdb).await?;
     let sts = apply(&Api::<StatefulSet>::namespaced(c(), ns), &o.statefulset).await?;
+    bundle?;
     Ok(sts)
 }

@@ -140,7 +140,12 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The largest Secret data the API server takes (1 MiB); smaller in tests.
+    pub secret_limit: usize,
 }
+
+/// The API server's limit on a Secret's data.
+pub const SECRET_LIMIT: usize = 1024 * 1024;
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Context {
@@ -153,7 +158,15 @@ impl Context {
             client,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            secret_limit: SECRET_LIMIT,
         }
+    }
+
+    /// The same context with another Secret size limit (tests).
+    #[cfg(test)]
+    pub fn with_secret_limit(mut self, limit: usize) -> Context {
+        self.secret_limit = limit;
+        self
     }
 
     /// Publishes an event about `obj`; failures are logged, never fatal.

@@ -799,3 +799,61 @@ async fn failing_apply_is_one_sentence_at_the_current_generation() {
     );
     assert_eq!(s.observed_generation, Some(3));
 }
+
+/// A bundle over the Secret limit is not applied (the previous one stays in
+/// force), the Broker says so, and every other object is still applied.
+#[tokio::test]
+async fn oversized_bundle_is_degraded_and_the_rest_still_applied() {
+    use k8s_openapi::api::core::v1::Service;
+    let fake = FakeApi::new();
+    let ctx = Arc::new(Context::new(fake.client(), Arc::new(Metrics::default())));
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+    let before: Secret = fake.get(NS, "demo-auth").unwrap();
+    let json = &before.data.as_ref().unwrap()["bundle.json"].0;
+    assert!(!json.contains(&b'\n'), "compact JSON");
+    let size = json.len();
+
+    let small = Arc::new(
+        Context::new(fake.client(), Arc::new(Metrics::default())).with_secret_limit(size + 50),
+    );
+    for i in 0..5 {
+        new_token(&fake, &format!("t{i}"));
+        reconcile_token(&fake, &small, &format!("t{i}")).await;
+    }
+    let mut b: Broker = fake.get(NS, "demo").unwrap();
+    b.spec.service = serde_json::from_value(json!({"type": "LoadBalancer"})).unwrap();
+    fake.put(&b);
+    fake.take_writes();
+    reconcile_broker(&fake, &small).await;
+
+    let changes = fake.take_changes();
+    assert!(
+        changes.contains(&"apply services/demo".to_string()),
+        "{changes:?}"
+    );
+    assert!(
+        !changes.contains(&"apply secrets/demo-auth".to_string()),
+        "{changes:?}"
+    );
+    let svc: Service = fake.get(NS, "demo").unwrap();
+    assert_eq!(svc.spec.unwrap().type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        fake.get::<Secret>(NS, "demo-auth").unwrap().data,
+        before.data
+    );
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let (st, reason, message) = condition(&b.status.unwrap().conditions, "Degraded");
+    assert_eq!(
+        (st, reason.as_str()),
+        (ConditionStatus::True, "AuthBundleTooLarge")
+    );
+    assert!(
+        message.contains("demo-auth") && message.contains("limit"),
+        "{message}"
+    );
+
+    // Under the real limit it goes through.
+    reconcile_broker(&fake, &ctx).await;
+    assert_eq!(bundle(&fake).tokens.len(), 5);
+}
