@@ -87,10 +87,13 @@ pub const DEFAULT_IMAGE: &str = concat!(
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerSpec {
-    /// Number of broker pods. Each pod is a separate broker today; use 1
-    /// unless clients are spread deliberately (clustering comes later).
+    /// Number of broker pods: 1. More would be independent brokers that do
+    /// not share messages or sessions, so the API server refuses it until
+    /// clustering lands.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 100))]
+    #[x_kube(validation = kube::core::Rule::new("self <= 1")
+        .message("replicas > 1 would make independent brokers that do not share messages; until clustering lands use 1"))]
     pub replicas: i32,
 
     /// Container image of the broker. Default: the broker released with this operator.

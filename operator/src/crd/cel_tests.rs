@@ -185,6 +185,15 @@ fn acl_rules() {
 }
 
 #[test]
+fn broker_replicas_above_one_are_refused() {
+    check::<Broker>(broker("demo", json!({"replicas": 1})), None).unwrap();
+    fails_with(
+        check::<Broker>(broker("demo", json!({"replicas": 2})), None),
+        "replicas > 1 would make independent brokers that do not share messages; until clustering lands use 1",
+    );
+}
+
+#[test]
 fn broker_persistence_is_fixed_once_enabled() {
     let p = |enabled: bool, size: &str| json!({"persistence": {"enabled": enabled, "size": size}});
     let update =
