@@ -209,7 +209,6 @@ fn build() -> Deployment {
     assert_eq!(objs.bundle.bundle.tokens.len(), 2);
     assert_eq!(objs.bundle.bundle.acls.len(), 2);
 
-    let endpoints = ctx.endpoints();
     let ca_pem = data(objs.tls_secret.as_ref().expect("tls"), secret_keys::CA_CRT);
     let credentials = tokens
         .iter()
@@ -217,13 +216,12 @@ fn build() -> Deployment {
             let name = t.metadata.name.clone().unwrap_or_default();
             let s = credentials_secret(
                 t,
-                &Credentials {
-                    broker: "demo".into(),
-                    secret: secrets[&name].clone(),
-                    mqtts_url: endpoints.get("mqtts").cloned(),
-                    https_url: endpoints.get("https").cloned(),
-                    ca_crt: Some(ca_pem.clone()),
-                },
+                &Credentials::new(
+                    "demo",
+                    secrets[&name].clone(),
+                    Some(&ctx),
+                    Some(ca_pem.clone()),
+                ),
             )
             .expect("credentials");
             (name, s)

@@ -63,6 +63,9 @@ pub mod secret_keys {
     pub const PASSWORD: &str = "password";
     pub const MQTTS_URL: &str = "mqtts-url";
     pub const HTTPS_URL: &str = "https-url";
+    pub const WSS_URL: &str = "wss-url";
+    pub const HOST: &str = "host";
+    pub const PORT: &str = "port";
     pub const BROKER: &str = "broker";
 }
 

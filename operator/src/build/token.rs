@@ -7,24 +7,71 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
-use super::{APP, BuildError, MANAGER, keys, secret_data, secret_keys, token_secret_name};
+use super::listeners::Kind;
+use super::{
+    APP, BrokerCtx, BuildError, MANAGER, keys, secret_data, secret_keys, token_secret_name,
+};
 use crate::crd::Token;
 
 /// What goes into the credentials Secret besides the Token itself.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Credentials {
     pub broker: String,
     pub secret: String,
+    /// The client Service's in-cluster DNS name.
+    pub host: Option<String>,
+    /// The mqtts port on that Service.
+    pub port: Option<i32>,
     pub mqtts_url: Option<String>,
+    /// MQTT over secure WebSocket: `wss://host:port/mqtt` on the https listener.
+    pub wss_url: Option<String>,
     pub https_url: Option<String>,
     pub ca_crt: Option<String>,
+}
+
+impl Credentials {
+    /// Credentials for a Token of `broker`; the connection details come from
+    /// the Broker's listeners when the Broker exists.
+    pub fn new(
+        broker: &str,
+        secret: String,
+        ctx: Option<&BrokerCtx>,
+        ca_crt: Option<String>,
+    ) -> Credentials {
+        let mut c = Credentials {
+            broker: broker.to_string(),
+            secret,
+            ca_crt,
+            ..Credentials::default()
+        };
+        let Some(ctx) = ctx else { return c };
+        let host = ctx.service_host();
+        for l in ctx.listeners.enabled() {
+            match l.kind {
+                Kind::Mqtts => {
+                    c.port = Some(l.port);
+                    c.mqtts_url = Some(format!("mqtts://{host}:{}", l.port));
+                }
+                Kind::Https => {
+                    c.https_url = Some(format!("https://{host}:{}", l.port));
+                    c.wss_url = Some(format!("wss://{host}:{}/mqtt", l.port));
+                }
+                Kind::Mqtt | Kind::Http => {}
+            }
+        }
+        c.host = Some(host);
+        c
+    }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
             .field("broker", &self.broker)
+            .field("host", &self.host)
+            .field("port", &self.port)
             .field("mqtts_url", &self.mqtts_url)
+            .field("wss_url", &self.wss_url)
             .field("https_url", &self.https_url)
             .finish_non_exhaustive()
     }
@@ -59,12 +106,14 @@ pub fn credentials_secret(token: &Token, c: &Credentials) -> Result<Secret, Buil
         (secret_keys::PASSWORD, c.secret.clone()),
         (secret_keys::BROKER, c.broker.clone()),
     ];
-    if let Some(u) = &c.mqtts_url {
-        data.push((secret_keys::MQTTS_URL, u.clone()));
-    }
-    if let Some(u) = &c.https_url {
-        data.push((secret_keys::HTTPS_URL, u.clone()));
-    }
+    let optional = [
+        (secret_keys::HOST, c.host.clone()),
+        (secret_keys::PORT, c.port.map(|p| p.to_string())),
+        (secret_keys::MQTTS_URL, c.mqtts_url.clone()),
+        (secret_keys::WSS_URL, c.wss_url.clone()),
+        (secret_keys::HTTPS_URL, c.https_url.clone()),
+    ];
+    data.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
     if let Some(ca) = &c.ca_crt {
         data.push((secret_keys::CA_CRT, ca.clone()));
     }
@@ -114,13 +163,14 @@ mod tests {
     #[test]
     fn credentials_snapshot() {
         let t = token("sensor");
-        let c = Credentials {
-            broker: "demo".into(),
-            secret: "s3cr3t-s3cr3t-s3cr3t".into(),
-            mqtts_url: Some("mqtts://demo.ns.svc:8883".into()),
-            https_url: Some("https://demo.ns.svc:443".into()),
-            ca_crt: Some("CA".into()),
-        };
+        let b = crate::build::snapshot::broker("demo", crate::crd::BrokerSpec::default());
+        let ctx = BrokerCtx::new(&b).unwrap();
+        let c = Credentials::new(
+            "demo",
+            "s3cr3t-s3cr3t-s3cr3t".into(),
+            Some(&ctx),
+            Some("CA".into()),
+        );
         let s = credentials_secret(&t, &c).unwrap();
         assert_eq!(
             existing_secret(Some(&s)).as_deref(),
@@ -128,8 +178,15 @@ mod tests {
         );
         assert!(!format!("{c:?}").contains("s3cr3t"));
         let data = s.data.as_ref().unwrap();
-        assert_eq!(data["username"].0, b"sensor");
-        assert_eq!(data["mqtts-url"].0, b"mqtts://demo.ns.svc:8883");
+        let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+        assert_eq!(text("username"), "sensor");
+        assert_eq!(text("password"), "s3cr3t-s3cr3t-s3cr3t");
+        assert_eq!(text("host"), "demo.ns.svc");
+        assert_eq!(text("port"), "8883");
+        assert_eq!(text("mqtts-url"), "mqtts://demo.ns.svc:8883");
+        assert_eq!(text("wss-url"), "wss://demo.ns.svc:443/mqtt");
+        assert_eq!(text("https-url"), "https://demo.ns.svc:443");
+        assert_eq!(text("ca.crt"), "CA");
         assert_yaml(
             &s,
             r#"
@@ -154,10 +211,13 @@ type: Opaque
 data:
   broker: <redacted>
   ca.crt: <redacted>
+  host: <redacted>
   https-url: <redacted>
   mqtts-url: <redacted>
   password: <redacted>
+  port: <redacted>
   username: <redacted>
+  wss-url: <redacted>
 "#,
         );
     }
@@ -167,16 +227,7 @@ data:
         let mut t = token("x");
         t.metadata.uid = None;
         assert!(matches!(
-            credentials_secret(
-                &t,
-                &Credentials {
-                    broker: "demo".into(),
-                    secret: "x".into(),
-                    mqtts_url: None,
-                    https_url: None,
-                    ca_crt: None
-                }
-            ),
+            credentials_secret(&t, &Credentials::new("demo", "x".into(), None, None)),
             Err(BuildError::NoUid(_))
         ));
     }

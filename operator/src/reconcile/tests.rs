@@ -219,7 +219,10 @@ async fn token_added_changes_only_the_bundle_secret() {
     let data = creds.data.unwrap();
     let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
     assert_eq!(text("username"), "sensor");
+    assert_eq!(text("host"), "demo.ns.svc");
+    assert_eq!(text("port"), "8883");
     assert_eq!(text("mqtts-url"), "mqtts://demo.ns.svc:8883");
+    assert_eq!(text("wss-url"), "wss://demo.ns.svc:443/mqtt");
     assert_eq!(text("https-url"), "https://demo.ns.svc:443");
     assert!(text("ca.crt").contains("BEGIN CERTIFICATE"));
     let password = text("password");

@@ -198,18 +198,8 @@ async fn run(token: &Token, ctx: &Context) -> Result<Action, Error> {
     // build and apply
     let mut secret_name = None;
     if let Some(secret) = secret {
-        let endpoints = broker
-            .as_ref()
-            .and_then(|b| BrokerCtx::new(b).ok())
-            .map(|b| b.endpoints())
-            .unwrap_or_default();
-        let creds = Credentials {
-            broker: broker_name.clone(),
-            secret,
-            mqtts_url: endpoints.get("mqtts").cloned(),
-            https_url: endpoints.get("https").cloned(),
-            ca_crt,
-        };
+        let bctx = broker.as_ref().and_then(|b| BrokerCtx::new(b).ok());
+        let creds = Credentials::new(&broker_name, secret, bctx.as_ref(), ca_crt);
         let desired = credentials_secret(token, &creds)?;
         apply(&secrets, &desired).await?;
         secret_name = Some(token_secret_name(&name));
