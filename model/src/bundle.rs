@@ -276,7 +276,8 @@ impl AuthBundle {
         Ok(bundle)
     }
 
-    /// Pretty JSON, the form written to Secrets and files.
+    /// Pretty JSON, the form `starling-broker token new` writes to bundle
+    /// files people edit (the operator writes compact JSON to Secrets).
     pub fn to_json_pretty(&self) -> String {
         // Only strings, integers, booleans and string-keyed maps: serde_json
         // cannot fail on them.

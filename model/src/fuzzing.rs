@@ -276,7 +276,7 @@ const BUNDLE_CHECK_TOPICS: usize = 32;
 /// * [`AuthBundle::validate`] agrees and [`AuthState::compile`] succeeds (and
 ///   [`AuthState::load`] on the same bytes too): what validates, the broker
 ///   can use;
-/// * the pretty JSON the operator writes parses back to an equal bundle and
+/// * the pretty JSON written to bundle files parses back to an equal bundle and
 ///   serializes to the same text;
 /// * every valid `expires_at` survives [`format_rfc3339`] (to whole seconds,
 ///   rounded down) wherever the formatted year has four digits;
