@@ -147,7 +147,9 @@ impl Broker {
                     .env(
                         "STARLING_LIMITS_MAX_CONNECTIONS",
                         o.max_connections.to_string(),
-                    );
+                    )
+                    // Every generator connection comes from 127.0.0.1.
+                    .env("STARLING_LIMITS_MAX_CONNECTIONS_PER_ADDRESS", "0");
                 for (k, v) in &o.env {
                     cmd.env(k, v);
                 }
