@@ -259,6 +259,7 @@ mod tests {
             properties: None,
             expires_at: None,
             origin: 0,
+            owned: true,
         }
     }
 

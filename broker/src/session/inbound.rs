@@ -222,6 +222,7 @@ impl Connection {
             properties,
             expires_at,
             origin: self.session.key,
+            owned: false,
         }
     }
 
