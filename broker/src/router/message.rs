@@ -22,9 +22,6 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// Session that published it (for the v5 no-local option); 0 = none.
     pub origin: u64,
-    /// Topic, payload and properties have their own allocation (see
-    /// [`Message::detach`]) instead of slicing a read buffer.
-    pub owned: bool,
 }
 
 impl Message {
@@ -50,7 +47,6 @@ impl Message {
         if let Some(p) = &mut self.properties {
             Arc::make_mut(p).detach();
         }
-        self.owned = true;
     }
 
     pub fn is_expired(&self, now: Instant) -> bool {
@@ -64,27 +60,6 @@ impl Message {
             let left = t.saturating_duration_since(now);
             u32::try_from(left.as_secs()).unwrap_or(u32::MAX).max(1)
         })
-    }
-}
-
-/// The one owned copy of a routed message, made for the first subscriber
-/// that will hold it (see [`crate::session::Session::enqueue`]) and shared by
-/// the others, so fan-out never copies a payload more than once.
-#[derive(Debug, Default)]
-pub struct OwnedCopy(Option<Message>);
-
-impl OwnedCopy {
-    pub fn of(&mut self, m: &Message) -> Message {
-        if m.owned {
-            return m.clone();
-        }
-        self.0
-            .get_or_insert_with(|| {
-                let mut c = m.clone();
-                c.detach();
-                c
-            })
-            .clone()
     }
 }
 

@@ -10,10 +10,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use std::ops::ControlFlow;
 
-use starling_codec::QoS;
-
 pub use index::{GroupsFull, SubEntry, SubOptions, TopicIndex};
-pub use message::{Delivery, Message, OwnedCopy, SubIds};
+pub use message::{Delivery, Message, SubIds};
 pub use retained::{Retain, RetainedLimits, RetainedStore};
 use starling_model::config::Limits;
 use tokio::time::Instant;
@@ -114,19 +112,10 @@ impl Router {
     pub fn publish(&self, mut msg: Message, scratch: &mut Vec<SubEntry>) -> Routed {
         scratch.clear();
         read(&self.index).matches(&msg.topic, scratch);
-        // Messages that may be held for long get their own copy at once, so
-        // they stop pinning the publisher's read buffer: retained ones, and
-        // those delivered at QoS 1/2 (kept in flight until acknowledged,
-        // queued while the session is offline). A QoS 0 delivery is copied
-        // only for a subscriber that has fallen behind (see
-        // `Session::enqueue`); one that keeps up gets the slice.
-        let held = msg.retain
-            || (msg.qos != QoS::AtMostOnce
-                && scratch.iter().any(|e| e.opts.qos != QoS::AtMostOnce));
-        if held {
+        if msg.retain || !scratch.is_empty() {
+            // It outlives the packet: stop pinning the publisher's read buffer.
             msg.detach();
         }
-        let mut copy = OwnedCopy::default();
         if msg.retain {
             let applied = write(&self.retained).apply(&msg);
             match applied {
@@ -174,7 +163,7 @@ impl Router {
                     msg: msg.clone(),
                 };
                 routed.matched += 1;
-                match e.session.enqueue(d, &self.metrics, &mut copy) {
+                match e.session.enqueue(d, &self.metrics) {
                     Queued::Yes | Queued::Dropped => {}
                     Queued::Busy => routed.busy = true,
                     Queued::Congested => {
@@ -206,7 +195,7 @@ impl Router {
                 sub_ids,
                 msg: msg.clone(),
             };
-            match session.enqueue_within_cap(d, &self.metrics, &mut OwnedCopy::default()) {
+            match session.enqueue_within_cap(d, &self.metrics) {
                 Queued::Yes | Queued::Busy => {
                     queued += 1;
                     ControlFlow::Continue(())

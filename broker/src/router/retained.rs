@@ -259,7 +259,6 @@ mod tests {
             properties: None,
             expires_at: None,
             origin: 0,
-            owned: true,
         }
     }
 

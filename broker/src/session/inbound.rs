@@ -222,7 +222,6 @@ impl Connection {
             properties,
             expires_at,
             origin: self.session.key,
-            owned: false,
         }
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::{self, Metrics};
-use crate::router::{Delivery, OwnedCopy, SubOptions};
+use crate::router::{Delivery, SubOptions};
 
 /// The wake-up line between publishers (and the registry) and the one
 /// connection task currently serving a session.
@@ -52,11 +52,6 @@ impl ConnLink {
         }
     }
 }
-
-/// Queued messages that may still slice a publisher's read buffer (up to
-/// 64 KiB each) instead of owning their bytes: at most 1 MiB pinned per
-/// session, while a subscriber that keeps up never costs a copy.
-pub const PINNED_MAX: usize = 16;
 
 /// Caps on what one session may hold.
 #[derive(Debug, Clone, Copy)]
@@ -222,34 +217,18 @@ impl Session {
     /// above the cap, and report [`Queued::Congested`] so the publisher
     /// pauses: a burst from fast publishers is slowed down instead of lost,
     /// and memory stays bounded by twice the cap.
-    ///
-    /// A delivery that still slices the publisher's read buffer is given
-    /// `copy`'s owned message when this session will hold it for a while
-    /// (offline, or [`PINNED_MAX`] messages already queued), so one session
-    /// pins at most that many read buffers.
-    pub fn enqueue(&self, d: Delivery, metrics: &Metrics, copy: &mut OwnedCopy) -> Queued {
-        self.enqueue_with(d, metrics, true, copy)
+    pub fn enqueue(&self, d: Delivery, metrics: &Metrics) -> Queued {
+        self.enqueue_with(d, metrics, true)
     }
 
     /// Like [`Session::enqueue`] without the second allowance: for work the
     /// broker makes on its own (retained messages on subscribe), which must
     /// stop at the cap rather than pause anyone.
-    pub fn enqueue_within_cap(
-        &self,
-        d: Delivery,
-        metrics: &Metrics,
-        copy: &mut OwnedCopy,
-    ) -> Queued {
-        self.enqueue_with(d, metrics, false, copy)
+    pub fn enqueue_within_cap(&self, d: Delivery, metrics: &Metrics) -> Queued {
+        self.enqueue_with(d, metrics, false)
     }
 
-    fn enqueue_with(
-        &self,
-        mut d: Delivery,
-        metrics: &Metrics,
-        may_exceed: bool,
-        copy: &mut OwnedCopy,
-    ) -> Queued {
+    fn enqueue_with(&self, d: Delivery, metrics: &Metrics, may_exceed: bool) -> Queued {
         let mut st = self.lock();
         let qos = d.qos as usize;
         let online = st.link.is_some();
@@ -265,9 +244,6 @@ impl Session {
         {
             metrics::inc(&metrics.messages_dropped[qos]);
             return Queued::Dropped;
-        }
-        if !d.msg.owned && (!online || st.queue.len() >= PINNED_MAX) {
-            d.msg = copy.of(&d.msg);
         }
         st.queued_bytes += cost;
         st.queue.push_back(d);
@@ -336,62 +312,5 @@ impl SessionState {
     pub fn take_inflight(&mut self, pkid: u16) -> Option<Inflight> {
         let pos = self.inflight.iter().position(|i| i.pkid == pkid)?;
         self.inflight.remove(pos)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::router::{Message, SubIds};
-    use bytes::Bytes;
-
-    fn delivery(qos: QoS) -> Delivery {
-        Delivery {
-            msg: Message {
-                topic: ByteString::from_static("t"),
-                payload: Bytes::from_static(b"x"),
-                qos,
-                retain: false,
-                properties: None,
-                expires_at: None,
-                origin: 0,
-                owned: false,
-            },
-            qos,
-            retain: false,
-            sub_ids: SubIds::None,
-        }
-    }
-
-    #[test]
-    fn a_session_pins_at_most_pinned_max_read_buffers() {
-        let s = Session::new(
-            1,
-            Arc::from("c"),
-            QueueLimits {
-                max_messages: 100,
-                max_bytes: 10_000,
-            },
-        );
-        s.attach(Arc::new(ConnLink::default()), Duration::ZERO);
-        let m = Metrics::default();
-        for _ in 0..PINNED_MAX + 4 {
-            s.enqueue(delivery(QoS::AtMostOnce), &m, &mut OwnedCopy::default());
-        }
-        let st = s.lock();
-        let owned: Vec<bool> = st.queue.iter().map(|d| d.msg.owned).collect();
-        assert!(owned[..PINNED_MAX].iter().all(|o| !o), "a subscriber that keeps up gets slices");
-        assert!(owned[PINNED_MAX..].iter().all(|o| *o), "past PINNED_MAX every message owns its bytes");
-    }
-
-    #[test]
-    fn one_copy_is_shared_by_every_session_that_needs_it() {
-        let mut copy = OwnedCopy::default();
-        let d = delivery(QoS::AtLeastOnce);
-        let a = copy.of(&d.msg);
-        let b = copy.of(&d.msg);
-        assert!(a.owned && b.owned);
-        assert_eq!(a.payload.as_ptr(), b.payload.as_ptr(), "one allocation");
-        assert_ne!(a.payload.as_ptr(), d.msg.payload.as_ptr(), "not the original slice");
     }
 }
