@@ -17,16 +17,38 @@ pub fn api_resource() -> ApiResource {
     ))
 }
 
+/// The longest commonName X.509 allows (`ub-common-name`, RFC 5280); CAs
+/// refuse a longer one.
+const MAX_COMMON_NAME: usize = 64;
+
 /// The Certificate writing the Broker's TLS Secret (`<broker>-tls`).
 pub fn certificate(ctx: &BrokerCtx, cm: &CertManagerSpec) -> DynamicObject {
+    let names = if cm.in_cluster_names() {
+        ctx.dns_names()
+    } else {
+        // Only the user's names: public ACME issuers refuse `*.svc` names.
+        let mut names: Vec<String> = Vec::new();
+        for n in &ctx.spec.tls.dns_names {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    };
     // cert-manager wants IP addresses apart from DNS names.
-    let (ips, dns): (Vec<String>, Vec<String>) = ctx
-        .dns_names()
+    let (ips, dns): (Vec<String>, Vec<String>) = names
         .into_iter()
         .partition(|n| n.parse::<std::net::IpAddr>().is_ok());
+    // The commonName is informational (clients check the SANs); it is left
+    // out rather than made longer than a CA accepts.
+    let common_name = if cm.in_cluster_names() {
+        Some(ctx.service_host())
+    } else {
+        dns.first().cloned()
+    }
+    .filter(|cn| cn.len() <= MAX_COMMON_NAME);
     let mut spec = json!({
         "secretName": ctx.names.tls_secret(),
-        "commonName": ctx.service_host(),
         "dnsNames": dns,
         "issuerRef": {
             "name": cm.issuer_ref.name,
@@ -37,6 +59,9 @@ pub fn certificate(ctx: &BrokerCtx, cm: &CertManagerSpec) -> DynamicObject {
         "usages": ["server auth", "digital signature"],
         "secretTemplate": {"labels": ctx.labels("tls")},
     });
+    if let Some(cn) = common_name {
+        spec["commonName"] = json!(cn);
+    }
     if !ips.is_empty() {
         spec["ipAddresses"] = json!(ips);
     }
@@ -69,6 +94,7 @@ mod tests {
             },
             duration: Some("2160h".into()),
             renew_before: None,
+            in_cluster_names: None,
         };
         let mut spec = BrokerSpec::default();
         spec.tls.cert_manager = Some(cm.clone());
@@ -127,5 +153,76 @@ spec:
   - digital signature
 "#,
         );
+    }
+
+    fn letsencrypt(in_cluster_names: Option<bool>) -> CertManagerSpec {
+        CertManagerSpec {
+            issuer_ref: IssuerRef {
+                name: "letsencrypt".into(),
+                kind: "ClusterIssuer".into(),
+                group: "cert-manager.io".into(),
+            },
+            in_cluster_names,
+            ..CertManagerSpec::default()
+        }
+    }
+
+    fn spec_of(name: &str, ns: &str, cm: &CertManagerSpec, dns: &[&str]) -> serde_json::Value {
+        let mut spec = BrokerSpec::default();
+        spec.tls.cert_manager = Some(cm.clone());
+        spec.tls.dns_names = dns.iter().map(|s| s.to_string()).collect();
+        let mut b = broker(name, spec);
+        b.metadata.namespace = Some(ns.into());
+        let ctx = BrokerCtx::new(&b).unwrap();
+        certificate(&ctx, cm).data["spec"].clone()
+    }
+
+    #[test]
+    fn without_in_cluster_names_only_the_users_names_are_requested() {
+        let cm = letsencrypt(Some(false));
+        let spec = spec_of(
+            "demo",
+            "ns",
+            &cm,
+            &[
+                "mqtt.example.com",
+                "192.0.2.7",
+                "mqtt.example.com",
+                "alt.example.com",
+            ],
+        );
+        assert_eq!(
+            spec["dnsNames"],
+            json!(["mqtt.example.com", "alt.example.com"])
+        );
+        assert_eq!(spec["ipAddresses"], json!(["192.0.2.7"]));
+        assert_eq!(spec["commonName"], json!("mqtt.example.com"));
+        assert!(!spec.to_string().contains("svc"), "{spec}");
+    }
+
+    #[test]
+    fn the_common_name_is_never_longer_than_64_bytes() {
+        // A long namespace: `<broker>.<ns>.svc` is 73 bytes, so no commonName
+        // (the names stay in dnsNames, where the limit is 253).
+        let ns = "n".repeat(63);
+        let spec = spec_of("demo", &ns, &letsencrypt(None), &[]);
+        assert!(spec.get("commonName").is_none(), "{spec}");
+        assert!(
+            spec["dnsNames"]
+                .to_string()
+                .contains(&format!("demo.{ns}.svc"))
+        );
+        // The default namespace-length case keeps it.
+        let spec = spec_of("demo", "ns", &letsencrypt(Some(true)), &[]);
+        assert_eq!(spec["commonName"], json!("demo.ns.svc"));
+        // User names only: a first name over 64 bytes is not a commonName.
+        let long = format!("{}.example.com", "a".repeat(60));
+        let spec = spec_of("demo", "ns", &letsencrypt(Some(false)), &[&long]);
+        assert!(spec.get("commonName").is_none(), "{spec}");
+        assert_eq!(spec["dnsNames"], json!([long]));
+        // Only IP addresses: no commonName, no dnsNames.
+        let spec = spec_of("demo", "ns", &letsencrypt(Some(false)), &["192.0.2.7"]);
+        assert!(spec.get("commonName").is_none(), "{spec}");
+        assert_eq!(spec["dnsNames"], json!([]));
     }
 }

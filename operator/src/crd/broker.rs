@@ -284,6 +284,8 @@ pub struct AdminListenerSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("!(has(self.certManager) && has(self.secretRef))")
     .message("tls.certManager and tls.secretRef are exclusive: pick one certificate source"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.certManager) || !has(self.certManager.inClusterNames) || self.certManager.inClusterNames || (has(self.dnsNames) && size(self.dnsNames) > 0)")
+    .message("tls.certManager.inClusterNames: false needs at least one name in tls.dnsNames, the only names the certificate will have"))]
 pub struct TlsSpec {
     /// Have cert-manager issue the certificate (a cert-manager Certificate is
     /// created, owned by the Broker).
@@ -312,6 +314,14 @@ pub struct CertManagerSpec {
     /// How long before expiry cert-manager renews (e.g. 360h). Default: cert-manager's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_before: Option<String>,
+    /// Request the in-cluster Service names (`<broker>.<ns>.svc`,
+    /// `*.<broker>-headless.<ns>.svc.cluster.local`, ...) as well as
+    /// `tls.dnsNames`. Default true. Set false for public ACME issuers, which
+    /// refuse in-cluster names: the certificate then has only `tls.dnsNames`
+    /// (at least one required), and in-cluster clients must connect by one of
+    /// those names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_cluster_names: Option<bool>,
 }
 
 /// Reference to a cert-manager issuer.
@@ -327,6 +337,13 @@ pub struct IssuerRef {
     /// API group of the issuer. Default: cert-manager.io.
     #[serde(default = "default_issuer_group")]
     pub group: String,
+}
+
+impl CertManagerSpec {
+    /// Whether the in-cluster Service names are requested (default true).
+    pub fn in_cluster_names(&self) -> bool {
+        self.in_cluster_names.unwrap_or(true)
+    }
 }
 
 fn default_issuer_kind() -> String {

@@ -219,3 +219,21 @@ fn broker_persistence_is_fixed_once_enabled() {
         );
     }
 }
+
+#[test]
+fn cert_manager_without_in_cluster_names_needs_a_dns_name() {
+    let tls = |tls: Value| check::<Broker>(broker("demo", json!({"tls": tls})), None);
+    let cm = |v: Value| json!({"issuerRef": {"name": "letsencrypt"}, "inClusterNames": v});
+    tls(json!({"certManager": {"issuerRef": {"name": "x"}}})).unwrap();
+    tls(json!({"certManager": cm(json!(true))})).unwrap();
+    tls(json!({"certManager": cm(json!(false)), "dnsNames": ["mqtt.example.com"]})).unwrap();
+    for bad in [
+        json!({"certManager": cm(json!(false))}),
+        json!({"certManager": cm(json!(false)), "dnsNames": []}),
+    ] {
+        fails_with(
+            tls(bad),
+            "tls.certManager.inClusterNames: false needs at least one name in tls.dnsNames",
+        );
+    }
+}
