@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 use crate::build::{MANAGER, keys};
 use crate::crd::{Acl, Broker, Token};
+use crate::metrics::Metrics;
 use crate::reconcile::{self, Context, error_policy};
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -67,6 +68,11 @@ where
     S: Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let ns = namespace.as_deref();
+    let (bm, tm, am) = (
+        ctx.metrics.clone(),
+        ctx.metrics.clone(),
+        ctx.metrics.clone(),
+    );
 
     let brokers = Controller::new(api::<Broker>(&client, ns), watcher::Config::default())
         .owns(api::<StatefulSet>(&client, ns), owned())
@@ -85,7 +91,10 @@ where
             error_policy::<Broker>,
             ctx.clone(),
         )
-        .for_each(|r| async move { log("Broker", r) });
+        .for_each(move |r| {
+            let m = bm.clone();
+            async move { log("broker", &m, r) }
+        });
 
     let tokens = Controller::new(api::<Token>(&client, ns), watcher::Config::default());
     let token_store = tokens.store();
@@ -106,7 +115,10 @@ where
             error_policy::<Token>,
             ctx.clone(),
         )
-        .for_each(|r| async move { log("Token", r) });
+        .for_each(move |r| {
+            let m = tm.clone();
+            async move { log("token", &m, r) }
+        });
 
     let acls = Controller::new(api::<Acl>(&client, ns), watcher::Config::default());
     let acl_store = acls.store();
@@ -135,15 +147,24 @@ where
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile::acl::reconcile, error_policy::<Acl>, ctx)
-        .for_each(|r| async move { log("ACL", r) });
+        .for_each(move |r| {
+            let m = am.clone();
+            async move { log("acl", &m, r) }
+        });
 
     tracing::info!(namespace = ns.unwrap_or("<all>"), "controllers started");
     futures::join!(brokers, tokens, acls);
     tracing::info!("controllers stopped");
 }
 
+/// What a controller stream yields besides reconcile results. Reconcile
+/// errors are logged and counted by the error policy; a missing object is
+/// routine (deleted while queued). Watch errors (a list/watch refused, e.g.
+/// RBAC 403, or an object that does not decode) stall that watch until it
+/// recovers, so they are logged at `warn` and counted per controller `kind`.
 fn log<K, E, Q>(
     kind: &str,
+    metrics: &Metrics,
     r: Result<
         (ObjectRef<K>, kube::runtime::controller::Action),
         kube::runtime::controller::Error<E, Q>,
@@ -153,10 +174,62 @@ fn log<K, E, Q>(
     E: std::error::Error,
     Q: std::error::Error,
 {
+    use kube::runtime::controller::Error;
     match r {
         Ok((obj, _)) => tracing::debug!(kind, name = %obj.name, "reconciled"),
-        // Reconcile errors are logged by the error policy; these are the rest
-        // (watch failures, missing objects).
+        Err(Error::QueueError(e)) => {
+            metrics.watch_error(kind);
+            tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+        }
+        Err(e @ Error::RunnerError(_)) => {
+            tracing::warn!(kind, error = %e, "controller runner error")
+        }
         Err(e) => tracing::debug!(kind, error = %e, "controller event"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::controller::{Action, Error};
+
+    type R = Result<(ObjectRef<Broker>, Action), Error<std::io::Error, watcher::Error>>;
+
+    #[test]
+    fn watch_errors_are_counted_per_kind() {
+        let m = Metrics::default();
+        let forbidden = || -> R {
+            Err(Error::QueueError(watcher::Error::InitialListFailed(
+                kube::Error::Api(
+                    kube::core::Status::failure("secrets is forbidden", "Forbidden")
+                        .with_code(403)
+                        .boxed(),
+                ),
+            )))
+        };
+        log("token", &m, forbidden());
+        log("token", &m, forbidden());
+        let undecodable: R = Err(Error::QueueError(watcher::Error::NoResourceVersion));
+        log("acl", &m, undecodable);
+        // Not watch errors: a reconcile result and a vanished object.
+        let ok: R = Ok((ObjectRef::new("b").within("ns"), Action::await_change()));
+        log("broker", &m, ok);
+        let gone: R = Err(Error::ObjectNotFound(Box::new(
+            ObjectRef::<Broker>::new("b").within("ns").erase(),
+        )));
+        log("broker", &m, gone);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"starling_operator_watch_errors_total{kind="token"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"starling_operator_watch_errors_total{kind="acl"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"watch_errors_total{kind="broker"}"#),
+            "{text}"
+        );
     }
 }

@@ -30,6 +30,7 @@ pub struct Metrics {
     reconciles: Family<KindLabel, Counter>,
     failures: Family<FailureLabels, Counter>,
     durations: Family<KindLabel, Histogram, fn() -> Histogram>,
+    watch_errors: Family<KindLabel, Counter>,
     leader: Gauge,
 }
 
@@ -40,6 +41,7 @@ impl Default for Metrics {
         let failures = Family::<FailureLabels, Counter>::default();
         let durations: Family<KindLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(duration_histogram);
+        let watch_errors = Family::<KindLabel, Counter>::default();
         let leader = Gauge::default();
         registry.register(
             "reconciliations",
@@ -57,6 +59,11 @@ impl Default for Metrics {
             durations.clone(),
         );
         registry.register(
+            "watch_errors",
+            "Errors from a controller's watches (list/watch refused, e.g. RBAC 403; objects that do not decode), by controller kind",
+            watch_errors.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader lease",
             leader.clone(),
@@ -66,6 +73,7 @@ impl Default for Metrics {
             reconciles,
             failures,
             durations,
+            watch_errors,
             leader,
         }
     }
@@ -111,6 +119,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an error from one of the watches of the `kind` controller.
+    pub fn watch_error(&self, kind: &str) {
+        self.watch_errors
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
     }
@@ -134,7 +149,13 @@ mod tests {
         drop(m.reconcile("broker"));
         m.failure("broker", "kube");
         m.set_leader(true);
+        m.watch_error("token");
+        m.watch_error("token");
         let text = m.encode();
+        assert!(
+            text.contains(r#"starling_operator_watch_errors_total{kind="token"} 2"#),
+            "{text}"
+        );
         assert!(
             text.contains(r#"starling_operator_reconciliations_total{kind="broker"} 1"#),
             "{text}"
