@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Client, ResourceExt};
@@ -163,6 +163,19 @@ async fn run(broker: &Broker, ctx: &Context) -> Result<Action, Error> {
             bctx.names.bundle_secret(),
             ctx.secret_limit
         ));
+    }
+    // Objects of this Broker that are no longer wanted go first (before the
+    // TLS Secret is applied: a Certificate left in place would have
+    // cert-manager write its certificate over the operator's).
+    let unwanted = delete_unwanted_certificates(client, &bctx, objs.certificate.as_ref()).await?;
+    for name in unwanted {
+        ctx.event(
+            broker,
+            EventType::Normal,
+            "Deleted",
+            format!("Certificate {name}: no longer wanted, the Broker does not use cert-manager"),
+        )
+        .await;
     }
     let bundle_changed = observed.bundle_too_large.is_none()
         && read.bundle.as_ref().and_then(|s| s.data.as_ref()) != objs.bundle_secret.data.as_ref();
@@ -342,6 +355,73 @@ fn value(secret: &Secret, key: &str) -> Option<String> {
     String::from_utf8(bytes.0.clone())
         .ok()
         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// Label selector for every object this Broker owns (the labels
+/// [`BrokerCtx::labels`] puts on all of them, whatever the component).
+fn owned_selector(b: &BrokerCtx<'_>) -> String {
+    format!(
+        "{}={},{}={},{}={}",
+        keys::NAME,
+        crate::build::APP,
+        keys::INSTANCE,
+        b.name,
+        keys::MANAGED_BY,
+        crate::build::MANAGER
+    )
+}
+
+/// Deletes the cert-manager Certificates this Broker made that are no longer
+/// wanted (found by its labels and owner reference, as Stackable's
+/// operator-rs does; not by name, so a renamed one is found too). Returns
+/// the names deleted. Without cert-manager installed (404) there is nothing
+/// to delete; without RBAC for it (403) the leftover is logged and the
+/// reconcile goes on.
+async fn delete_unwanted_certificates(
+    client: &Client,
+    b: &BrokerCtx<'_>,
+    wanted: Option<&DynamicObject>,
+) -> Result<Vec<String>, Error> {
+    let api = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &b.namespace,
+        &certificate::api_resource(),
+    );
+    let listed = match api
+        .list(&ListParams::default().labels(&owned_selector(b)))
+        .await
+    {
+        Ok(l) => l,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Vec::new()),
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            tracing::warn!(
+                error = %s.message,
+                "cannot list cert-manager Certificates (grant list and delete on certificates.cert-manager.io);                  one this Broker no longer needs would be left in place"
+            );
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let wanted = wanted.map(|w| w.name_any());
+    let mut deleted = Vec::new();
+    for c in listed.items {
+        let name = c.name_any();
+        let ours = c
+            .owner_references()
+            .iter()
+            .any(|o| o.uid == b.owner.uid && o.controller == Some(true));
+        if !ours || wanted.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(certificate = %name, "deleted a Certificate no longer wanted");
+        deleted.push(name);
+    }
+    Ok(deleted)
 }
 
 /// Applies every object (the bundle Secret only with `bundle`); returns the

@@ -688,10 +688,6 @@ impl FakeApi {
             (&Method::DELETE, Some(name)) => {
                 let old = st.objects.remove(&key(name));
                 let found = old.is_some();
-                if let Some(old) = old {
-                    st.rv += 1;
-                    st.changed(&key(name), "DELETED", &old);
-                }
                 st.writes.push(Write {
                     verb: "delete",
                     plural: plural.into(),
@@ -699,10 +695,31 @@ impl FakeApi {
                     changed: found,
                     field_manager: None,
                 });
-                if found {
-                    respond(200, &status_body(200, "", "deleted"))
-                } else {
-                    respond(404, &status_body(404, "NotFound", "not found"))
+                match old {
+                    Some(old) => {
+                        st.rv += 1;
+                        st.changed(&key(name), "DELETED", &old);
+                        // What this manager applied goes with the object.
+                        st.applied.retain(|(k, _), _| *k != key(name));
+                        // As a real API server answers for an object without
+                        // finalizers: the object as it was.
+                        respond(200, &old)
+                    }
+                    None => {
+                        let (_, group) = kind_of(plural);
+                        let resource = if group.is_empty() {
+                            plural.to_string()
+                        } else {
+                            format!("{plural}.{group}")
+                        };
+                        let mut body = status_body(
+                            404,
+                            "NotFound",
+                            &format!("{resource} \"{name}\" not found"),
+                        );
+                        body["details"] = json!({"name": name, "group": group, "kind": plural});
+                        respond(404, &body)
+                    }
                 }
             }
             (&Method::PATCH, Some(name)) => {

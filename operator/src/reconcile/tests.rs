@@ -10,7 +10,7 @@ use serde_json::json;
 use starling_model::bundle::AuthBundle;
 use starling_model::token::verify_secret;
 
-use super::fake::FakeApi;
+use super::fake::{FakeApi, Write};
 use super::{Context, acl, broker, token};
 use crate::crd::acl::{AclAction, AclEffect, AclRule, AclSpec, TopicFilter};
 use crate::crd::common::ConditionStatus;
@@ -859,4 +859,142 @@ async fn oversized_bundle_is_degraded_and_the_rest_still_applied() {
     // Under the real limit it goes through.
     reconcile_broker(&fake, &ctx).await;
     assert_eq!(bundle(&fake).tokens.len(), 5);
+}
+
+/// Whether `cert_pem` chains to `ca_pem` for `host`, as a TLS client checks it.
+fn signed_by(cert_pem: &str, ca_pem: &str, host: &str) -> bool {
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let der = |pem: &str| CertificateDer::from(crate::tls::x509::first_der(pem).expect("PEM"));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(ca_pem)).expect("CA certificate");
+    let verifier = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .expect("verifier");
+    verifier
+        .verify_server_cert(
+            &der(cert_pem),
+            &[],
+            &ServerName::try_from(host.to_string()).expect("host"),
+            &[],
+            UnixTime::now(),
+        )
+        .is_ok()
+}
+
+fn secret_text(s: &Secret, key: &str) -> String {
+    String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn switching_away_from_cert_manager_deletes_its_certificate() {
+    use kube::api::{Api, DynamicObject, PostParams};
+    let (fake, ctx) = setup();
+    let spec: BrokerSpec =
+        serde_json::from_value(json!({"tls": {"certManager": {"issuerRef": {"name": "ca"}}}}))
+            .unwrap();
+    new_broker(&fake, spec);
+    reconcile_broker(&fake, &ctx).await;
+    assert!(fake.names().contains(&"certificates/demo-tls".to_string()));
+
+    // cert-manager issues the Secret from its own CA.
+    let now = std::time::SystemTime::now();
+    let names = vec!["demo.ns.svc".to_string()];
+    let (acme_ca, acme_server, _) =
+        crate::tls::ensure("acme", NS, &names, None, None, now).unwrap();
+    let mut issued = Secret {
+        metadata: meta("demo-tls"),
+        type_: Some("kubernetes.io/tls".into()),
+        ..Secret::default()
+    };
+    issued.data = Some(crate::build::secret_data([
+        ("tls.crt", acme_server.cert_pem.clone()),
+        ("tls.key", acme_server.key_pem.clone()),
+        ("ca.crt", acme_ca.cert_pem.clone()),
+    ]));
+    fake.put(&issued);
+    // A user's Certificate that copies the Broker's labels but is not owned
+    // by it stays.
+    let certs: Api<DynamicObject> = Api::namespaced_with(
+        fake.client(),
+        NS,
+        &crate::build::certificate::api_resource(),
+    );
+    let mut mine = DynamicObject::new("mine", &crate::build::certificate::api_resource());
+    mine.metadata.labels = Some(
+        [
+            ("app.kubernetes.io/name", "starling"),
+            ("app.kubernetes.io/instance", "demo"),
+            ("app.kubernetes.io/managed-by", "starling-operator"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    );
+    mine.data = json!({"spec": {"secretName": "mine", "issuerRef": {"name": "ca"}}});
+    certs.create(&PostParams::default(), &mine).await.unwrap();
+    reconcile_broker(&fake, &ctx).await;
+    assert!(fake.names().contains(&"certificates/demo-tls".to_string()));
+    fake.take_writes();
+
+    // Switch to the operator's CA.
+    let mut b: Broker = fake.get(NS, "demo").unwrap();
+    b.spec.tls.cert_manager = None;
+    fake.put(&b);
+    reconcile_broker(&fake, &ctx).await;
+    let writes = fake.take_writes();
+    let deletes: Vec<String> = writes
+        .iter()
+        .filter(|w| w.verb == "delete" && w.plural != "events")
+        .map(Write::id)
+        .collect();
+    assert_eq!(deletes, ["delete certificates/demo-tls"], "{writes:?}");
+    // Deleted before the new TLS Secret was written, so cert-manager had no
+    // Certificate left to write it over.
+    let pos = |id: &str| writes.iter().position(|w| w.id() == id).unwrap();
+    assert!(pos("delete certificates/demo-tls") < pos("apply secrets/demo-tls"));
+    let names = fake.names();
+    assert!(
+        !names.contains(&"certificates/demo-tls".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"certificates/mine".to_string()),
+        "{names:?}"
+    );
+
+    // The TLS Secret is signed by the operator's CA, not cert-manager's.
+    let tls: Secret = fake.get(NS, "demo-tls").unwrap();
+    let ca: Secret = fake.get(NS, "demo-ca").unwrap();
+    let (crt, ca_crt) = (secret_text(&tls, "tls.crt"), secret_text(&ca, "ca.crt"));
+    assert!(signed_by(&crt, &ca_crt, "demo.ns.svc"));
+    assert!(!signed_by(&crt, &acme_ca.cert_pem, "demo.ns.svc"));
+    assert_eq!(secret_text(&tls, "ca.crt"), ca_crt);
+
+    // Settled: nothing more is deleted or changed.
+    reconcile_broker(&fake, &ctx).await;
+    let writes = fake.take_writes();
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.verb != "delete" && (!w.changed || w.plural == "events")),
+        "{writes:?}"
+    );
+}
+
+#[tokio::test]
+async fn unwanted_certificates_are_not_looked_for_without_cert_manager() {
+    // No cert-manager CRDs (404 on every Certificate request): a Broker with
+    // the operator CA reconciles as before.
+    let (fake, ctx) = setup();
+    fake.fail_plural("certificates");
+    new_broker(&fake, BrokerSpec::default());
+    reconcile_broker(&fake, &ctx).await;
+    let b: Broker = fake.get(NS, "demo").unwrap();
+    let (st, reason, _) = condition(&b.status.unwrap().conditions, "Degraded");
+    assert_eq!(st, ConditionStatus::False, "{reason}");
 }
