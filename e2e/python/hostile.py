@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import math
 import os
@@ -34,6 +32,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import mqttraw as raw  # noqa: E402
+from testcerts import make_tls_files  # noqa: E402,F401 (re-exported for test_hostile)
 
 # A side round trip longer than this counts as lost (the probe moves on).
 ROUND_TRIP_TIMEOUT = 5.0
@@ -134,21 +133,7 @@ def connect_packet(
     password: str | None = None,
     keepalive: int = 60,
 ) -> bytes:
-    body = raw.mqtt_str("MQTT") + bytes([version])
-    flags = 0x02
-    if username is not None:
-        flags |= 0x80
-    if password is not None:
-        flags |= 0x40
-    body += bytes([flags]) + struct.pack("!H", keepalive)
-    if version == raw.V5:
-        body += raw.props()
-    body += raw.mqtt_str(client_id)
-    if username is not None:
-        body += raw.mqtt_str(username)
-    if password is not None:
-        body += raw.mqtt_str(password)
-    return raw.packet(raw.CONNECT, 0, body)
+    return raw.connect(client_id, version, keepalive, username=username, password=password)
 
 
 class Frames:
@@ -233,82 +218,6 @@ def wait_eof(sock: socket.socket, timeout: float) -> tuple[str, bytes]:
 # ------------------------------------------------------------ certificates
 
 
-def make_tls_files(dirpath: str) -> dict[str, str]:
-    """A CA and a server certificate for localhost/127.0.0.1 signed by it (EC P-256)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "starling e2e hostile CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = {
-        "ca": os.path.join(dirpath, "ca.crt"),
-        "cert": os.path.join(dirpath, "tls.crt"),
-        "key": os.path.join(dirpath, "tls.key"),
-    }
-    with open(paths["ca"], "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(paths["cert"], "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(paths["key"], "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return paths
 
 
 def tls10_client_hello() -> tuple[bytes, str]:

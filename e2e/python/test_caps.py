@@ -12,7 +12,7 @@ import time
 import pytest
 
 import mqttraw as raw
-from clients import V5, uid
+from clients import uid
 from test_hardening import make_tls_files, mem, metric, mib, ping, raw_session, rv, side_for  # noqa: F401
 
 LIMIT = "starling_limit_refusals_total"

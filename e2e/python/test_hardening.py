@@ -11,15 +11,11 @@ the defects of the contract.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
 import re
 import selectors
 import socket
 import ssl
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -28,6 +24,7 @@ import urllib.request
 import pytest
 
 import mqttraw as raw
+import testcerts
 from broker import TARGET
 from clients import TIMEOUT, V5, V311, Client, SideClient, uid
 from test_auth import BROKER_NAME, HASH_KEY, Bundle
@@ -392,76 +389,9 @@ def test_2_hundred_thousand_filters_closed(run_broker, side_for, version):
 
 def make_tls_files(d: str) -> tuple[str, str, str]:
     """A throwaway CA and a server certificate for 127.0.0.1/localhost:
-    (ca.pem, server.crt, server.key)."""
-    ca_pem, crt, key = (os.path.join(d, n) for n in ("ca.pem", "server.crt", "server.key"))
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:  # fall back to the openssl command line
-        def run(*a):
-            subprocess.run(a, check=True, capture_output=True, cwd=d)
-
-        run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", ca_pem, "-days", "2", "-subj", "/CN=starling e2e CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-        run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", key, "-out", "server.csr", "-subj", "/CN=localhost")
-        with open(os.path.join(d, "ext.cnf"), "w") as f:
-            f.write(
-                "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-                "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
-            )
-        run("openssl", "x509", "-req", "-in", "server.csr", "-CA", ca_pem, "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", "ext.cnf")
-        return ca_pem, crt, key
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "starling e2e CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(srv_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(srv_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    with open(ca_pem, "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(crt, "wb") as f:
-        f.write(srv.public_bytes(serialization.Encoding.PEM))
-    with open(key, "wb") as f:
-        f.write(
-            srv_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return ca_pem, crt, key
+    (ca, server cert, server key) paths."""
+    p = testcerts.make_tls_files(d)
+    return p["ca"], p["cert"], p["key"]
 
 
 def test_3_tls_client_that_stops_reading_is_taken_over(run_broker, side_for):
