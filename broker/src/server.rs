@@ -32,8 +32,9 @@ pub struct Shared {
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Sender<bool>,
-    /// Failed-CONNECT log lines: clients can cause them at line rate.
-    pub auth_log: LogBudget,
+    /// Log lines clients can cause at line rate (failed CONNECTs, refused
+    /// sockets): rate-limited together.
+    pub refusal_log: LogBudget,
     /// Open sockets per source address on the client listeners.
     pub sockets: SocketCounter,
     topic_policy: Option<TopicPolicy>,
@@ -50,7 +51,7 @@ impl Shared {
             registry: Registry::default(),
             metrics,
             shutdown: watch::channel(false).0,
-            auth_log: LogBudget::new(10),
+            refusal_log: LogBudget::new(10),
             sockets: SocketCounter::default(),
             topic_policy: (policy != TopicPolicy::default()).then_some(policy),
             client_seq: AtomicU64::new(0),

@@ -56,7 +56,7 @@ pub async fn run(
 }
 
 fn refused_log(shared: &Shared, peer: SocketAddr, why: Refused) {
-    if let Some(suppressed) = shared.auth_log.take(std::time::Instant::now()) {
+    if let Some(suppressed) = shared.refusal_log.take(std::time::Instant::now()) {
         match why {
             Refused::Total => {
                 tracing::warn!(%peer, suppressed, "connection limit reached; refusing")

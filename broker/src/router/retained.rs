@@ -79,14 +79,6 @@ impl RetainedStore {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Whether `msg` (a retained publish) could be applied: clearing and
     /// replacing always can; a new topic must fit the caps.
     pub fn admits(&self, msg: &Message) -> bool {
@@ -285,7 +277,7 @@ mod tests {
         for t in names {
             assert_eq!(s.apply(&msg(t, "x")), Retain::Stored);
         }
-        assert_eq!(s.len(), names.len());
+        assert_eq!(s.count, names.len());
         for f in filters {
             let mut want: Vec<String> = names
                 .iter()
@@ -298,7 +290,7 @@ mod tests {
         for t in names {
             assert_eq!(s.apply(&msg(t, "")), Retain::Cleared, "{t}");
         }
-        assert_eq!(s.len(), 0);
+        assert_eq!(s.count, 0);
         assert!(s.root.is_empty(), "branches pruned");
         assert_eq!(s.bytes, 0);
     }
@@ -348,7 +340,7 @@ mod tests {
         s.apply(&msg("a/new", "x"));
         assert_eq!(topics(&s, "a/#"), vec!["a/new"]);
         assert_eq!(s.purge_expired(now), 1);
-        assert_eq!(s.len(), 1);
+        assert_eq!(s.count, 1);
         assert_eq!(s.purge_expired(now), 0);
     }
 

@@ -234,7 +234,7 @@ impl Connection {
             Err(e) => {
                 // The reason is logged, never the secret; client values are
                 // cut and escaped, and the line is rate-limited.
-                if let Some(suppressed) = shared.auth_log.take(std::time::Instant::now()) {
+                if let Some(suppressed) = shared.refusal_log.take(std::time::Instant::now()) {
                     tracing::info!(%peer, client_id = %Shown(&c.client_id), username = %shown(c.username.as_deref()), reason = %e, suppressed, "authentication failed");
                 }
                 let code = handshake::refusal_code(v, &e);
@@ -309,7 +309,7 @@ impl Connection {
                     ),
                 };
                 shared.metrics.limit_hit(limit);
-                if let Some(suppressed) = shared.auth_log.take(std::time::Instant::now()) {
+                if let Some(suppressed) = shared.refusal_log.take(std::time::Instant::now()) {
                     tracing::info!(%peer, client_id = %Shown(&agreed.client_id), token = ?principal.name(), reason = %e, suppressed, "connection refused");
                 }
                 let _ = codec::encode(&refuse(code), v, &mut out);

@@ -195,11 +195,6 @@ impl Registry {
     pub fn current_key(&self, client_id: &str) -> Option<u64> {
         self.lock().by_id.get(client_id).map(|s| s.key)
     }
-
-    /// Sessions counted against `max_persistent_sessions`.
-    pub fn persistent_count(&self) -> usize {
-        self.lock().persistent
-    }
 }
 
 #[cfg(test)]
@@ -278,10 +273,10 @@ mod tests {
             r.open(req("a", None, true, 60)).is_ok(),
             "a clean start replaces its own"
         );
-        assert_eq!(r.persistent_count(), 2);
+        assert_eq!(r.lock().persistent, 2);
         let b = r.open(req("b", None, false, 60)).unwrap().session;
         assert!(r.remove(&b));
-        assert_eq!(r.persistent_count(), 1);
+        assert_eq!(r.lock().persistent, 1);
         assert!(r.open(req("c", None, false, 60)).is_ok());
     }
 

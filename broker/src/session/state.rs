@@ -168,13 +168,6 @@ impl Session {
         self.online.load(Ordering::Relaxed)
     }
 
-    /// Is `link` the connection attached to this session? Only that one may
-    /// drain the queue or change subscriptions: a connection that was taken
-    /// over is still running until it notices its kick.
-    pub fn is_attached(&self, link: &Arc<ConnLink>) -> bool {
-        self.lock().owned_by(link)
-    }
-
     /// Attaches a connection, kicking the previous one (session takeover).
     pub fn attach(&self, link: Arc<ConnLink>, expiry: Duration) {
         let mut st = self.lock();
@@ -281,6 +274,9 @@ impl Session {
 }
 
 impl SessionState {
+    /// Is `link` the connection attached to this session? Only that one may
+    /// drain the queue or change subscriptions: a connection that was taken
+    /// over is still running until it notices its kick.
     pub fn owned_by(&self, link: &Arc<ConnLink>) -> bool {
         self.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, link))
     }
