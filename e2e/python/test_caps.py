@@ -22,6 +22,19 @@ def limit_count(b, name: str) -> float:
     return metric(b, LIMIT, f'{{limit="{name}"}}')
 
 
+def admitted_again(b, why: str, within: float = 5.0) -> None:
+    """A new client gets in within `within` seconds: slots are released as
+    the broker sees the closes (a raw client learns of a refusal at once)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with raw_session(b.mqtt, raw.V311):
+                return
+        except (AssertionError, raw.Closed, OSError):
+            assert time.monotonic() < deadline, why
+            time.sleep(0.05)
+
+
 def sub_codes(r: raw.RawClient, filters: list[str], qos: int = 0, pid: int = 1) -> list[int]:
     r.send(raw.subscribe_many(filters, qos, r.version, pid=pid))
     return r.expect(raw.SUBACK).fields["codes"]
@@ -116,14 +129,7 @@ def test_connections_per_address(run_broker, side_for):
     s.close()
     for h in held:
         h.close()
-    deadline = time.monotonic() + 5
-    while True:  # the slots are released as the broker sees the closes
-        try:
-            with raw_session(b.mqtt, raw.V311):
-                break
-        except (AssertionError, raw.Closed, OSError):
-            assert time.monotonic() < deadline, "slots were not released"
-            time.sleep(0.05)
+    admitted_again(b, "slots were not released")
     assert limit_count(b, "max_connections_per_address") >= 1
     side.check("per-address cap")
 
@@ -156,14 +162,7 @@ def test_tls_handshakes_count_against_max_connections(run_broker, tmp_path):
             time.sleep(0.05)
     for s in stalled:
         s.close()
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            with raw_session(b.mqtt, raw.V311):
-                break
-        except (AssertionError, raw.Closed, OSError):
-            assert time.monotonic() < deadline, "slots were not released after the handshakes closed"
-            time.sleep(0.05)
+    admitted_again(b, "slots were not released after the handshakes closed")
 
 
 def test_small_messages_do_not_pin_read_buffers(run_broker, side_for):
