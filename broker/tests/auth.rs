@@ -139,6 +139,7 @@ impl Auth {
         match self.bundle.acls.iter_mut().find(|a| a.name == acl) {
             Some(a) => a.rules.push(rule),
             None => self.bundle.acls.push(AclEntry {
+                anonymous: false,
                 name: acl.into(),
                 tokens: tokens.iter().map(|t| t.to_string()).collect(),
                 selector: None,

@@ -87,6 +87,7 @@ fn bundle(rules: usize) -> AuthBundle {
         effect: Effect::Allow,
     });
     b.acls.push(AclEntry {
+        anonymous: false,
         name: "bench".into(),
         tokens: vec!["t".into()],
         selector: None,

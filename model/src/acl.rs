@@ -134,21 +134,35 @@ impl Permissions {
         Verdict::Default(self.default_allow)
     }
 
-    /// A subscription receives every topic its filter matches, so it is
-    /// refused when a deny rule could match any of them (overlap), and
-    /// allowed only when one allow rule matches all of them (covers).
-    fn subscribe(&self, raw: &str) -> Verdict<'_> {
+    /// A subscription is granted when one allow rule covers its filter
+    /// (or, with no such rule, the default allows) and no deny rule covers
+    /// it. A deny rule that only overlaps it does not refuse it: it makes
+    /// the grant [`Grant::Filtered`], and messages on the denied topics are
+    /// withheld from it one by one ([`Permissions::receive`]).
+    fn subscribe(&self, raw: &str) -> (Verdict<'_>, Grant) {
         let Ok(sub) = topic::parse_subscription(raw) else {
-            return Verdict::Invalid;
+            return (Verdict::Invalid, Grant::Refused);
         };
         let filter = sub.filter;
-        if let Some(r) = find(&self.subscribe_deny, |f| topic::overlaps(f, filter)) {
-            return Verdict::Rule(r, false);
+        if let Some(r) = find(&self.subscribe_deny, |f| topic::covers(f, filter)) {
+            return (Verdict::Rule(r, false), Grant::Refused);
         }
-        if let Some(r) = find(&self.subscribe_allow, |f| topic::covers(f, filter)) {
-            return Verdict::Rule(r, true);
-        }
-        Verdict::Default(self.default_allow)
+        let verdict = match find(&self.subscribe_allow, |f| topic::covers(f, filter)) {
+            Some(r) => Verdict::Rule(r, true),
+            None => Verdict::Default(self.default_allow),
+        };
+        let grant = if !verdict.allowed() {
+            Grant::Refused
+        } else if self
+            .subscribe_deny
+            .iter()
+            .any(|r| topic::overlaps(&r.filter, filter))
+        {
+            Grant::Filtered
+        } else {
+            Grant::Whole
+        };
+        (verdict, grant)
     }
 
     /// [`Permissions::subscribe`] for a single topic name, where overlap and
@@ -169,6 +183,27 @@ impl Permissions {
 
 fn find(rules: &[CompiledRule], pred: impl Fn(&str) -> bool) -> Option<&CompiledRule> {
     rules.iter().find(|r| pred(&r.filter))
+}
+
+/// What a granted subscription may receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// No allow rule covers the filter (and the default policy denies), a
+    /// deny rule covers all of it, or it is malformed.
+    Refused,
+    /// Every topic the filter matches may be read: nothing to check per
+    /// message, the common case.
+    Whole,
+    /// Granted, but a deny rule overlaps the filter (allow `sensors/#`, deny
+    /// `sensors/private/#`): each message's topic must pass
+    /// [`Principal::may_receive`] before it is delivered.
+    Filtered,
+}
+
+impl Grant {
+    pub fn allowed(self) -> bool {
+        self != Grant::Refused
+    }
 }
 
 /// Who a connection is: a token from the bundle, or anonymous.
@@ -238,7 +273,13 @@ impl Principal {
     /// May this principal subscribe to `filter`? A `$share/group/` prefix is
     /// removed first; the rules apply to the filter inside it.
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        self.perms.subscribe(filter).allowed()
+        self.perms.subscribe(filter).1.allowed()
+    }
+
+    /// [`Principal::may_subscribe`], telling also whether messages on the
+    /// filter must be checked one by one ([`Grant::Filtered`]).
+    pub fn grant_subscribe(&self, filter: &str) -> Grant {
+        self.perms.subscribe(filter).1
     }
 
     /// May this principal receive a message on topic name `topic`? For
@@ -255,7 +296,7 @@ impl Principal {
 
     /// [`Principal::may_subscribe`] with the rule that decided.
     pub fn check_subscribe(&self, filter: &str) -> Decision {
-        self.perms.subscribe(filter).decision()
+        self.perms.subscribe(filter).0.decision()
     }
 
     /// [`Principal::may_receive`] with the rule that decided.
@@ -336,6 +377,13 @@ impl AuthState {
             .iter()
             .map(|a| Arc::from(a.name.as_str()))
             .collect();
+        let anonymous_acls: Vec<usize> = bundle
+            .acls
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.anonymous)
+            .map(|(i, _)| i)
+            .collect();
         let mut shared: HashMap<Vec<usize>, Arc<Permissions>> = HashMap::new();
         let mut tokens = Vec::with_capacity(bundle.tokens.len());
         let mut by_hash = HashMap::with_capacity(bundle.tokens.len());
@@ -367,7 +415,10 @@ impl AuthState {
             tokens,
             by_hash,
             by_name,
-            anonymous: anonymous(default_allow, generation),
+            anonymous: anonymous(
+                build_permissions(bundle, &anonymous_acls, &acl_names, default_allow),
+                generation,
+            ),
             acl_count: bundle.acls.len(),
         })
     }
@@ -385,7 +436,13 @@ impl AuthState {
             tokens: Vec::new(),
             by_hash: HashMap::new(),
             by_name: HashMap::new(),
-            anonymous: anonymous(true, generation),
+            anonymous: anonymous(
+                Permissions {
+                    default_allow: true,
+                    ..Permissions::default()
+                },
+                generation,
+            ),
             acl_count: 0,
         }
     }
@@ -456,8 +513,8 @@ impl AuthState {
         Ok(token.clone())
     }
 
-    /// The principal for connections without a token: no ACL applies to it,
-    /// only the default policy.
+    /// The principal for connections without a token: the ACLs marked
+    /// `anonymous`, then the default policy.
     pub fn anonymous(&self) -> Arc<Principal> {
         self.anonymous.clone()
     }
@@ -526,17 +583,14 @@ impl AuthState {
     }
 }
 
-fn anonymous(default_allow: bool, generation: u64) -> Arc<Principal> {
+fn anonymous(perms: Permissions, generation: u64) -> Arc<Principal> {
     Arc::new(Principal {
         name: None,
         hash: [0; HASH_LEN],
         expires_at: None,
         disabled: false,
         labels: BTreeMap::new(),
-        perms: Arc::new(Permissions {
-            default_allow,
-            ..Permissions::default()
-        }),
+        perms: Arc::new(perms),
         generation,
     })
 }

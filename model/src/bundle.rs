@@ -102,6 +102,11 @@ pub struct AclEntry {
     /// Also applies to every token whose labels match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+    /// Also applies to clients without a token (as mosquitto's rules for
+    /// anonymous users do), so a broker that admits anonymous clients can
+    /// still fence topics off from them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub anonymous: bool,
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
@@ -622,6 +627,7 @@ mod tests {
             default_policy: Some(Effect::Deny),
             tokens: vec![sensor, old],
             acls: vec![AclEntry {
+                anonymous: false,
                 name: "sensors".into(),
                 tokens: vec!["old".into()],
                 selector: Some(LabelSelector {
@@ -812,6 +818,7 @@ mod tests {
         assert!(b.warnings().is_empty());
         b.acls[0].tokens.push("gone".into());
         b.acls.push(AclEntry {
+            anonymous: false,
             name: "nobody".into(),
             tokens: vec![],
             selector: None,

@@ -20,7 +20,7 @@ pub struct BrokerConfig {
     pub mqtt: ListenerConfig,
     /// MQTT over TLS.
     pub mqtts: ListenerConfig,
-    /// Plain HTTP: MQTT over WebSocket at `/mqtt`, later `/broker/` and topic streams.
+    /// Plain HTTP: MQTT over WebSocket at `/mqtt`, `/broker/` and topic streams.
     pub http: ListenerConfig,
     /// The same over TLS.
     pub https: ListenerConfig,
@@ -31,6 +31,11 @@ pub struct BrokerConfig {
     pub topics: TopicsConfig,
     pub auth: AuthConfig,
     pub storage: StorageConfig,
+    /// The HTTP interface under `/broker/` and the native WebSocket topic
+    /// streams (on the http and https listeners).
+    pub web: WebConfig,
+    /// The last-value cache behind HTTP GET and `?pubStates=1`.
+    pub lvc: LvcConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +258,30 @@ impl BrokerConfig {
                 "must be between 64 and 268435460 (the MQTT maximum)".into(),
             ));
         }
+        let w = &self.web;
+        let web = |key: &'static str, value: String, why: &str| InvalidSetting {
+            section: "web",
+            key,
+            value,
+            why: why.into(),
+        };
+        if !(1..=65535).contains(&w.max_topic_length) {
+            return Err(web(
+                "max_topic_length",
+                w.max_topic_length.to_string(),
+                "must be between 1 and 65535 (the MQTT maximum)",
+            ));
+        }
+        if w.body_timeout == 0 {
+            return Err(web("body_timeout", "0".into(), "must be at least 1 second"));
+        }
+        if w.allowed_chars.contains(['?', '\0']) {
+            return Err(web(
+                "allowed_chars",
+                format!("{:?}", w.allowed_chars),
+                "may not contain '?' (it starts the query) or NUL",
+            ));
+        }
         Ok(())
     }
 }
@@ -336,4 +365,92 @@ impl Default for AuthConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     pub data_dir: Option<PathBuf>,
+}
+
+/// The HTTP interface and the native WebSocket streams. The topic limits
+/// default to shiftr.io's, which the HTTP interface follows; MQTT has its
+/// own, off by default (`[topics]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Longest topic (or filter) in a `/broker/` path or stream path, in characters.
+    pub max_topic_length: usize,
+    /// Characters allowed in those topics besides ASCII letters and digits.
+    pub allowed_chars: String,
+    /// Largest POST body in bytes; larger ones get 413 and publish nothing.
+    pub max_body_bytes: usize,
+    /// Seconds a POST body may take to arrive; a slower upload gets 408.
+    pub body_timeout: u64,
+    /// Milliseconds a GET waits for a first message when none is known
+    /// and the request has no `?wait=`.
+    pub default_wait_ms: u64,
+    /// Longest `?wait=` a GET may ask for, in seconds.
+    pub max_wait: u64,
+    /// Origins allowed to call the HTTP interface from a web page (CORS),
+    /// comma-separated, or `*` for any. Empty: no CORS headers (browsers
+    /// then allow same-origin pages only).
+    pub cors_origins: String,
+    /// Seconds between WebSocket pings on a topic stream; a stream that
+    /// answers none of two pings is closed. 0 disables pings.
+    pub ping_interval: u64,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            max_topic_length: 128,
+            allowed_chars: ".,:;-_$/+#".into(),
+            max_body_bytes: 64 * 1024,
+            body_timeout: 10,
+            default_wait_ms: 1000,
+            max_wait: 60,
+            cors_origins: String::new(),
+            ping_interval: 30,
+        }
+    }
+}
+
+impl WebConfig {
+    /// The topic policy `/broker/` paths and stream paths are checked against.
+    pub fn policy(&self) -> TopicPolicy {
+        TopicPolicy {
+            max_len: Some(self.max_topic_length),
+            allowed_extra: Some(self.allowed_chars.clone()),
+        }
+    }
+
+    /// The configured CORS origins; `None` when CORS is off, `Some([])`
+    /// never (a lone `*` is returned as itself).
+    pub fn cors(&self) -> Option<Vec<String>> {
+        let list: Vec<String> = self
+            .cors_origins
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (!list.is_empty()).then_some(list)
+    }
+}
+
+/// The last-value cache: the latest message of each topic, whether retained
+/// or not, so GET and `?pubStates=1` can answer without a retained flag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LvcConfig {
+    /// Topics kept; past it the least recently published topic is evicted
+    /// (counted). 0 turns the cache off: GET then answers from the retained
+    /// store and live messages only.
+    pub max_entries: usize,
+    /// Bytes (topic + payload) kept over all entries, the second cap.
+    pub max_bytes: usize,
+}
+
+impl Default for LvcConfig {
+    fn default() -> Self {
+        LvcConfig {
+            max_entries: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
 }

@@ -23,6 +23,9 @@ pub enum TopicError {
     InvalidShare(&'static str),
     #[error("topic has more than {max} levels")]
     TooManyLevels { max: usize },
+    /// A `?name=value` topic option other than `pubStates=0|1`.
+    #[error("unknown topic option {0:?}; the only option is pubStates=1")]
+    UnknownOption(String),
 }
 
 /// Checks that `topic` (a name or a filter without its `$share/` prefix)
@@ -203,6 +206,44 @@ pub fn parse_subscription(raw: &str) -> Result<SubscriptionFilter<'_>, TopicErro
     })
 }
 
+/// Options a subscription filter may carry after `?`, EVRYTHNG style
+/// (`sensors/+/temp?pubStates=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TopicOptions {
+    /// Send the last value of every matching topic first (without the
+    /// retain flag), then live messages.
+    pub pub_states: bool,
+}
+
+/// Splits `filter?options` into the filter and its options. `?` is
+/// therefore reserved in subscription filters (topic names may still
+/// contain it). Unknown options, or a value other than 0/1, are refused so
+/// that a typo is not silently ignored.
+pub fn split_options(raw: &str) -> Result<(&str, TopicOptions), TopicError> {
+    let Some((filter, query)) = raw.split_once('?') else {
+        return Ok((raw, TopicOptions::default()));
+    };
+    let mut opts = TopicOptions::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("pubStates", "1")) => opts.pub_states = true,
+            Some(("pubStates", "0")) => opts.pub_states = false,
+            _ => {
+                let shown: String = pair.chars().take(64).collect();
+                return Err(TopicError::UnknownOption(shown));
+            }
+        }
+    }
+    Ok((filter, opts))
+}
+
+/// [`split_options`] then [`parse_subscription`]: what a SUBSCRIBE filter,
+/// a stream path or a wildcard GET is made of.
+pub fn parse_with_options(raw: &str) -> Result<(SubscriptionFilter<'_>, TopicOptions), TopicError> {
+    let (rest, opts) = split_options(raw)?;
+    Ok((parse_subscription(rest)?, opts))
+}
+
 /// An optional topic policy (length and character set) applied to topic names
 /// and filters. MQTT defaults to no policy; the HTTP API defaults to
 /// [`TopicPolicy::shiftr`].
@@ -258,6 +299,29 @@ impl TopicPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_options() {
+        assert_eq!(split_options("a/b"), Ok(("a/b", TopicOptions::default())));
+        let on = TopicOptions { pub_states: true };
+        assert_eq!(split_options("a/+?pubStates=1"), Ok(("a/+", on)));
+        assert_eq!(split_options("a/#?"), Ok(("a/#", TopicOptions::default())));
+        assert_eq!(
+            split_options("a?pubStates=0"),
+            Ok(("a", TopicOptions::default()))
+        );
+        assert_eq!(
+            split_options("a?pubStates=2"),
+            Err(TopicError::UnknownOption("pubStates=2".into()))
+        );
+        assert_eq!(
+            split_options("a?project=x"),
+            Err(TopicError::UnknownOption("project=x".into()))
+        );
+        let (f, o) = parse_with_options("$share/g/a/+?pubStates=1").unwrap();
+        assert_eq!((f.share_group, f.filter, o), (Some("g"), "a/+", on));
+        assert!(parse_with_options("a/#/b?pubStates=1").is_err());
+    }
 
     #[test]
     fn policy_allows_wildcards_in_filters_only() {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use starling_model::acl::{AuthError, AuthState, Reason};
+use starling_model::acl::{AuthError, AuthState, Grant, Reason};
 use starling_model::bundle::{
     AclEntry, Action, AuthBundle, Effect, LabelSelector, Rule, TokenEntry,
 };
@@ -171,6 +171,7 @@ fn bundle() -> AuthBundle {
         tokens: vec![sensor, app, off, bare],
         acls: vec![
             AclEntry {
+                anonymous: false,
                 name: "sensors".into(),
                 tokens: vec![],
                 selector: Some(LabelSelector {
@@ -183,6 +184,7 @@ fn bundle() -> AuthBundle {
                 ],
             },
             AclEntry {
+                anonymous: false,
                 name: "app".into(),
                 tokens: vec!["app".into(), "gone".into()],
                 selector: None,
@@ -218,8 +220,8 @@ fn allow_deny_table() {
         (&sensor, 'p', "sensors/1/temp/x", false),
         (&sensor, 'p', "sensors/+/temp", false),
         (&sensor, 'p', "", false),
-        (&sensor, 's', "sensors/#", false), // overlaps the vault deny
-        (&sensor, 's', "sensors/+/temp", false), // so does this
+        (&sensor, 's', "sensors/#", true), // granted; the vault deny overlaps it: filtered
+        (&sensor, 's', "sensors/+/temp", true), // so does this
         (&sensor, 's', "sensors/1/temp", true),
         (&sensor, 's', "sensors/1/#", true),
         (&sensor, 's', "sensors/vault", false), // "sensors/vault/#" matches its parent
@@ -237,9 +239,10 @@ fn allow_deny_table() {
         (&app, 'p', "administrator", true),
         (&app, 'p', "$SYS/broker/x", false), // "#" does not reach $-topics
         (&app, 's', "a/+/c", true),
-        (&app, 's', "#", false),   // overlaps admin/#
-        (&app, 's', "+/x", false), // shares "admin/x" with the deny
-        (&app, 's', "+", false),   // "+" and "admin/#" share the topic "admin"
+        (&app, 's', "#", true),        // overlaps admin/#: filtered
+        (&app, 's', "+/x", true),      // shares "admin/x" with the deny: filtered
+        (&app, 's', "+", true),        // "+" and "admin/#" share the topic "admin"
+        (&app, 's', "admin/+", false), // covered by the deny
         (&app, 's', "$SYS/broker/uptime", true),
         (&app, 's', "$SYS/broker/+", true),
         (&app, 's', "$SYS/#", false),
@@ -267,6 +270,64 @@ fn allow_deny_table() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn grants_say_when_messages_are_checked_one_by_one() {
+    let s = state();
+    let now = at(EXPIRY - 10);
+    let sensor = s.authenticate(None, b"sensor-secret-000000", now).unwrap();
+    let app = s.authenticate(None, b"app-secret-0000000000", now).unwrap();
+    for (p, filter, want) in [
+        (&sensor, "sensors/1/#", Grant::Whole),
+        (&sensor, "sensors/#", Grant::Filtered),
+        (&sensor, "sensors/+/temp", Grant::Filtered),
+        (&sensor, "sensors/vault/#", Grant::Refused),
+        (&sensor, "#", Grant::Refused),
+        (&app, "a/+/c", Grant::Whole),
+        (&app, "#", Grant::Filtered),
+        (&app, "$share/g/#", Grant::Filtered),
+        (&app, "admin/#", Grant::Refused),
+        (&app, "a/#/b", Grant::Refused),
+    ] {
+        assert_eq!(p.grant_subscribe(filter), want, "{:?} {filter:?}", p.name());
+    }
+    // What a filtered grant delivers: the matching topics that may be read.
+    assert!(sensor.may_receive("sensors/1/temp"));
+    assert!(!sensor.may_receive("sensors/vault/temp"));
+}
+
+#[test]
+fn anonymous_acls_fence_anonymous_clients() {
+    let mut b = bundle();
+    b.default_policy = Some(Effect::Allow);
+    let s = AuthState::compile(&b).unwrap();
+    assert!(
+        s.anonymous().may_publish("sensors/vault/x"),
+        "no anonymous ACL yet"
+    );
+    b.acls.push(AclEntry {
+        anonymous: true,
+        name: "guests".into(),
+        tokens: vec![],
+        selector: None,
+        rules: vec![rule(
+            &["sensors/vault/#"],
+            &[Action::Publish, Action::Subscribe],
+            Effect::Deny,
+        )],
+    });
+    let s = AuthState::compile(&b).unwrap();
+    let anon = s.anonymous();
+    assert!(!anon.may_publish("sensors/vault/x"));
+    assert!(anon.may_publish("sensors/1/temp"));
+    assert_eq!(anon.grant_subscribe("sensors/#"), Grant::Filtered);
+    assert!(!anon.may_receive("sensors/vault/x"));
+    // The anonymous ACL does not apply to tokens.
+    let bare = s
+        .authenticate(None, b"bare-secret-000000000", at(0))
+        .unwrap();
+    assert!(bare.may_publish("sensors/vault/x"));
 }
 
 #[test]
@@ -308,10 +369,12 @@ fn default_policy() {
         .unwrap();
     assert!(sensor.may_publish("unrelated"));
     assert!(!sensor.may_publish("sensors/vault/a"), "deny still wins");
-    assert!(
-        !sensor.may_subscribe("#"),
-        "a deny rule inside the filter refuses it even under allow"
+    assert_eq!(
+        sensor.grant_subscribe("#"),
+        Grant::Filtered,
+        "a deny rule inside the filter makes it filtered, under allow too"
     );
+    assert_eq!(sensor.grant_subscribe("sensors/vault/#"), Grant::Refused);
     assert!(s.anonymous().may_subscribe("x/#"));
 
     // Without tokens and without a policy: allow.
@@ -711,6 +774,7 @@ fn no_message_reaches_or_leaves_a_token_without_permission() {
     let mut granted_subscriptions = 0;
     let mut granted_publishes = 0;
     let mut refused = 0;
+    let mut filtered = 0;
     for round in 0..60 {
         let mut b = AuthBundle {
             version: 1,
@@ -740,6 +804,7 @@ fn no_message_reaches_or_leaves_a_token_without_permission() {
                 match_labels: [("g".to_string(), format!("{}", rng.below(2)))].into(),
             });
             b.acls.push(AclEntry {
+                anonymous: false,
                 name: format!("acl{a}"),
                 tokens,
                 selector,
@@ -792,29 +857,39 @@ fn no_message_reaches_or_leaves_a_token_without_permission() {
                 } else {
                     filter.clone()
                 };
-                if !p.may_subscribe(&raw) {
+                let grant = p.grant_subscribe(&raw);
+                assert_eq!(grant.allowed(), p.may_subscribe(&raw));
+                if !grant.allowed() {
                     refused += 1;
                     continue;
                 }
                 granted_subscriptions += 1;
-                // (a) every message the subscription would deliver is one
-                // the token may read.
+                filtered += usize::from(grant == Grant::Filtered);
+                // (a) every message the subscription delivers — all it
+                // matches for a whole grant, those that pass the per-message
+                // check for a filtered one — is one the rules let it read.
                 for topic in topics.iter().filter(|t| matches(&filter, t)) {
+                    let delivered = match grant {
+                        Grant::Whole => true,
+                        _ => p.may_receive(topic),
+                    };
+                    let allowed = reference_allows(&rules, default_allow, Action::Subscribe, topic);
                     assert!(
-                        p.may_receive(topic),
-                        "{name} may subscribe {raw:?} but not receive {topic:?}: {b:#?}"
+                        !delivered || allowed,
+                        "{name} subscribed {raw:?} ({grant:?}) would get {topic:?}, which the rules refuse: {b:#?}"
                     );
+                    // (c) and nothing readable is withheld from it.
                     assert!(
-                        reference_allows(&rules, default_allow, Action::Subscribe, topic),
-                        "{name} may subscribe {raw:?} but the rules refuse {topic:?}"
+                        delivered || !allowed,
+                        "{name} subscribed {raw:?} ({grant:?}) would miss {topic:?}, which it may read"
                     );
                 }
             }
         }
     }
     assert!(
-        granted_subscriptions > 100 && refused > 100 && granted_publishes > 1000,
-        "weak generator: {granted_subscriptions} granted, {refused} refused, {granted_publishes} publishes"
+        granted_subscriptions > 100 && refused > 100 && granted_publishes > 1000 && filtered > 20,
+        "weak generator: {granted_subscriptions} granted ({filtered} filtered), {refused} refused, {granted_publishes} publishes"
     );
 }
 
@@ -851,7 +926,9 @@ fn documented_example() {
     assert!(sensor.may_subscribe("commands/attic"));
     assert!(!sensor.may_subscribe("commands/#"));
     assert!(dash.may_subscribe("sensors/#"));
-    assert!(!dash.may_subscribe("#"));
+    assert!(dash.may_subscribe("#"));
+    assert_eq!(dash.grant_subscribe("#"), Grant::Filtered);
+    assert!(!dash.may_receive("internal/x"));
     assert!(!dash.may_subscribe("internal/x"));
     assert!(!dash.may_subscribe("$SYS/#"));
     assert!(dash.may_publish("commands/attic/fan"));

@@ -374,6 +374,7 @@ mod tests {
         let mut object = Acl::new(
             "sensors",
             crate::crd::acl::AclSpec {
+                anonymous: false,
                 broker_ref: BrokerRef {
                     name: "missing".into(),
                 },

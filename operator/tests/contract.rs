@@ -59,6 +59,7 @@ fn acl(name: &str, tokens: &[&str], rules: Vec<AclRule>) -> Acl {
     Acl {
         metadata: meta(name, &[]),
         spec: AclSpec {
+            anonymous: false,
             broker_ref: BrokerRef {
                 name: "demo".into(),
             },

@@ -75,6 +75,7 @@ pub fn check(acl: &Acl) -> AclCheck {
         selector: acl.spec.token_selector.as_ref().map(|s| LabelSelector {
             match_labels: s.match_labels.clone(),
         }),
+        anonymous: acl.spec.anonymous,
         rules,
     });
     AclCheck {
@@ -97,6 +98,7 @@ fn check_rule(rule: &Rule) -> Result<(), String> {
             name: "probe".into(),
             tokens: Vec::new(),
             selector: None,
+            anonymous: false,
             rules: vec![rule.clone()],
         }],
     };
@@ -118,6 +120,7 @@ mod tests {
         let mut a = Acl::new(
             name,
             AclSpec {
+                anonymous: false,
                 broker_ref: BrokerRef {
                     name: "demo".into(),
                 },

@@ -192,6 +192,7 @@ mod tests {
         Acl::new(
             name,
             AclSpec {
+                anonymous: false,
                 broker_ref: BrokerRef {
                     name: "demo".into(),
                 },

@@ -53,8 +53,8 @@ pub const TOPIC_FILTER_PATTERN: &str = r"^(([^/+#\x00]*|\+)/)*([^/+#\x00]*|\+|#)
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("size(self.tokens) > 0 || has(self.tokenSelector)")
-    .message("name some tokens or give a tokenSelector (or both)"))]
+#[x_kube(validation = kube::core::Rule::new("size(self.tokens) > 0 || has(self.tokenSelector) || (has(self.anonymous) && self.anonymous)")
+    .message("name some tokens, give a tokenSelector or set anonymous: true"))]
 pub struct AclSpec {
     /// The Broker (same namespace) whose tokens this ACL governs. Cannot be changed.
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("brokerRef cannot be changed"))]
@@ -69,6 +69,11 @@ pub struct AclSpec {
     /// selector ({}) matches every token of the Broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_selector: Option<TokenSelector>,
+
+    /// Also apply these rules to clients that connect without a token (when
+    /// the Broker admits anonymous clients at all).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub anonymous: bool,
 
     /// The rules, applied together. Deny wins over allow.
     #[schemars(length(min = 1, max = 1000))]

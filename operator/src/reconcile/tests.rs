@@ -58,6 +58,7 @@ fn new_acl(fake: &FakeApi, name: &str, topic: &str) -> Acl {
     fake.put(&Acl {
         metadata: meta(name),
         spec: AclSpec {
+            anonymous: false,
             broker_ref: BrokerRef {
                 name: "demo".into(),
             },
