@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod banner;
 pub mod file_stamp;
+pub mod http;
 pub mod listen;
 pub mod logging;
 pub mod metrics;

@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 #[derive(Default, Debug)]
 pub struct Metrics {
@@ -25,6 +26,150 @@ pub struct Metrics {
     pub bundle_errors: AtomicU64,
     /// Indexed by [`Limit`].
     pub limit_refusals: [AtomicU64; Limit::ALL.len()],
+    /// Open native WebSocket topic streams.
+    pub ws_streams: AtomicU64,
+    pub http: HttpMetrics,
+}
+
+/// A route of the http/https listeners (one label value each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpRoute {
+    Publish,
+    Retrieve,
+    Stream,
+    MqttWs,
+    Health,
+}
+
+impl HttpRoute {
+    pub const ALL: [HttpRoute; 5] = [
+        HttpRoute::Publish,
+        HttpRoute::Retrieve,
+        HttpRoute::Stream,
+        HttpRoute::MqttWs,
+        HttpRoute::Health,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpRoute::Publish => "publish",
+            HttpRoute::Retrieve => "retrieve",
+            HttpRoute::Stream => "stream",
+            HttpRoute::MqttWs => "mqtt_ws",
+            HttpRoute::Health => "health",
+        }
+    }
+}
+
+/// The statuses the HTTP interface answers with; anything else is "other".
+/// A fixed set keeps the label space (and this struct) bounded.
+const STATUSES: [u16; 13] = [
+    101, 200, 204, 400, 401, 403, 404, 405, 408, 413, 429, 500, 503,
+];
+/// Duration histogram bucket bounds in seconds.
+const BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0,
+];
+
+/// Requests by route and status, and a duration histogram per route.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    /// [route][status index, last = other]
+    requests: [[AtomicU64; STATUSES.len() + 1]; HttpRoute::ALL.len()],
+    /// [route][bucket, last = +Inf]
+    buckets: [[AtomicU64; BUCKETS.len() + 1]; HttpRoute::ALL.len()],
+    /// Microseconds, summed per route.
+    sum_us: [AtomicU64; HttpRoute::ALL.len()],
+}
+
+impl HttpMetrics {
+    pub fn observe(&self, route: HttpRoute, status: u16, took: Duration) {
+        let r = route as usize;
+        let si = STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(STATUSES.len());
+        inc(&self.requests[r][si]);
+        let secs = took.as_secs_f64();
+        let bi = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
+        inc(&self.buckets[r][bi]);
+        add(
+            &self.sum_us[r],
+            took.as_micros().min(u128::from(u64::MAX)) as u64,
+        );
+    }
+
+    /// Requests answered so far on `route` with `status` (tests read this).
+    pub fn count(&self, route: HttpRoute, status: u16) -> u64 {
+        let si = STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(STATUSES.len());
+        self.requests[route as usize][si].load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String) {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let name = "starling_http_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP requests on the http/https listeners, by route and status.\n# TYPE {name} counter"
+        );
+        for route in HttpRoute::ALL {
+            for (i, c) in self.requests[route as usize].iter().enumerate() {
+                let v = g(c);
+                if v == 0 {
+                    continue;
+                }
+                let status = STATUSES
+                    .get(i)
+                    .map_or_else(|| "other".to_string(), |s| s.to_string());
+                let _ = writeln!(
+                    out,
+                    "{name}{{route=\"{}\",status=\"{status}\"}} {v}",
+                    route.label()
+                );
+            }
+        }
+        let name = "starling_http_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time to answer an HTTP request (for upgrades: until the 101), by route.\n# TYPE {name} histogram"
+        );
+        for route in HttpRoute::ALL {
+            let r = route as usize;
+            let mut cum = 0;
+            for (i, c) in self.buckets[r].iter().enumerate() {
+                cum += g(c);
+                let le = BUCKETS
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{route=\"{}\",le=\"{le}\"}} {cum}",
+                    route.label()
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_sum{{route=\"{}\"}} {}\n{name}_count{{route=\"{}\"}} {cum}",
+                route.label(),
+                g(&self.sum_us[r]) as f64 / 1e6,
+                route.label()
+            );
+        }
+    }
+}
+
+/// The last-value cache's size, for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct LvcStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub evictions: u64,
 }
 
 /// A configured cap that refused something (one label value each).
@@ -97,7 +242,7 @@ pub fn sub(c: &AtomicU64, n: u64) {
 
 impl Metrics {
     /// Prometheus text exposition format.
-    pub fn render(&self) -> String {
+    pub fn render(&self, lvc: LvcStats) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
         let mut one = |name: &str, kind: &str, help: &str, v: u64| {
@@ -219,6 +364,37 @@ impl Metrics {
                 self.limit_count(l)
             );
         }
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        one(
+            "starling_ws_streams",
+            "gauge",
+            "Open native WebSocket topic streams.",
+            g(&self.ws_streams),
+        );
+        one(
+            "starling_lvc_entries",
+            "gauge",
+            "Topics in the last-value cache.",
+            lvc.entries as u64,
+        );
+        one(
+            "starling_lvc_bytes",
+            "gauge",
+            "Topic and payload bytes in the last-value cache.",
+            lvc.bytes as u64,
+        );
+        one(
+            "starling_lvc_evictions_total",
+            "counter",
+            "Topics evicted from the last-value cache by its caps.",
+            lvc.evictions,
+        );
+        self.http.render(&mut out);
         out
     }
 }

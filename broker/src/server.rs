@@ -47,7 +47,7 @@ impl Shared {
         let policy = config.topics.policy();
         Arc::new(Shared {
             auth,
-            router: Router::new(metrics.clone(), &config.limits),
+            router: Router::new(metrics.clone(), &config.limits, &config.lvc),
             registry: Registry::default(),
             metrics,
             shutdown: watch::channel(false).0,
@@ -150,7 +150,7 @@ impl Broker {
                     format!("{name} listener is on but no certificate is configured (set [tls] cert/key or --self-signed)")
                 })?;
                 let alpn: &[&[u8]] = if kind == Kind::Http {
-                    &[b"http/1.1"]
+                    &[b"h2", b"http/1.1"]
                 } else {
                     &[b"mqtt"]
                 };
@@ -167,7 +167,9 @@ impl Broker {
                 (Kind::Http, true) => "https",
             };
             let note = match kind {
-                Kind::Http => format!("MQTT over WebSocket at /mqtt{note}"),
+                Kind::Http => format!(
+                    "MQTT over WebSocket at /mqtt, HTTP API at /broker/, topic streams{note}"
+                ),
                 Kind::Admin => format!("/metrics, /healthz, /readyz{note}"),
                 Kind::Mqtt => format!("MQTT 3.1.1 and 5.0{note}"),
             };

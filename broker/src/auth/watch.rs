@@ -52,6 +52,9 @@ pub fn recheck_all(shared: &Shared) {
             link.request_recheck();
         }
     }
+    for link in shared.registry.web_links() {
+        link.request_recheck();
+    }
 }
 
 /// Polls `path`; a valid new bundle replaces the old one, an invalid one is

@@ -20,6 +20,6 @@ pub fn router(shared: SharedRef) -> Router {
 async fn metrics(State(shared): State<SharedRef>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(),
+        shared.metrics.render(shared.router.lvc.stats()),
     )
 }

@@ -1,6 +1,6 @@
 //! The HTTP listener (plain or TLS): MQTT over WebSocket at `/mqtt`, health
-//! endpoints, and the place later issues hang `/broker/` and native
-//! WebSocket topic streams on.
+//! endpoints, and the HTTP interface (`crate::http`: `/broker/` and native
+//! WebSocket topic streams). Over TLS it speaks HTTP/2 as well (ALPN).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use axum::Router;
 use axum::extract::{Extension, State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -25,11 +26,12 @@ use crate::session::connection;
 pub struct Peer(pub SocketAddr);
 
 pub fn router(shared: SharedRef) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/mqtt", get(mqtt_ws))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
-        .with_state(shared)
+        .merge(crate::http::routes(shared.clone()));
+    crate::http::with_metrics(app, shared)
 }
 
 async fn mqtt_ws(
@@ -49,6 +51,11 @@ async fn mqtt_ws(
             connection::serve(shared, WsTransport(socket), peer).await;
         })
 }
+
+/// Concurrent requests one HTTP/2 connection may have open: each is a
+/// task, so one client cannot open an unbounded number (hyper's default is
+/// 200 too, but set here so it is a decision, not an accident).
+const H2_STREAMS: u32 = 200;
 
 /// Serves `app` on `listener` until shutdown; with `tls`, each connection
 /// first completes a TLS handshake. `limit` applies the connection limit
@@ -70,21 +77,38 @@ pub async fn serve(
         );
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout);
             let result = match acceptor {
                 None => {
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(timeout);
                     let io = TokioIo::new(stream);
-                    builder.serve_connection(io, svc).with_upgrades().await
+                    builder
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await
+                        .map_err(|e| e.to_string())
                 }
                 Some(acc) => {
                     let Some(tls) = accept::tls_handshake(&acc, stream, peer, timeout).await else {
                         return;
                     };
+                    // HTTP/1.1 or HTTP/2, as ALPN agreed.
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http1()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(timeout);
+                    builder
+                        .http2()
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(H2_STREAMS);
                     let io = TokioIo::new(tls);
-                    builder.serve_connection(io, svc).with_upgrades().await
+                    builder
+                        .serve_connection_with_upgrades(io, svc)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
             };
             if let Err(e) = result {

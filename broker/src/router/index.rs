@@ -20,6 +20,13 @@ pub struct SubOptions {
     pub retain_handling: u8,
     /// v5 subscription identifier; 0 = none.
     pub sub_id: u32,
+    /// A deny rule overlaps the filter (an ACL `Grant::Filtered`): each
+    /// message's topic is checked against the subscriber's rules before it
+    /// is delivered. False for every other subscription, which pay nothing.
+    pub check_read: bool,
+    /// `?pubStates=1`: the last value of each matching topic is sent on
+    /// subscribe and again on every resume of the session.
+    pub pub_states: bool,
 }
 
 #[derive(Debug, Clone)]

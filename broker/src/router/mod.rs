@@ -1,8 +1,10 @@
-//! One router for every protocol: the topic index, the retained store and
-//! delivery into subscriber sessions. MQTT connections, and later the HTTP
-//! API and native WebSocket streams, all publish through [`Router::publish`].
+//! One router for every protocol: the topic index, the retained store, the
+//! last-value cache and delivery into subscriber sessions. MQTT connections,
+//! the HTTP API and native WebSocket streams all publish through
+//! [`Router::publish`] and subscribe through [`Router::subscribe`].
 
 mod index;
+mod lvc;
 mod message;
 mod retained;
 
@@ -11,9 +13,10 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::ops::ControlFlow;
 
 pub use index::{GroupsFull, SubEntry, SubOptions, TopicIndex};
+pub use lvc::{LastValue, LastValues};
 pub use message::{Delivery, Message, SubIds};
 pub use retained::{Retain, RetainedLimits, RetainedStore};
-use starling_model::config::Limits;
+use starling_model::config::{Limits, LvcConfig};
 use tokio::time::Instant;
 
 use crate::metrics::{self, Limit, Metrics};
@@ -41,6 +44,7 @@ pub struct Routed {
 pub struct Router {
     index: RwLock<TopicIndex>,
     retained: RwLock<RetainedStore>,
+    pub lvc: LastValues,
     metrics: Arc<Metrics>,
 }
 
@@ -53,13 +57,14 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl Router {
-    pub fn new(metrics: Arc<Metrics>, limits: &Limits) -> Self {
+    pub fn new(metrics: Arc<Metrics>, limits: &Limits, lvc: &LvcConfig) -> Self {
         Router {
             index: RwLock::new(TopicIndex::new(limits.max_shared_groups)),
             retained: RwLock::new(RetainedStore::new(RetainedLimits {
                 max_messages: limits.max_retained_messages,
                 max_bytes: limits.max_retained_bytes,
             })),
+            lvc: LastValues::new(lvc.max_entries, lvc.max_bytes),
             metrics,
         }
     }
@@ -112,7 +117,7 @@ impl Router {
     pub fn publish(&self, mut msg: Message, scratch: &mut Vec<SubEntry>) -> Routed {
         scratch.clear();
         read(&self.index).matches(&msg.topic, scratch);
-        if msg.retain || !scratch.is_empty() {
+        if msg.retain || !scratch.is_empty() || self.lvc.is_enabled() {
             // It outlives the packet: stop pinning the publisher's read buffer.
             msg.detach();
         }
@@ -132,6 +137,7 @@ impl Router {
                 }
             }
         }
+        self.lvc.record(&msg);
         if scratch.len() > 1 {
             // One copy per session, at the highest QoS of its matching
             // subscriptions, carrying all their identifiers (MQTT 3.3.4).
@@ -145,6 +151,7 @@ impl Router {
             let mut rap = e.opts.retain_as_published;
             let mut sub_ids = SubIds::None;
             let mut local_only = e.opts.no_local;
+            let mut check = e.opts.check_read;
             sub_ids.push(e.opts.sub_id);
             let mut j = i + 1;
             while j < scratch.len() && scratch[j].session.key == e.session.key {
@@ -152,10 +159,13 @@ impl Router {
                 qos = qos.max(o.qos);
                 rap |= o.retain_as_published;
                 local_only &= o.no_local;
+                // One whole grant that matches proves the topic readable.
+                check &= o.check_read;
                 sub_ids.push(o.sub_id);
                 j += 1;
             }
-            if !(local_only && msg.origin == e.session.key) {
+            let withheld = check && !e.session.may_read(&msg.topic);
+            if !(withheld || local_only && msg.origin == e.session.key) {
                 let d = Delivery {
                     qos: qos.min(msg.qos),
                     retain: rap && msg.retain,
@@ -187,6 +197,9 @@ impl Router {
         let now = Instant::now();
         let mut queued = 0;
         read(&self.retained).for_each_match(filter, now, |msg| {
+            if opts.check_read && !session.may_read(&msg.topic) {
+                return ControlFlow::Continue(());
+            }
             let mut sub_ids = SubIds::None;
             sub_ids.push(opts.sub_id);
             let d = Delivery {
@@ -204,6 +217,58 @@ impl Router {
             }
         });
         queued
+    }
+
+    /// `?pubStates=1`: queues the last value of every topic matching
+    /// `filter` for `session`, without the retain flag, up to its queue cap
+    /// (like [`Router::deliver_retained`]). Returns how many were queued.
+    pub fn deliver_last_values(&self, session: &Session, filter: &str, opts: &SubOptions) -> usize {
+        let now = Instant::now();
+        let mut queued = 0;
+        self.lvc.for_each_match(filter, now, |v| {
+            if opts.check_read && !session.may_read(&v.msg.topic) {
+                return ControlFlow::Continue(());
+            }
+            let mut sub_ids = SubIds::None;
+            sub_ids.push(opts.sub_id);
+            let d = Delivery {
+                qos: opts.qos.min(v.msg.qos),
+                retain: false,
+                sub_ids,
+                msg: v.msg.clone(),
+            };
+            match session.enqueue_within_cap(d, &self.metrics) {
+                Queued::Yes | Queued::Busy => {
+                    queued += 1;
+                    ControlFlow::Continue(())
+                }
+                Queued::Congested | Queued::Dropped => ControlFlow::Break(()),
+            }
+        });
+        queued
+    }
+
+    /// The most recent message matching `filter` that `readable` lets
+    /// through: from the last-value cache, or with `retained` the most
+    /// recently stored retained message.
+    pub fn latest(
+        &self,
+        filter: &str,
+        retained: bool,
+        readable: impl Fn(&str) -> bool,
+    ) -> Option<Message> {
+        let now = Instant::now();
+        if retained {
+            return read(&self.retained).latest_match(filter, now, readable);
+        }
+        let mut best: Option<LastValue> = None;
+        self.lvc.for_each_match(filter, now, |v| {
+            if best.as_ref().is_none_or(|b| v.seq > b.seq) && readable(&v.msg.topic) {
+                best = Some(v.clone());
+            }
+            ControlFlow::Continue(())
+        });
+        best.map(|v| v.msg)
     }
 
     /// Drops expired retained messages (the periodic housekeeping).

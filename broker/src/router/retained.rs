@@ -19,6 +19,9 @@ use super::Message;
 struct Node {
     children: HashMap<Box<str>, Node>,
     msg: Option<Message>,
+    /// When `msg` was stored (the store's own sequence), so a wildcard GET
+    /// can pick the most recent retained message across topics.
+    seq: u64,
 }
 
 impl Node {
@@ -65,6 +68,7 @@ pub struct RetainedStore {
     /// there are some.
     expiring: usize,
     limits: RetainedLimits,
+    seq: u64,
 }
 
 fn cost(m: &Message) -> usize {
@@ -117,6 +121,8 @@ impl RetainedStore {
             node = node.children.entry(Box::from(level)).or_default();
         }
         let old = node.msg.replace(msg.clone());
+        self.seq += 1;
+        node.seq = self.seq;
         self.bytes += cost(msg);
         self.expiring += usize::from(msg.expires_at.is_some());
         match old {
@@ -146,16 +152,47 @@ impl RetainedStore {
         now: Instant,
         mut f: impl FnMut(&Message) -> ControlFlow<()>,
     ) {
+        self.walk(filter, now, |n| f(n))
+    }
+
+    /// The most recently stored unexpired message matching `filter` whose
+    /// topic `readable` lets through.
+    pub fn latest_match(
+        &self,
+        filter: &str,
+        now: Instant,
+        readable: impl Fn(&str) -> bool,
+    ) -> Option<Message> {
+        let mut best: Option<(u64, &Message)> = None;
+        self.walk_nodes(filter, now, |m, seq| {
+            if best.is_none_or(|(s, _)| seq > s) && readable(&m.topic) {
+                best = Some((seq, m));
+            }
+            ControlFlow::Continue(())
+        });
+        best.map(|(_, m)| m.clone())
+    }
+
+    fn walk(&self, filter: &str, now: Instant, mut f: impl FnMut(&Message) -> ControlFlow<()>) {
+        self.walk_nodes(filter, now, |m, _| f(m))
+    }
+
+    fn walk_nodes<'a>(
+        &'a self,
+        filter: &str,
+        now: Instant,
+        mut f: impl FnMut(&'a Message, u64) -> ControlFlow<()>,
+    ) {
         let levels: Vec<&str> = filter.split('/').collect();
         // (node, index of the filter level to match against its children)
         let mut stack: Vec<(&Node, usize)> = vec![(&self.root, 0)];
-        let mut visit = |m: &Option<Message>| match m {
-            Some(m) if !m.is_expired(now) => f(m),
+        let mut visit = |n: &'a Node| match &n.msg {
+            Some(m) if !m.is_expired(now) => f(m, n.seq),
             _ => ControlFlow::Continue(()),
         };
         while let Some((node, i)) = stack.pop() {
             let Some(&level) = levels.get(i) else {
-                if visit(&node.msg).is_break() {
+                if visit(node).is_break() {
                     return;
                 }
                 continue;
@@ -165,7 +202,7 @@ impl RetainedStore {
             match level {
                 "#" => {
                     // `a/#` matches `a` itself too.
-                    if i > 0 && visit(&node.msg).is_break() {
+                    if i > 0 && visit(node).is_break() {
                         return;
                     }
                     let mut sub: Vec<&Node> = node
@@ -175,7 +212,7 @@ impl RetainedStore {
                         .map(|(_, n)| n)
                         .collect();
                     while let Some(n) = sub.pop() {
-                        if visit(&n.msg).is_break() {
+                        if visit(n).is_break() {
                             return;
                         }
                         sub.extend(n.children.values());

@@ -5,7 +5,8 @@ use starling_codec::{ByteString, reason};
 
 use super::connection::{Connection, End};
 use crate::metrics;
-use crate::router::Delivery;
+use crate::router::{Delivery, SubOptions};
+use starling_model::acl::Grant;
 
 impl Connection {
     /// Publish check with a per-connection cache (topics repeat; the ACL
@@ -30,6 +31,7 @@ impl Connection {
         let state = self.shared.auth.current();
         match state.refresh(&self.principal, std::time::SystemTime::now()) {
             Ok(p) => {
+                self.session.set_reader(p.clone());
                 self.principal = p;
                 self.acl_cache.clear();
             }
@@ -51,18 +53,42 @@ impl Connection {
     /// may have been built under older rules, or by another token that used
     /// the same client id.
     pub(super) fn prune_unauthorized(&mut self) {
-        let subs: Vec<ByteString> = self.session.lock().subscriptions.keys().cloned().collect();
-        for raw in subs {
+        let subs: Vec<(ByteString, SubOptions)> = self
+            .session
+            .lock()
+            .subscriptions
+            .iter()
+            .map(|(k, o)| (k.clone(), *o))
+            .collect();
+        for (raw, opts) in subs {
             let Ok(parsed) = starling_model::topic::parse_subscription(&raw) else {
                 continue;
             };
-            if !self.principal.may_subscribe(parsed.filter) {
+            let grant = self.principal.grant_subscribe(parsed.filter);
+            if !grant.allowed() {
                 self.session.lock().subscriptions.remove(&raw);
                 self.shared
                     .router
                     .unsubscribe(self.session.key, parsed.filter, parsed.share_group);
                 metrics::inc(&self.shared.metrics.acl_refusals);
                 tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, filter = %raw, "subscription removed: no longer allowed");
+                continue;
+            }
+            let check_read = grant == Grant::Filtered;
+            if check_read != opts.check_read {
+                // A deny rule came or went: the router must (or need no
+                // longer) check this subscription's messages one by one.
+                let opts = SubOptions { check_read, ..opts };
+                let mut st = self.session.lock();
+                if st.owned_by(&self.link) {
+                    st.subscriptions.insert(raw.clone(), opts);
+                    let _ = self.shared.router.subscribe(
+                        &self.session,
+                        parsed.filter,
+                        parsed.share_group,
+                        opts,
+                    );
+                }
             }
         }
         let principal = self.principal.clone();

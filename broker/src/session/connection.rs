@@ -347,11 +347,30 @@ impl Connection {
             skip: None,
             yield_soon: false,
         };
+        conn.session.set_reader(conn.principal.clone());
         if opened.present {
             conn.prune_unauthorized();
         }
         conn.write_packet(&Packet::ConnAck(ack));
         conn.resend_inflight();
+        if opened.present {
+            // `?pubStates=1` promises the current values again on every
+            // resume (EVRYTHNG: "if the connection is being recovered").
+            let again: Vec<(String, crate::router::SubOptions)> = conn
+                .session
+                .lock()
+                .subscriptions
+                .iter()
+                .filter(|(_, o)| o.pub_states)
+                .filter_map(|(raw, o)| {
+                    let p = starling_model::topic::parse_subscription(raw).ok()?;
+                    p.share_group.is_none().then(|| (p.filter.to_owned(), *o))
+                })
+                .collect();
+            for (filter, opts) in again {
+                conn.send_initial(&filter, &opts);
+            }
+        }
         tracing::debug!(%peer, client_id = %conn.agreed.client_id, version = ?v, present = opened.present, "connected");
         Some(conn)
     }

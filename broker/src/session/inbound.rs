@@ -9,6 +9,7 @@ use starling_codec::{
     ByteString, Packet, Properties, PubResp, Publish, QoS, SubAck, Subscribe, SubscribeFilter,
     UnsubAck, Unsubscribe, reason,
 };
+use starling_model::acl::Grant;
 use starling_model::topic::TopicError;
 use tokio::time::Instant;
 
@@ -278,9 +279,7 @@ impl Connection {
             properties: Properties::default(),
         }));
         for (filter, opts) in retained {
-            self.shared
-                .router
-                .deliver_retained(&self.session, &filter, &opts);
+            self.send_initial(&filter, &opts);
         }
         None
     }
@@ -293,10 +292,15 @@ impl Connection {
         f: &SubscribeFilter,
         sub_id: u32,
     ) -> Result<(u8, Option<(String, SubOptions)>), End> {
-        let parsed = match starling_model::topic::parse_subscription(&f.filter) {
+        // `?pubStates=1` rides on the filter; any other option is refused.
+        let (parsed, topic_opts) = match starling_model::topic::parse_with_options(&f.filter) {
             Ok(p) => p,
             Err(_) => return Ok((reason::TOPIC_FILTER_INVALID, None)),
         };
+        // The session knows a subscription by its filter without options:
+        // `a/b` and `a/b?pubStates=1` are the same subscription.
+        let key_len = f.filter.find('?').unwrap_or(f.filter.len());
+        let key = &f.filter[..key_len];
         if let Err(e) = self.shared.check_filter(parsed.filter) {
             if matches!(e, TopicError::TooManyLevels { .. }) {
                 self.shared.metrics.limit_hit(Limit::TopicLevels);
@@ -308,7 +312,8 @@ impl Connection {
                 .protocol_error("no-local on a shared subscription")
                 .unwrap_or(End::Server(reason::PROTOCOL_ERROR)));
         }
-        if !self.principal.may_subscribe(parsed.filter) {
+        let grant = self.principal.grant_subscribe(parsed.filter);
+        if !grant.allowed() {
             metrics::inc(&self.shared.metrics.acl_refusals);
             tracing::debug!(peer = %self.peer, token = ?self.principal.name(), filter = %Shown(&f.filter), "subscription refused by ACL");
             return Ok((reason::NOT_AUTHORIZED, None));
@@ -319,6 +324,8 @@ impl Connection {
             retain_as_published: f.retain_as_published,
             retain_handling: f.retain_handling,
             sub_id,
+            check_read: grant == Grant::Filtered,
+            pub_states: topic_opts.pub_states,
         };
         // Checked and applied under the session lock: a connection that was
         // taken over meanwhile must not add subscriptions to the session
@@ -327,7 +334,7 @@ impl Connection {
         if !st.owned_by(&self.link) {
             return Err(End::Server(reason::SESSION_TAKEN_OVER));
         }
-        let existing = st.subscriptions.contains_key(&f.filter);
+        let existing = st.subscriptions.contains_key(key);
         if !existing
             && st.subscriptions.len() >= self.shared.config.limits.max_subscriptions_per_session
         {
@@ -344,23 +351,39 @@ impl Connection {
             Ok(n) => n,
             Err(GroupsFull) => return Ok((reason::QUOTA_EXCEEDED, None)),
         };
-        st.subscriptions.insert(ByteString::from(&*f.filter), opts);
+        st.subscriptions.insert(ByteString::from(key), opts);
         drop(st);
         let send_retained = parsed.share_group.is_none()
-            && match f.retain_handling {
-                0 => true,
-                1 => is_new,
-                _ => false,
-            };
+            && (opts.pub_states
+                || match f.retain_handling {
+                    0 => true,
+                    1 => is_new,
+                    _ => false,
+                });
         Ok((
             f.qos as u8,
             send_retained.then(|| (parsed.filter.to_owned(), opts)),
         ))
     }
 
+    /// What a new subscription gets first: the last values of its topics
+    /// with `?pubStates=1`, the retained messages otherwise.
+    pub(super) fn send_initial(&self, filter: &str, opts: &SubOptions) {
+        if opts.pub_states {
+            self.shared
+                .router
+                .deliver_last_values(&self.session, filter, opts);
+        } else {
+            self.shared
+                .router
+                .deliver_retained(&self.session, filter, opts);
+        }
+    }
+
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) -> Option<End> {
         let mut codes = Vec::with_capacity(u.filters.len());
         for raw in &u.filters {
+            let raw = &raw[..raw.find('?').unwrap_or(raw.len())];
             let mut st = self.session.lock();
             if !st.owned_by(&self.link) {
                 return Some(End::Server(reason::SESSION_TAKEN_OVER));

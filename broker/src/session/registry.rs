@@ -29,6 +29,10 @@ impl Map {
 pub struct Registry {
     map: Mutex<Map>,
     next_key: AtomicU64,
+    /// Subscribers that are not MQTT sessions (WebSocket topic streams,
+    /// waiting HTTP GETs), by session key: they have no client id, but a
+    /// bundle change or shutdown must reach them too.
+    web: Mutex<HashMap<u64, Arc<ConnLink>>>,
 }
 
 /// What a CONNECT asks of the registry.
@@ -179,6 +183,34 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// A session key for a subscriber outside the client-id map; its link
+    /// is told about bundle changes until [`Registry::leave_web`].
+    pub fn join_web(&self, link: Arc<ConnLink>) -> u64 {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed) + 1;
+        self.web
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, link);
+        key
+    }
+
+    pub fn leave_web(&self, key: u64) {
+        self.web
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    /// Links of the web subscribers (for rechecks after a bundle change).
+    pub fn web_links(&self) -> Vec<Arc<ConnLink>> {
+        self.web
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Every session with a connection attached (for shutdown and kicks).

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use starling_codec::{ByteString, QoS};
+use starling_model::acl::Principal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -121,7 +122,20 @@ pub struct Session {
     /// Counted against `max_persistent_sessions` (registry bookkeeping).
     pub counted_persistent: AtomicBool,
     state: Mutex<SessionState>,
+    /// The rules filtered subscriptions check each message against, with
+    /// the verdict per topic. Its own lock: only filtered deliveries take it.
+    reader: Mutex<Reader>,
 }
+
+/// The reading rights of the session's (latest) client.
+#[derive(Debug, Default)]
+struct Reader {
+    principal: Option<Arc<Principal>>,
+    cache: HashMap<ByteString, bool>,
+}
+
+/// Topics whose read verdict a session remembers; past it the cache starts over.
+const READ_CACHE: usize = 1024;
 
 impl Session {
     pub fn new(key: u64, client_id: Arc<str>, limits: QueueLimits) -> Self {
@@ -142,6 +156,7 @@ impl Session {
             space: Notify::new(),
             owner,
             counted_persistent: AtomicBool::new(false),
+            reader: Mutex::new(Reader::default()),
             state: Mutex::new(SessionState {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -162,6 +177,34 @@ impl Session {
     /// session, so a poisoned lock is simply taken over.
     pub fn lock(&self) -> MutexGuard<'_, SessionState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the rules filtered subscriptions are checked against: the
+    /// principal of the client now attached, or refreshed after a bundle
+    /// change. Forgets the verdicts made under the old rules.
+    pub fn set_reader(&self, p: Arc<Principal>) {
+        let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        r.principal = Some(p);
+        r.cache.clear();
+    }
+
+    /// May this session's client read `topic`? For deliveries through
+    /// filtered subscriptions only. With no principal set, nothing passes.
+    pub fn may_read(&self, topic: &ByteString) -> bool {
+        let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&v) = r.cache.get(topic) {
+            return v;
+        }
+        let Some(p) = &r.principal else {
+            return false;
+        };
+        let v = p.may_receive(topic);
+        if r.cache.len() >= READ_CACHE {
+            r.cache.clear();
+        }
+        // Its own copy: a slice would pin the publisher's read buffer.
+        r.cache.insert(ByteString::from(&**topic), v);
+        v
     }
 
     pub fn is_online(&self) -> bool {
