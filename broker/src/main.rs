@@ -12,7 +12,8 @@ use tracing_subscriber::EnvFilter;
 /// Starling MQTT broker.
 ///
 /// With no arguments it runs the local default: MQTT on 127.0.0.1:1883,
-/// HTTP (MQTT over WebSocket at /mqtt) on 127.0.0.1:1884, admin on
+/// HTTP (MQTT over WebSocket at /mqtt, the HTTP API under /broker/, topic
+/// streams) on 127.0.0.1:1884, admin on
 /// 127.0.0.1:8081, anonymous access from loopback only.
 ///
 /// Every config key can also be set in the environment as
