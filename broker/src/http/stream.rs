@@ -63,11 +63,17 @@ pub async fn fallback(
         Ok((filter, params, principal)) => {
             let slot = cell.take();
             let max = shared.config.web.max_body_bytes;
+            // Subscribed before the 101 goes out: a message published the
+            // moment the client sees the socket open is not missed. If the
+            // upgrade fails, dropping the closure unsubscribes.
+            let grant = principal.grant_subscribe(&filter);
+            let sub = WebSubscriber::open(&shared, &principal, &filter, grant, params.pub_states);
+            sub.send_initial();
             ws.max_message_size(max)
                 .max_frame_size(max)
                 .on_upgrade(move |socket| async move {
                     let _slot = slot;
-                    run(shared, socket, filter, params, principal, peer).await;
+                    run(shared, socket, sub, filter, params, principal, peer).await;
                 })
         }
         // Every refusal of a stream is a 403 (EVRYTHNG: "the Platform
@@ -168,15 +174,13 @@ fn close(code: u16, reason: &'static str) -> WsMessage {
 async fn run(
     shared: SharedRef,
     socket: WebSocket,
+    mut sub: WebSubscriber,
     filter: String,
     params: Params,
     mut principal: Arc<Principal>,
     peer: std::net::SocketAddr,
 ) {
     metrics::inc(&shared.metrics.ws_streams);
-    let grant = principal.grant_subscribe(&filter);
-    let mut sub = WebSubscriber::open(&shared, &principal, &filter, grant, params.pub_states);
-    sub.send_initial();
     let (mut tx, mut rx) = socket.split();
     let mut shutdown = shared.shutdown.subscribe();
     let ping_every = Duration::from_secs(shared.config.web.ping_interval);
