@@ -7,7 +7,7 @@
 #
 # Expects the broker to be built already (STARLING_BIN, default
 # target/debug/starling-broker). Installs what it needs on a fresh Debian
-# machine: mosquitto-clients (apt, only when missing) and a venv at e2e/.venv
+# machine: mosquitto-clients and chromium (apt, only when missing) and a venv at e2e/.venv
 # with the pinned e2e/python/requirements.txt. Non-interactive (CI=true, no stdin).
 set -euo pipefail
 
@@ -34,6 +34,12 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/de
 fi
 if ! command -v stdbuf >/dev/null 2>&1; then
   apt_install coreutils
+fi
+# test_browser.py: headless Chromium loads a page that uses the HTTP interface
+# and topic streams (skipped without it, except under CI=true: a failure).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "e2e: installing chromium" >&2
+  apt_install chromium
 fi
 
 VENV="$ROOT/e2e/.venv"
