@@ -107,7 +107,7 @@ pub async fn retrieve(
                 ));
             }
         }
-        sub.drain(&mut got, usize::MAX);
+        sub.drain(&mut got, usize::MAX, usize::MAX);
         if let Some(d) = got.iter().find(|d| !params.retained || d.msg.retain) {
             return Ok(message_response(&d.msg));
         }

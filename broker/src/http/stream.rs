@@ -39,6 +39,9 @@ use crate::server::Shared;
 
 /// Deliveries turned into frames per wake-up before the socket is flushed.
 const FRAME_BATCH: usize = 64;
+/// ... or this many payload bytes: the most that waits in the socket's
+/// write buffer (beyond the queue's own caps).
+const BATCH_BYTES: usize = 64 * 1024;
 /// A client that takes longer than this to accept one batch is stalled.
 const WRITE_STALL: Duration = Duration::from_secs(30);
 
@@ -199,7 +202,7 @@ async fn run(
         let notified = link.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        sub.drain(&mut batch, FRAME_BATCH);
+        sub.drain(&mut batch, FRAME_BATCH, BATCH_BYTES);
         if !batch.is_empty() {
             let send = async {
                 for d in batch.drain(..) {

@@ -90,11 +90,15 @@ impl WebSubscriber {
         }
     }
 
-    /// Takes up to `max` queued deliveries into `out`, counted as sent.
-    pub fn drain(&self, out: &mut Vec<Delivery>, max: usize) {
+    /// Takes queued deliveries into `out`, counted as sent, until `max` of
+    /// them or about `max_bytes` (at least one), so what waits in the
+    /// socket's write buffer stays bounded like an MQTT connection's batch.
+    pub fn drain(&self, out: &mut Vec<Delivery>, max: usize, max_bytes: usize) {
         let mut st = self.session.lock();
-        while out.len() < max {
+        let mut bytes = 0;
+        while out.len() < max && (out.is_empty() || bytes < max_bytes) {
             let Some(d) = st.pop_queued() else { break };
+            bytes += d.cost();
             metrics::inc(&self.shared.metrics.messages_out[d.qos as usize]);
             out.push(d);
         }
