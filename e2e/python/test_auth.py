@@ -114,7 +114,7 @@ def standard_bundle(path: str) -> Bundle:
     reader: subscribe data/#; spy: subscribe # (reads everything not $);
     expired / disabled tokens for the refusal cases."""
     b = Bundle(path)
-    for name in ("writer", "reader", "spy", "second", "limited"):
+    for name in ("writer", "reader", "spy", "second", "limited", "root"):
         b.token(name)
     b.token("expired", expires_at="2001-01-01T00:00:00Z")
     b.token("disabled", disabled=True)
@@ -123,6 +123,7 @@ def standard_bundle(path: str) -> Bundle:
     b.rule("readers", ["reader"], ["data/#"], ["subscribe"])
     b.rule("spies", ["spy"], ["#"], ["subscribe"])
     b.rule("limited", ["limited"], ["data/public/#"], ["subscribe"])
+    b.rule("root", ["root"], ["#"], ["publish", "subscribe"])
     return b
 
 
@@ -360,12 +361,13 @@ def test_subscribe_allowed_and_refused(shared, mk, version):
     # Refused: not covered by data/# ($-topics never are by a wildcard rule).
     for f in (f"other/{base}", "#", f"+/{base}", f"$SYS/{base}"):
         reader.subscribe(f, 1, expect=refused)
-    # writer: data/# minus the denied data/secret/#. A filter that merely
-    # overlaps the denied part is refused although data/# covers it.
+    # writer: data/# minus the denied data/secret/#. A filter inside the
+    # denied part is refused; one that merely overlaps it is granted
+    # (filtered: see test_filtered_subscription_withholds_denied_topics).
     writer = mk(shared, version, *tok(shared, "writer"))
     writer.subscribe(f"data/{base}/w", 1)
     writer.subscribe(f"$share/g/data/{base}/shared", 1)
-    for f in (f"data/secret/{base}", "data/#", f"data/+/{base}", f"other/{base}", "$share/g/data/#"):
+    for f in (f"data/secret/{base}", f"$share/g/data/secret/{base}", f"other/{base}"):
         writer.subscribe(f, 1, expect=refused)
     # The allowed subscriptions work.
     writer.publish(f"data/{base}/w", b"x", qos=1)
@@ -378,15 +380,36 @@ def test_refused_subscriptions_receive_nothing(shared, mk, version):
     """A filter that was refused is really not subscribed: publishes on it
     by an allowed writer do not reach the refused client."""
     base = uid()
-    writer = mk(shared, version, *tok(shared, "writer"))
+    reader = mk(shared, version, *tok(shared, "reader"))
     writer2 = mk(shared, version, *tok(shared, "second"))
-    # writer2 may publish data/<base>/...; the writer may not subscribe to
-    # data/# (overlaps its deny rule) so must receive nothing through it.
-    writer.subscribe("data/#", 1, expect=suback_refused(version))
-    writer.subscribe(f"data/{base}/sentinel", 1)
+    # writer2 may publish data/<base>/...; the reader may not subscribe to
+    # other/# or + (no allow rule covers them) so receives nothing there.
+    reader.subscribe("other/#", 1, expect=suback_refused(version))
+    reader.subscribe("+/+/a", 1, expect=suback_refused(version))
+    reader.subscribe(f"data/{base}/sentinel", 1)
     writer2.publish(f"data/{base}/a", b"leak", qos=1)
     writer2.publish(f"data/{base}/sentinel", b"end", qos=1)
-    assert_nothing_before(writer, f"data/{base}/sentinel", "through a refused subscription")
+    assert_nothing_before(reader, f"data/{base}/sentinel", "through a refused subscription")
+
+
+def test_filtered_subscription_withholds_denied_topics(shared, mk, version):
+    """The writer may read data/# except data/secret/#: data/# is granted,
+    and what is published under data/secret/ never reaches it."""
+    base = uid()
+    writer = mk(shared, version, *tok(shared, "writer"))
+    spy = mk(shared, version, *tok(shared, "spy"))
+    other = mk(shared, version, *tok(shared, "second"))
+    root = mk(shared, version, *tok(shared, "root"))
+    writer.subscribe("data/#", 1)
+    writer.subscribe(f"data/+/{base}", 1)
+    spy.subscribe(f"data/secret/{base}", 1)
+    root.publish(f"data/secret/{base}", b"secret", qos=1)
+    # The spy may read it, so it was published; the writer must not get it.
+    assert spy.get_topic(f"data/secret/{base}").payload == b"secret"
+    other.publish(f"data/{base}/a", b"open", qos=1)
+    other.publish(f"data/{base}/sentinel", b"end", qos=1)
+    got = [m for m in writer.collect_until(f"data/{base}/sentinel") if base in m.topic]
+    assert [(m.topic, m.payload) for m in got] == [(f"data/{base}/a", b"open")], got
 
 
 @pytest.mark.parametrize("qos", [0, 1])
