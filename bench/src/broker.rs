@@ -71,6 +71,11 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// Starling's admin listener (`/metrics`), from its banner.
     pub admin: Option<SocketAddr>,
+    /// Starling's plain HTTP listener (`/broker/`, topic streams, `/mqtt`),
+    /// or the HTTP anchor's, from the banner.
+    pub http: Option<SocketAddr>,
+    /// The `http-anchor` reference server, not an MQTT broker.
+    anchor: bool,
     child: Child,
     pub dir: PathBuf,
 }
@@ -114,8 +119,34 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<()> {
 
 impl Broker {
     pub async fn start(kind: Kind, o: &StartOpts<'_>) -> Result<Broker> {
+        Self::launch(kind, false, o).await
+    }
+
+    /// The `f-http` reference server: this binary's `http-anchor`
+    /// subcommand, started, pinned and prioritised like a broker (`o.bin`
+    /// is ignored). `kind` is Starling's, as it stands in for Starling.
+    pub async fn start_anchor(o: &StartOpts<'_>) -> Result<Broker> {
+        Self::launch(Kind::Starling, true, o).await
+    }
+
+    fn name(&self) -> &'static str {
+        if self.anchor {
+            "http-anchor"
+        } else {
+            self.kind.name()
+        }
+    }
+
+    async fn launch(kind: Kind, anchor: bool, o: &StartOpts<'_>) -> Result<Broker> {
         std::fs::create_dir_all(&o.dir).with_context(|| format!("create {}", o.dir.display()))?;
         let port = free_port()?;
+        let self_exe;
+        let bin: &Path = if anchor {
+            self_exe = std::env::current_exe().context("path of starling-bench")?;
+            &self_exe
+        } else {
+            o.bin
+        };
         // chrt -f PRIO taskset -c CPU BIN …: each execs the next, so the
         // child's pid is the broker's.
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
@@ -125,7 +156,7 @@ impl Broker {
         if let (Some(cpu), Some(ts)) = (o.pin_cpu, o.taskset) {
             argv.extend([ts.into(), "-c".into(), cpu.to_string().into()]);
         }
-        argv.push(o.bin.into());
+        argv.push(bin.into());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         cmd.current_dir(&o.dir).stdin(Stdio::null());
@@ -137,6 +168,9 @@ impl Broker {
             }
         }
         match kind {
+            _ if anchor => {
+                cmd.args(["http-anchor", "--port", "0"]);
+            }
             Kind::Starling => {
                 let data = o.dir.join("data");
                 std::fs::create_dir_all(&data)?;
@@ -169,12 +203,14 @@ impl Broker {
         cmd.stdout(stdout).stderr(stderr);
         let child = cmd
             .spawn()
-            .with_context(|| format!("start {} ({})", kind.name(), o.bin.display()))?;
+            .with_context(|| format!("start {} ({})", kind.name(), bin.display()))?;
         let mut b = Broker {
             kind,
             pid: child.id(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin: None,
+            http: None,
+            anchor,
             child,
             dir: o.dir.clone(),
         };
@@ -182,13 +218,13 @@ impl Broker {
         if let Err(e) = b.wait_ready(deadline).await {
             let tail = b.log_tail();
             b.stop();
-            bail!("{} did not become ready: {e:#}\n{tail}", kind.name());
+            bail!("{} did not become ready: {e:#}\n{tail}", b.name());
         }
         Ok(b)
     }
 
     async fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
-        if self.kind == Kind::Starling {
+        if self.kind == Kind::Starling || self.anchor {
             // Starling says when it serves: listener lines, then `ready`.
             loop {
                 self.check_alive()?;
@@ -201,7 +237,15 @@ impl Broker {
                     if let Some(addr) = parse_listener(line, "admin") {
                         self.admin = Some(addr);
                     }
+                    if let Some(addr) = parse_listener(line, "http") {
+                        self.http = Some(addr);
+                    }
                     ready |= line.trim() == "ready";
+                }
+                if ready && self.anchor {
+                    // No MQTT: its own listener is the address.
+                    self.addr = self.http.context("no `listener http` line in the banner")?;
+                    return Ok(());
                 }
                 if ready {
                     break;
@@ -227,7 +271,7 @@ impl Broker {
 
     fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait() {
-            Ok(Some(st)) => bail!("{} exited: {st}", self.kind.name()),
+            Ok(Some(st)) => bail!("{} exited: {st}", self.name()),
             Ok(None) => Ok(()),
             Err(e) => Err(e).context("wait for broker"),
         }
@@ -244,7 +288,7 @@ impl Broker {
             let lines: Vec<&str> = text.lines().collect();
             let from = lines.len().saturating_sub(15);
             if !lines.is_empty() {
-                s.push_str(&format!("--- {} {f} (last lines)\n", self.kind.name()));
+                s.push_str(&format!("--- {} {f} (last lines)\n", self.name()));
                 for l in &lines[from..] {
                     s.push_str(l);
                     s.push('\n');

@@ -9,8 +9,11 @@
 //! - `run`: scenarios against a broker that is already running;
 //! - `report`: rebuild the Markdown from JSON lines;
 //! - `soak`: minutes of mixed load against Starling while its auth bundle
-//!   changes: QoS 1/2 loss and duplicates, RSS and fd leaks (see soak.rs).
+//!   changes: QoS 1/2 loss and duplicates, RSS and fd leaks (see soak.rs);
+//! - `http-anchor`: the reference HTTP server of `f-http` (see anchor.rs),
+//!   which `compare` and `smoke` start themselves.
 
+mod anchor;
 mod broker;
 mod mqtt;
 mod report;
@@ -21,7 +24,7 @@ mod sys;
 use anyhow::{Context, Result, bail};
 use broker::{Broker, Kind, StartOpts};
 use clap::{Args, Parser, Subcommand};
-use scenario::{Ctx, Durations, Record, Scenario};
+use scenario::{Ctx, Durations, Part, Record, Scenario};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,16 @@ enum Cmd {
     /// Long mixed load against Starling with live bundle reloads; fails on
     /// QoS 1/2 loss, QoS 2 duplicates, RSS growth or leaked fds.
     Soak(SoakArgs),
+    /// A minimal hyper HTTP/1.1 server answering 200 to every request: the
+    /// reference of `f-http` (started by the harness; prints its port).
+    HttpAnchor(AnchorArgs),
+}
+
+#[derive(Args)]
+struct AnchorArgs {
+    /// Port on 127.0.0.1 (0: any free port; the banner says which).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
 }
 
 #[derive(Args, Clone)]
@@ -78,6 +91,9 @@ struct LoadArgs {
     /// Most messages per write when publishing at an unlimited rate.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Keep-alive HTTP connections in f-http (one request outstanding each).
+    #[arg(long, default_value_t = scenario::HTTP_CLIENTS)]
+    http_clients: usize,
     /// Do not pin generator and broker to separate CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -219,6 +235,10 @@ struct RunArgs {
     /// Name to put in the records.
     #[arg(long, default_value = "external")]
     name: String,
+    /// The broker's plain HTTP listener (Starling), for f-http and
+    /// g-ws-fanout (only their main part runs here, no reference).
+    #[arg(long)]
+    http: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -238,18 +258,22 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::HttpAnchor(a) = &cli.cmd {
+        // Its own process, pinned by the harness: none of the set-up below.
+        return anchor::run(a.port);
+    }
     let nofile = sys::raise_nofile();
     let no_pin = match &cli.cmd {
         Cmd::Compare(a) => a.load.no_pin,
         Cmd::Run(a) => a.load.no_pin,
         Cmd::Smoke(_) => false,
         // The soak measures correctness and leaks, not speed: unpinned.
-        Cmd::Report(_) | Cmd::Soak(_) => true,
+        Cmd::Report(_) | Cmd::Soak(_) | Cmd::HttpAnchor(_) => true,
     };
     let nice = match &cli.cmd {
         Cmd::Compare(a) => Some(a.load.nice),
         Cmd::Run(a) => Some(a.load.nice),
-        Cmd::Smoke(_) | Cmd::Report(_) | Cmd::Soak(_) => None,
+        Cmd::Smoke(_) | Cmd::Report(_) | Cmd::Soak(_) | Cmd::HttpAnchor(_) => None,
     };
     let mut pin = plan_pinning(no_pin)?;
     let fifo = match &cli.cmd {
@@ -282,6 +306,7 @@ fn real_main() -> Result<()> {
                 Cmd::Run(a) => run_external(a, &pin, nofile).await,
                 Cmd::Report(a) => report_cmd(a),
                 Cmd::Soak(a) => soak_cmd(a).await,
+                Cmd::HttpAnchor(_) => unreachable!("handled before the runtime starts"),
             }
         };
         // On SIGINT/SIGTERM the work is dropped: the running broker's Drop
@@ -362,6 +387,7 @@ fn select(load: &LoadArgs, nofile: u64) -> (Vec<Scenario>, Vec<String>) {
         throughput: load.secs,
         latency: load.latency_secs,
         connect: load.connect_secs,
+        http_clients: load.http_clients,
     };
     let (all, mut notes) = scenario::all(&d, nofile, &load.idle);
     let keep =
@@ -385,8 +411,29 @@ fn shell(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 fn summary_line(r: &Record) -> String {
+    let mut s = format!(
+        "{:<22} {:<9} rep {}: {}",
+        r.scenario,
+        r.broker,
+        r.rep,
+        summary_body(r)
+    );
+    if let Some(x) = &r.reference {
+        s.push_str(&format!(
+            "\n    reference ({}): {}",
+            x.part.as_deref().unwrap_or("?"),
+            summary_body(x)
+        ));
+        if let Some(v) = r.vs_reference {
+            s.push_str(&format!("\n    ÷ reference: {v:.2}×"));
+        }
+    }
+    s
+}
+
+fn summary_body(r: &Record) -> String {
     let f = report::fmt_num;
-    let mut s = format!("{:<22} {:<9} rep {}: ", r.scenario, r.broker, r.rep);
+    let mut s = String::new();
     if !r.ok {
         s.push_str(&format!("FAILED {}", r.errors.join("; ")));
         return s;
@@ -404,6 +451,27 @@ fn summary_line(r: &Record) -> String {
             f(r.lat_us.as_ref().map(|l| l.p99).unwrap_or(0.0)),
             r.conns_failed.unwrap_or(0)
         )),
+        "http" => {
+            let l = r.lat_us.clone().unwrap_or_default();
+            s.push_str(&format!(
+                "{} req/s, request p50/p99/p99.9 {}/{}/{} µs, {} failed",
+                f(r.req_per_s.unwrap_or(0.0)),
+                f(l.p50),
+                f(l.p99),
+                f(l.p999),
+                r.requests_failed.unwrap_or(0)
+            ));
+            if let Some(d) = r.msg_per_s {
+                s.push_str(&format!(
+                    ", {} msg/s delivered, loss {:.3}%",
+                    f(d),
+                    r.lost_pct.unwrap_or(0.0)
+                ));
+            }
+            if let Some(c) = r.broker_cpu_us_per_msg {
+                s.push_str(&format!(", {} µs CPU/req", f(c)));
+            }
+        }
         _ => {
             let l = r.lat_us.clone().unwrap_or_default();
             s.push_str(&format!(
@@ -427,9 +495,10 @@ fn summary_line(r: &Record) -> String {
         }
     }
     s.push_str(&format!(
-        " | gen {:.0}% broker {:.0}% rss {} MiB → {}",
+        " | gen {:.0}% broker {:.0}% others {:.2} rss {} MiB → {}",
         r.gen_cpu_util * 100.0,
         r.broker_cpu_util.unwrap_or(0.0) * 100.0,
+        r.others_cpu_util.unwrap_or(0.0),
         f(r.broker_peak_rss_mib.unwrap_or(0.0)),
         r.limit
     ));
@@ -447,7 +516,11 @@ struct RunEnv<'a> {
     work: &'a Path,
 }
 
-/// Start `kind`, run one scenario, stop it: one record.
+/// Start `kind`, run one scenario, stop it: one record. A scenario with a
+/// reference measurement ([`Scenario::reference`]) takes it in the same run,
+/// against a fresh process with the same pinning and priority, and the
+/// record carries it (`reference`, `vs_reference`). The two alternate in
+/// order from one repetition to the next, so that drift hits both alike.
 async fn one_run(
     env: &RunEnv<'_>,
     kind: Kind,
@@ -456,7 +529,41 @@ async fn one_run(
     rep: u32,
     broker_version: &str,
 ) -> Record {
+    let Some(what) = sc.reference() else {
+        return measure(env, kind, bin, sc, Part::Main, rep, broker_version).await;
+    };
+    let (mut main, mut reference) = if rep.is_multiple_of(2) {
+        let r = measure(env, kind, bin, sc, Part::Reference, rep, broker_version).await;
+        (
+            measure(env, kind, bin, sc, Part::Main, rep, broker_version).await,
+            r,
+        )
+    } else {
+        let m = measure(env, kind, bin, sc, Part::Main, rep, broker_version).await;
+        (
+            m,
+            measure(env, kind, bin, sc, Part::Reference, rep, broker_version).await,
+        )
+    };
+    reference.part = Some(what.into());
+    main.vs_reference = scenario::vs_reference(&main, &reference);
+    main.reference = Some(Box::new(reference));
+    main
+}
+
+/// One process, one part of a scenario: one record.
+async fn measure(
+    env: &RunEnv<'_>,
+    kind: Kind,
+    bin: &Path,
+    sc: &Scenario,
+    part: Part,
+    rep: u32,
+    broker_version: &str,
+) -> Record {
     let RunEnv { pin, v, load, work } = *env;
+    // The f-http reference is the anchor server, not the broker.
+    let anchor = part == Part::Reference && sc.kind() == "http";
     let mut rec = Record {
         scenario: sc.id.clone(),
         title: sc.title.clone(),
@@ -468,7 +575,12 @@ async fn one_run(
         pinning: pin.desc.clone(),
         ..Default::default()
     };
-    let dir = work.join(format!("{rep}-{}-{}", sc.id, kind.name()));
+    let dir = work.join(format!(
+        "{rep}-{}-{}{}",
+        sc.id,
+        kind.name(),
+        if part == Part::Reference { "-ref" } else { "" }
+    ));
     // Fixed-rate runs measure latency: broker and generator preempt other
     // work on the machine at once (they use well under a core here).
     let fifo = pin
@@ -489,7 +601,15 @@ async fn one_run(
         dir: dir.clone(),
         env: Vec::new(),
     };
-    let mut b = match Broker::start(kind, &opts).await {
+    let started = if anchor {
+        Broker::start_anchor(&opts).await
+    } else {
+        Broker::start(kind, &opts).await
+    };
+    if anchor {
+        rec.broker_version = "hyper (http-anchor)".into();
+    }
+    let mut b = match started {
         Ok(b) => b,
         Err(e) => {
             rec.errors.push(format!("{e:#}"));
@@ -498,6 +618,7 @@ async fn one_run(
     };
     let ctx = Ctx {
         addr: b.addr,
+        http: b.http,
         broker_pid: Some(b.pid),
         v,
         gen_cores: pin.gen_cores,
@@ -510,7 +631,7 @@ async fn one_run(
     };
     let limit = Duration::from_secs_f64(sc.secs + 120.0);
     let rt = fifo.is_some() && sys::set_fifo(Some(FIFO_PRIO));
-    let res = tokio::time::timeout(limit, scenario::run_scenario(&ctx, sc, &mut rec)).await;
+    let res = tokio::time::timeout(limit, scenario::run_scenario(&ctx, sc, part, &mut rec)).await;
     if rt {
         sys::set_fifo(None);
     }
@@ -594,9 +715,20 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
     for k in &kinds {
         bins.push(bin_for(&a, *k)?);
     }
-    let (scenarios, notes) = select(&a.load, nofile);
+    let (scenarios, mut notes) = select(&a.load, nofile);
     if scenarios.is_empty() {
         bail!("no scenario selected");
+    }
+    let only_starling: Vec<&str> = scenarios
+        .iter()
+        .filter(|sc| kinds.iter().any(|k| !sc.supports(*k)))
+        .map(|sc| sc.id.as_str())
+        .collect();
+    if !only_starling.is_empty() {
+        notes.push(format!(
+            "{}: Starling only (n/a for mosquitto and rumqttd, which have no HTTP publish interface and no WebSocket topic streams); each Starling run also measures its reference in the same run (f-http: the `http-anchor` hyper server; g-ws-fanout: 100 MQTT subscribers), alternating which goes first",
+            only_starling.join(", ")
+        ));
     }
     let m = sys::machine();
     let mut versions = Vec::new();
@@ -644,7 +776,11 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         std::fs::File::create(&a.out).with_context(|| format!("create {}", a.out.display()))?;
     append_line(&mut out, &MetaLine { meta: &meta })?;
     let work = std::env::temp_dir().join(format!("starling-bench-{}", std::process::id()));
-    let total = scenarios.len() * kinds.len() * a.repeat as usize;
+    let pairs = scenarios
+        .iter()
+        .map(|sc| kinds.iter().filter(|k| sc.supports(**k)).count())
+        .sum::<usize>();
+    let total = pairs * a.repeat as usize;
     eprintln!(
         "starling-bench: {} scenarios × {} brokers × {} reps = {total} runs; {}",
         scenarios.len(),
@@ -666,6 +802,9 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
     for rep in 1..=a.repeat {
         for sc in &scenarios {
             for (k, bin) in kinds.iter().zip(&bins) {
+                if !sc.supports(*k) {
+                    continue;
+                }
                 i += 1;
                 let ver = match k {
                     Kind::Mosquitto => broker::mosquitto_version(bin),
@@ -698,7 +837,12 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
 }
 
 fn header(meta: &Meta, recs: &[Record], took: Option<Duration>, jsonl: &Path) -> String {
-    let others: Vec<f64> = recs.iter().filter_map(|r| r.others_cpu_util).collect();
+    // Reference measurements are windows of the run too.
+    let others: Vec<f64> = recs
+        .iter()
+        .flat_map(|r| std::iter::once(r).chain(r.reference.as_deref()))
+        .filter_map(|r| r.others_cpu_util)
+        .collect();
     let avg = others.iter().sum::<f64>() / others.len().max(1) as f64;
     let max = others.iter().cloned().fold(0.0, f64::max);
     let mut s = String::new();
@@ -834,17 +978,25 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             "c-latency-q1",
             "d-idle",
             "e-connect",
+            "f-http",
+            "g-ws-fanout",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect(),
         window: 64,
         batch: 32,
+        http_clients: scenario::HTTP_CLIENTS,
         no_pin: false,
         no_fifo: true,
         nice: 0,
     };
-    let (scenarios, _) = select(&load, nofile);
+    let (mut scenarios, _) = select(&load, nofile);
+    // Those with a reference measure twice (two processes): half the window
+    // each keeps them at a few seconds.
+    for sc in scenarios.iter_mut().filter(|sc| sc.reference().is_some()) {
+        sc.secs = (a.secs / 2.0).max(0.5);
+    }
     let work = std::env::temp_dir().join(format!("starling-bench-smoke-{}", std::process::id()));
     let mut out = match &a.out {
         Some(p) => {
@@ -933,6 +1085,7 @@ async fn run_external(a: RunArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         .with_context(|| format!("no MQTT broker answering at {}", a.addr))?;
     let ctx = Ctx {
         addr: a.addr,
+        http: a.http,
         broker_pid: a.pid,
         v,
         gen_cores: pin.gen_cores,
@@ -954,7 +1107,7 @@ async fn run_external(a: RunArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             unix_time: now_unix(),
             ..Default::default()
         };
-        match scenario::run_scenario(&ctx, sc, &mut rec).await {
+        match scenario::run_scenario(&ctx, sc, Part::Main, &mut rec).await {
             Ok(()) => rec.ok = true,
             Err(e) => rec.errors.push(format!("{e:#}")),
         }

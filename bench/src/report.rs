@@ -65,8 +65,70 @@ fn metrics(kind: &str) -> Vec<(&'static str, Get, bool)> {
             ("connect→CONNACK p99 µs", p99, false),
             ("broker CPU µs / connection", cpu, false),
         ],
+        "http" => vec![
+            ("POST requests / s", |r| r.req_per_s, true),
+            ("request→response p50 µs", p50, false),
+            ("request→response p99 µs", p99, false),
+            ("broker CPU µs / request", cpu, false),
+            ("delivered msg/s (MQTT subscriber)", deliv, true),
+            ("loss %", loss, false),
+            (
+                "hyper anchor: requests / s",
+                |r| refd(r).and_then(|x| x.req_per_s),
+                true,
+            ),
+            (
+                "hyper anchor: request→response p99 µs",
+                |r| refd(r).and_then(|x| x.lat_us.as_ref()).map(|l| l.p99),
+                false,
+            ),
+            (
+                "hyper anchor: CPU µs / request",
+                |r| refd(r).and_then(|x| x.broker_cpu_us_per_msg),
+                false,
+            ),
+            ("requests / s ÷ hyper anchor", |r| r.vs_reference, true),
+        ],
+        "wsfanout" => vec![
+            ("WebSocket: delivered msg/s", deliv, true),
+            ("WebSocket: latency p50 µs", p50, false),
+            ("WebSocket: latency p99 µs", p99, false),
+            ("WebSocket: broker CPU µs / delivery", cpu, false),
+            ("WebSocket: loss %", loss, false),
+            (
+                "MQTT: delivered msg/s",
+                |r| refd(r).and_then(|x| x.msg_per_s),
+                true,
+            ),
+            (
+                "MQTT: latency p50 µs",
+                |r| refd(r).and_then(|x| x.lat_us.as_ref()).map(|l| l.p50),
+                false,
+            ),
+            (
+                "MQTT: latency p99 µs",
+                |r| refd(r).and_then(|x| x.lat_us.as_ref()).map(|l| l.p99),
+                false,
+            ),
+            (
+                "MQTT: broker CPU µs / delivery",
+                |r| refd(r).and_then(|x| x.broker_cpu_us_per_msg),
+                false,
+            ),
+            ("MQTT: loss %", |r| refd(r).and_then(|x| x.lost_pct), false),
+            (
+                "CPU per delivery, WebSocket ÷ MQTT",
+                |r| r.vs_reference,
+                false,
+            ),
+        ],
         _ => vec![],
     }
+}
+
+/// The reference measured in the same run, if it succeeded.
+fn refd(r: &Record) -> Option<&Record> {
+    r.reference.as_deref().filter(|x| x.ok)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -205,8 +267,15 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
             let better = if higher { "↑" } else { "↓" };
             let _ = write!(s, "| {first} | {label} {better} |");
             let cells: Vec<Option<Cell>> = brokers.iter().map(|k| cell(&by(id, *k), get)).collect();
-            for c in &cells {
-                let _ = write!(s, " {} |", show(c));
+            for (c, k) in cells.iter().zip(brokers) {
+                // Not run at all for this broker: the scenario needs
+                // something it does not have.
+                let text = if by(id, *k).is_empty() {
+                    "n/a".to_string()
+                } else {
+                    show(c)
+                };
+                let _ = write!(s, " {text} |");
             }
             if mosq {
                 let mi = brokers.iter().position(|k| *k == Kind::Mosquitto);
@@ -248,22 +317,22 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
                     if failed > 0 {
                         format!("failed ({failed} runs)")
                     } else {
-                        "—".into()
+                        "n/a".into()
                     }
                 );
                 continue;
             }
-            let limit = mode(&ok.iter().map(|r| r.limit.clone()).collect::<Vec<_>>());
-            let g = cell(&ok, |r| Some(r.gen_cpu_util * 100.0)).map(|c| c.med);
-            let b = cell(&ok, |r| r.broker_cpu_util.map(|u| u * 100.0)).map(|c| c.med);
-            let o = cell(&ok, |r| r.others_cpu_util).map(|c| c.med);
-            let _ = write!(
-                s,
-                " {limit}: gen {:.0} %, broker {:.0} %, others {:.2} |",
-                g.unwrap_or(0.0),
-                b.unwrap_or(0.0),
-                o.unwrap_or(0.0)
-            );
+            let _ = write!(s, " {}", limits(&ok));
+            let refs: Vec<&Record> = ok.iter().filter_map(|r| refd(r)).collect();
+            if let Some(what) = refs.first().and_then(|r| r.part.clone()) {
+                let label = if what == "hyper anchor" {
+                    "anchor"
+                } else {
+                    &what
+                };
+                let _ = write!(s, "; reference ({label}): {}", limits(&refs));
+            }
+            s.push_str(" |");
         }
         s.push('\n');
     }
@@ -286,6 +355,21 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
         }
     }
     s
+}
+
+/// `verdict: gen G %, broker B %, others O` over some runs (medians; the
+/// verdict is the most frequent one).
+fn limits(ok: &[&Record]) -> String {
+    let limit = mode(&ok.iter().map(|r| r.limit.clone()).collect::<Vec<_>>());
+    let g = cell(ok, |r| Some(r.gen_cpu_util * 100.0)).map(|c| c.med);
+    let b = cell(ok, |r| r.broker_cpu_util.map(|u| u * 100.0)).map(|c| c.med);
+    let o = cell(ok, |r| r.others_cpu_util).map(|c| c.med);
+    format!(
+        "{limit}: gen {:.0} %, broker {:.0} %, others {:.2}",
+        g.unwrap_or(0.0),
+        b.unwrap_or(0.0),
+        o.unwrap_or(0.0)
+    )
 }
 
 /// Put `section` between the markers of `existing` (or make a new file).

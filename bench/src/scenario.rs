@@ -13,7 +13,8 @@
 
 use crate::mqtt::{self, Conn, PUBACK, PUBLISH, Version};
 use crate::sys;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
@@ -48,13 +49,32 @@ pub enum Spec {
     Idle { conns: usize },
     /// `workers` loops of connect / CONNACK / DISCONNECT.
     Connect { workers: usize },
-    // ------------------------------------------------------------------
-    // SLOT: HTTP scenario (to be added with Starling's HTTP interface):
-    // `POST /broker/<topic>` over keep-alive connections → MQTT subscriber,
-    // requests/s and delivered msg/s. Add a variant here, a runner in
-    // `run_scenario`, and a row in `report::metrics`. Until then the
-    // scenario list carries `f-http` as "reserved" (see `all`).
-    // ------------------------------------------------------------------
+    /// `clients` keep-alive HTTP/1.1 connections, each POSTing to
+    /// `/broker/<topic>` and waiting for the response before the next
+    /// request (closed loop, unlimited rate) → 1 MQTT subscriber. Reference
+    /// (same run, fresh process, same load): the `http-anchor` hyper server.
+    Http {
+        clients: usize,
+        qos: u8,
+        payload: usize,
+    },
+    /// 1 MQTT publisher at a fixed rate → `subs` WebSocket topic streams
+    /// (`ws://host/<topic>`). Reference (same run, fresh broker, same rate):
+    /// the same publisher → `subs` MQTT subscribers.
+    WsFanout {
+        subs: usize,
+        rate: f64,
+        payload: usize,
+    },
+}
+
+/// Which measurement of a run: the scenario itself, or the reference some
+/// scenarios take in the same run against a fresh process (see
+/// [`Scenario::reference`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Main,
+    Reference,
 }
 
 #[derive(Clone, Debug)]
@@ -73,12 +93,37 @@ impl Scenario {
             Spec::PubSub { pubs, subs, .. } => pubs + subs,
             Spec::Idle { conns } => conns,
             Spec::Connect { workers } => workers,
+            Spec::Http { clients, .. } => clients + 1,
+            // Publisher, subscribers, and the connection that publishes
+            // the retained readiness marker.
+            Spec::WsFanout { subs, .. } => subs + 2,
         }
     }
 
     /// Runs at a fixed rate, where latency is the point.
     pub fn latency_sensitive(&self) -> bool {
-        matches!(self.spec, Spec::PubSub { rate: Some(_), .. })
+        matches!(
+            self.spec,
+            Spec::PubSub { rate: Some(_), .. } | Spec::WsFanout { .. }
+        )
+    }
+
+    /// Whether `broker` has what the scenario needs: the HTTP interface and
+    /// WebSocket topic streams are Starling's alone.
+    pub fn supports(&self, broker: crate::broker::Kind) -> bool {
+        match self.spec {
+            Spec::Http { .. } | Spec::WsFanout { .. } => broker == crate::broker::Kind::Starling,
+            _ => true,
+        }
+    }
+
+    /// What the reference measurement of this scenario is, if it has one.
+    pub fn reference(&self) -> Option<&'static str> {
+        match self.spec {
+            Spec::Http { .. } => Some("hyper anchor"),
+            Spec::WsFanout { .. } => Some("MQTT subscribers"),
+            _ => None,
+        }
     }
 
     pub fn kind(&self) -> &'static str {
@@ -89,14 +134,23 @@ impl Scenario {
             Spec::PubSub { .. } => "fixed",
             Spec::Idle { .. } => "idle",
             Spec::Connect { .. } => "connect",
+            Spec::Http { .. } => "http",
+            Spec::WsFanout { .. } => "wsfanout",
         }
     }
 }
+
+/// Keep-alive HTTP clients of `f-http`: enough that neither Starling nor
+/// the anchor waits on the network between requests (each connection has
+/// one request outstanding).
+pub const HTTP_CLIENTS: usize = 32;
 
 pub struct Durations {
     pub throughput: f64,
     pub latency: f64,
     pub connect: f64,
+    /// Keep-alive connections of `f-http` (default [`HTTP_CLIENTS`]).
+    pub http_clients: usize,
 }
 
 /// The full list (a–e), with the idle connection counts that fit `nofile`.
@@ -210,10 +264,31 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
         spec: Spec::Connect { workers: 16 },
         secs: d.connect,
     });
-    // SLOT: HTTP scenario goes here (see `Spec`).
-    notes.push(
-        "f-http (POST /broker/... keep-alive): reserved, added with the HTTP interface".into(),
-    );
+    v.push(Scenario {
+        id: "f-http".into(),
+        title: format!(
+            "f. HTTP: {} keep-alive clients POST /broker/<topic> → 1 MQTT subscriber, QoS 0, 64B, unlimited",
+            d.http_clients
+        ),
+        spec: Spec::Http {
+            clients: d.http_clients.max(1),
+            qos: 0,
+            payload: 64,
+        },
+        secs: d.throughput,
+    });
+    // Same load as b-fanout-100-fixed: 50,000 deliveries/s.
+    v.push(Scenario {
+        id: "g-ws-fanout".into(),
+        title: "g. fan-out 1→100 WebSocket topic streams vs 100 MQTT subscribers, QoS 0, 64B, 500 msg/s"
+            .into(),
+        spec: Spec::WsFanout {
+            subs: 100,
+            rate: 500.0,
+            payload: 64,
+        },
+        secs: d.throughput,
+    });
     (v, notes)
 }
 
@@ -308,6 +383,28 @@ pub struct Record {
     pub conn_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_per_conn: Option<f64>,
+    /// HTTP requests answered 200 per second in the window (`f-http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req_per_s: Option<f64>,
+    /// HTTP requests answered with another status, or that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_failed: Option<u64>,
+    /// Send → receive latency at the MQTT subscriber when `lat_us` is
+    /// something else (`f-http`: `lat_us` is request → response).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_lat_us: Option<Lat>,
+    /// Set on a reference measurement: what it is (`hyper anchor`, `MQTT
+    /// subscribers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
+    /// The reference measured in the same run (fresh process, same load),
+    /// for scenarios that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Box<Record>>,
+    /// This run ÷ its reference: `f-http` requests/s, `g-ws-fanout` broker
+    /// CPU per delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_reference: Option<f64>,
     pub broker_cpu_s: Option<f64>,
     /// Broker CPU time / wall time (1.0 = one core busy).
     pub broker_cpu_util: Option<f64>,
@@ -342,6 +439,8 @@ pub struct Record {
 /// Where the run goes and what is measured around it.
 pub struct Ctx {
     pub addr: SocketAddr,
+    /// The HTTP listener (Starling's plain one, or the anchor's).
+    pub http: Option<SocketAddr>,
     pub broker_pid: Option<u32>,
     pub v: Version,
     /// CPU cores the generator / broker can use (for the limit verdict).
@@ -378,6 +477,8 @@ struct Shared {
     conns: Cell<u64>,
     failed: Cell<u64>,
     hist: RefCell<Histogram<u64>>,
+    /// Request → response (`f-http`).
+    req_hist: RefCell<Histogram<u64>>,
     errors: RefCell<Vec<String>>,
 }
 
@@ -396,6 +497,9 @@ impl Shared {
             conns: Cell::new(0),
             failed: Cell::new(0),
             hist: RefCell::new(
+                Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
+            ),
+            req_hist: RefCell::new(
                 Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
             ),
             errors: RefCell::new(Vec::new()),
@@ -608,7 +712,7 @@ fn lat_from(h: &Histogram<u64>) -> Lat {
     }
 }
 
-pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, rec: &mut Record) -> Result<()> {
+pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record) -> Result<()> {
     rec.scenario = sc.id.clone();
     rec.title = sc.title.clone();
     rec.kind = sc.kind().into();
@@ -634,11 +738,42 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, rec: &mut Record) -> Result<
                 rate: *rate,
                 fan_in: *fan_in,
                 slow_sub: *slow_sub,
+                ws: false,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
         }
         Spec::Idle { conns } => run_idle(ctx, *conns, sc.secs, rec).await,
         Spec::Connect { workers } => run_connect(ctx, *workers, sc.secs, rec).await,
+        Spec::Http {
+            clients,
+            qos,
+            payload,
+        } => {
+            let h = HttpParams {
+                clients: *clients,
+                qos: *qos,
+                payload: (*payload).max(PAYLOAD_HEADER),
+                subscriber: part == Part::Main,
+            };
+            run_http(ctx, &h, sc.secs, rec).await
+        }
+        Spec::WsFanout {
+            subs,
+            rate,
+            payload,
+        } => {
+            let p = PubSubParams {
+                pubs: 1,
+                subs: *subs,
+                qos: 0,
+                payload: (*payload).max(PAYLOAD_HEADER),
+                rate: Some(*rate),
+                fan_in: false,
+                slow_sub: false,
+                ws: part == Part::Main,
+            };
+            run_pubsub(ctx, &p, sc.secs, rec).await
+        }
     }
 }
 
@@ -650,6 +785,9 @@ struct PubSubParams {
     rate: Option<f64>,
     fan_in: bool,
     slow_sub: bool,
+    /// Subscribers are WebSocket topic streams on the HTTP listener
+    /// instead of MQTT sessions.
+    ws: bool,
 }
 
 async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) -> Result<()> {
@@ -671,23 +809,40 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
     rec.subscribers = Some(p.subs);
     rec.rate_target = p.rate.map(|r| r * p.pubs as f64);
 
-    // Subscribers first, each confirmed by its SUBACK.
+    // Subscribers first, each confirmed by its SUBACK (MQTT) or by the
+    // retained readiness marker, the first frame a stream gets once the
+    // broker has subscribed it (WebSocket: the 101 comes before that).
     let (addr, v, qos) = (ctx.addr, ctx.v, p.qos);
-    let subs = bounded(p.subs, 128, |i| {
-        let filter = filter.clone();
-        let id = format!("sb-{tag}-s{i}");
-        async move {
-            let mut c = open(addr, v, id, mqtt::READ_SIZE).await?;
-            tokio::time::timeout(Duration::from_secs(15), c.subscribe(1, &filter, qos))
-                .await
-                .context("no SUBACK within 15 s")??;
-            Ok(c)
-        }
-    })
-    .await
-    .into_iter()
-    .collect::<Result<Vec<Conn>>>()
-    .context("subscribers")?;
+    let subs: Vec<SubConn> = if p.ws {
+        let http = ctx
+            .http
+            .context("no HTTP listener known (Starling's `listener http` banner line)")?;
+        mark_retained(addr, v, &format!("sb-{tag}-m"), &filter)
+            .await
+            .context("retained readiness marker")?;
+        bounded(p.subs, 128, |_| ws_open(http, filter.clone()))
+            .await
+            .into_iter()
+            .map(|r| r.map(|w| SubConn::Ws(Box::new(w))))
+            .collect::<Result<Vec<SubConn>>>()
+            .context("WebSocket stream subscribers")?
+    } else {
+        bounded(p.subs, 128, |i| {
+            let filter = filter.clone();
+            let id = format!("sb-{tag}-s{i}");
+            async move {
+                let mut c = open(addr, v, id, mqtt::READ_SIZE).await?;
+                tokio::time::timeout(Duration::from_secs(15), c.subscribe(1, &filter, qos))
+                    .await
+                    .context("no SUBACK within 15 s")??;
+                Ok(SubConn::Mqtt(c))
+            }
+        })
+        .await
+        .into_iter()
+        .collect::<Result<Vec<SubConn>>>()
+        .context("subscribers")?
+    };
     let pubs = bounded(p.pubs, 128, |i| {
         open(addr, v, format!("sb-{tag}-p{i}"), mqtt::READ_SIZE)
     })
@@ -702,7 +857,11 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
         let npubs = p.pubs;
         let slow = p.slow_sub;
         tasks.spawn_local(async move {
-            if let Err(e) = subscriber(c, &sh, npubs, slow).await
+            let r = match c {
+                SubConn::Mqtt(c) => subscriber(c, &sh, npubs, slow).await,
+                SubConn::Ws(w) => ws_subscriber(*w, &sh, npubs).await,
+            };
+            if let Err(e) = r
                 && !sh.stopping()
             {
                 sh.error(format!("subscriber: {e:#}"));
@@ -1205,10 +1364,407 @@ async fn run_connect(ctx: &Ctx, workers: usize, secs: f64, rec: &mut Record) -> 
     Ok(())
 }
 
+// --- WebSocket topic streams (g-ws-fanout) ---------------------------------
+
+type WsStream = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// A subscriber of a pub/sub run: an MQTT session or a WebSocket stream.
+enum SubConn {
+    Mqtt(Conn),
+    Ws(Box<WsStream>),
+}
+
+/// Payload of the retained message that tells a new stream it is
+/// subscribed (shorter than a benchmark header, so never counted).
+const READY_MARKER: &[u8] = b"starling-bench ready";
+
+/// Publish [`READY_MARKER`] retained on `topic` at QoS 1 and wait for the
+/// PUBACK (the broker has stored it by then).
+async fn mark_retained(addr: SocketAddr, v: Version, id: &str, topic: &str) -> Result<()> {
+    let mut c = open(addr, v, id.to_string(), 4096).await?;
+    let mut out = Vec::with_capacity(64);
+    mqtt::publish_header_flags(
+        &mut out,
+        v,
+        topic.as_bytes(),
+        1,
+        true,
+        1,
+        READY_MARKER.len(),
+    );
+    out.extend_from_slice(READY_MARKER);
+    c.stream.write_all(&out).await.context("send PUBLISH")?;
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            while let Some(f) = c.rb.next_frame()? {
+                if f.kind == PUBACK {
+                    return anyhow::Ok(());
+                }
+            }
+            c.rb.fill(&c.stream).await?;
+        }
+    })
+    .await
+    .context("no PUBACK within 15 s")??;
+    out.clear();
+    mqtt::disconnect(&mut out);
+    let _ = c.stream.write_all(&out).await;
+    Ok(())
+}
+
+fn ws_bytes(m: &tokio_tungstenite::tungstenite::Message) -> Option<&[u8]> {
+    use tokio_tungstenite::tungstenite::Message;
+    match m {
+        Message::Text(t) => Some(t.as_str().as_bytes()),
+        Message::Binary(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// Open a topic stream on `filter` and wait until the broker has
+/// subscribed it (the retained marker arrived).
+async fn ws_open(http: SocketAddr, filter: String) -> Result<WsStream> {
+    let s = tcp_from(http, Ipv4Addr::LOCALHOST).await?;
+    s.set_nodelay(true).context("TCP_NODELAY")?;
+    let url = format!("ws://{http}/{filter}");
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio_tungstenite::client_async(url.as_str(), s),
+    )
+    .await
+    .context("no WebSocket handshake within 15 s")?
+    .with_context(|| format!("WebSocket handshake with {url}"))?;
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if ws_bytes(&m) == Some(READY_MARKER) => return anyhow::Ok(()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e).context("WebSocket read"),
+                None => bail!("stream closed before the readiness marker"),
+            }
+        }
+    })
+    .await
+    .context("no readiness marker within 15 s")??;
+    Ok(ws)
+}
+
+/// The WebSocket twin of [`subscriber`]: one frame is one delivery.
+async fn ws_subscriber(mut ws: WsStream, sh: &Shared, npubs: usize) -> Result<()> {
+    let mut next = vec![0u64; npubs];
+    while let Some(m) = ws.next().await {
+        let m = m.context("WebSocket read")?;
+        if let tokio_tungstenite::tungstenite::Message::Close(c) = &m {
+            bail!("stream closed by the broker: {c:?}");
+        }
+        let Some(p) = ws_bytes(&m) else {
+            continue;
+        };
+        let now = sh.now_ns();
+        let Some((ts, publisher, seq)) = get_payload(p) else {
+            if p != READY_MARKER {
+                Shared::add(&sh.malformed, 1);
+            }
+            continue;
+        };
+        let Some(n) = next.get_mut(publisher) else {
+            Shared::add(&sh.malformed, 1);
+            continue;
+        };
+        if seq >= *n {
+            Shared::add(&sh.delivered, 1);
+            Shared::add(&sh.gaps, seq - *n);
+            *n = seq + 1;
+        } else {
+            Shared::add(&sh.out_of_order, 1);
+        }
+        if sh.phase.get() == Phase::Measure {
+            sh.hist
+                .borrow_mut()
+                .saturating_record(now.saturating_sub(ts).max(1));
+        }
+    }
+    bail!("stream ended")
+}
+
+// --- HTTP publishing (f-http) -----------------------------------------------
+
+struct HttpParams {
+    clients: usize,
+    qos: u8,
+    payload: usize,
+    /// An MQTT subscriber receives what is POSTed (Starling); the anchor
+    /// has none.
+    subscriber: bool,
+}
+
+/// `(status, bytes used)` of the first complete response in `buf`.
+fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>> {
+    let mut headers = [httparse::EMPTY_HEADER; 24];
+    let mut r = httparse::Response::new(&mut headers);
+    let head = match r.parse(buf).context("malformed HTTP response")? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let mut len = None;
+    for h in r.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            len = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            bail!("chunked HTTP responses are not supported by the generator");
+        }
+    }
+    let len = len.context("HTTP response without Content-Length")?;
+    let code = r.code.context("HTTP response without status")?;
+    Ok((buf.len() >= head + len).then_some((code, head + len)))
+}
+
+/// One keep-alive connection: POST, wait for the whole response, repeat.
+/// A request is one write (head and body), a response usually one read.
+async fn http_client(
+    mut s: TcpStream,
+    id: u32,
+    head: &[u8],
+    payload: usize,
+    sh: &Shared,
+) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut w = Vec::with_capacity(head.len() + payload);
+    let mut rb = vec![0u8; 4096];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut seq = 0u64;
+    while sh.phase.get() < Phase::Drain {
+        w.clear();
+        w.extend_from_slice(head);
+        let ts = sh.now_ns();
+        put_payload(&mut w, ts, id, seq, payload);
+        s.write_all(&w).await.context("send request")?;
+        Shared::add(&sh.sent, 1);
+        let status = loop {
+            if let Some((status, used)) = parse_response(&rb[start..end])? {
+                start += used;
+                if start == end {
+                    (start, end) = (0, 0);
+                }
+                break status;
+            }
+            if end == rb.len() {
+                if start > 0 {
+                    rb.copy_within(start..end, 0);
+                    (start, end) = (0, end - start);
+                } else {
+                    ensure!(rb.len() < 1 << 20, "HTTP response over 1 MiB");
+                    rb.resize(rb.len() * 2, 0);
+                }
+            }
+            let n = s.read(&mut rb[end..]).await.context("read response")?;
+            ensure!(n > 0, "connection closed by the server");
+            end += n;
+        };
+        if status == 200 {
+            // Only a published message takes a sequence number, so a
+            // refused one is not counted as lost by the subscriber.
+            seq += 1;
+            Shared::add(&sh.published, 1);
+            if sh.phase.get() == Phase::Measure {
+                sh.req_hist
+                    .borrow_mut()
+                    .saturating_record(sh.now_ns().saturating_sub(ts).max(1));
+            }
+        } else {
+            Shared::add(&sh.failed, 1);
+            sh.error(format!("HTTP {status} from POST"));
+        }
+    }
+    Ok(())
+}
+
+async fn run_http(ctx: &Ctx, p: &HttpParams, secs: f64, rec: &mut Record) -> Result<()> {
+    let http = ctx
+        .http
+        .context("no HTTP listener known (Starling's `listener http` banner line)")?;
+    let sh = Shared::new()?;
+    let tag = run_tag();
+    let topic = format!("bench/{tag}/http");
+    rec.qos = Some(p.qos);
+    rec.payload = Some(p.payload);
+    rec.publishers = Some(p.clients);
+    rec.subscribers = Some(usize::from(p.subscriber));
+    let sub = if p.subscriber {
+        let mut c = open(ctx.addr, ctx.v, format!("sb-{tag}-s0"), mqtt::READ_SIZE).await?;
+        tokio::time::timeout(Duration::from_secs(15), c.subscribe(1, &topic, p.qos))
+            .await
+            .context("no SUBACK within 15 s")??;
+        Some(c)
+    } else {
+        None
+    };
+    let conns = bounded(p.clients, 64, |_| async move {
+        let s = tcp_from(http, Ipv4Addr::LOCALHOST).await?;
+        s.set_nodelay(true).context("TCP_NODELAY")?;
+        Ok(s)
+    })
+    .await
+    .into_iter()
+    .collect::<Result<Vec<TcpStream>>>()
+    .context("HTTP clients")?;
+    let query = if p.qos > 0 {
+        format!("?qos={}", p.qos)
+    } else {
+        String::new()
+    };
+    let head: Rc<[u8]> = format!(
+        "POST /broker/{topic}{query} HTTP/1.1\r\nHost: {http}\r\nContent-Length: {}\r\n\r\n",
+        p.payload
+    )
+    .into_bytes()
+    .into();
+
+    let mut tasks = JoinSet::new();
+    if let Some(c) = sub {
+        let sh = sh.clone();
+        let n = p.clients;
+        tasks.spawn_local(async move {
+            if let Err(e) = subscriber(c, &sh, n, false).await
+                && !sh.stopping()
+            {
+                sh.error(format!("subscriber: {e:#}"));
+            }
+        });
+    }
+    for (i, s) in conns.into_iter().enumerate() {
+        let sh = sh.clone();
+        let head = head.clone();
+        let payload = p.payload;
+        tasks.spawn_local(async move {
+            if let Err(e) = http_client(s, i as u32, &head, payload, &sh).await
+                && !sh.stopping()
+            {
+                sh.error(format!("HTTP client {i}: {e:#}"));
+            }
+            sh.pubs_done.set(sh.pubs_done.get() + 1);
+        });
+    }
+
+    let warm = (secs / 5.0).clamp(0.2, 1.0);
+    tokio::time::sleep(Duration::from_secs_f64(warm)).await;
+    let m0 = meter(ctx);
+    let (d0, p0) = (sh.delivered.get(), sh.published.get());
+    sh.phase.set(Phase::Measure);
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    sh.phase.set(Phase::Drain);
+    let m1 = meter(ctx);
+    let (d1, p1) = (sh.delivered.get(), sh.published.get());
+    let wall = account(ctx, &m0, &m1, rec);
+
+    // Drain: each client finishes its request in flight; the subscriber
+    // gets what was published.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = u64::MAX;
+    let mut quiet_since = Instant::now();
+    let drain = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let done = sh.pubs_done.get() == p.clients;
+        let d = sh.delivered.get();
+        if done && (!p.subscriber || d >= sh.published.get()) {
+            break "complete";
+        }
+        if d != last {
+            last = d;
+            quiet_since = Instant::now();
+        } else if done && quiet_since.elapsed() > Duration::from_secs(1) {
+            break "stalled";
+        }
+        if Instant::now() > deadline {
+            break "deadline";
+        }
+    };
+    sh.phase.set(Phase::Stop);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+
+    let published = sh.published.get();
+    let n = p1 - p0;
+    rec.published = Some(published);
+    rec.requests_failed = Some(sh.failed.get());
+    rec.req_per_s = Some(n as f64 / wall);
+    rec.lat_us = Some(lat_from(&sh.req_hist.borrow()));
+    rec.drain = Some(drain.into());
+    if p.subscriber {
+        let delivered = sh.delivered.get();
+        let gaps = sh.gaps.get();
+        let undelivered = published.saturating_sub(delivered + gaps);
+        let lost = if drain == "deadline" {
+            gaps
+        } else {
+            gaps + undelivered
+        };
+        rec.expected = Some(published);
+        rec.delivered = Some(delivered);
+        rec.gaps = Some(gaps);
+        rec.undelivered = Some(undelivered);
+        rec.lost = Some(lost);
+        rec.lost_pct = Some(if published > 0 {
+            100.0 * lost as f64 / published as f64
+        } else {
+            0.0
+        });
+        rec.out_of_order = Some(sh.out_of_order.get());
+        rec.msg_per_s = Some((d1 - d0) as f64 / wall);
+        rec.delivery_lat_us = Some(lat_from(&sh.hist.borrow()));
+    }
+    rec.pub_per_s = rec.req_per_s;
+    if let Some(c) = rec.broker_cpu_s {
+        rec.broker_cpu_us_per_msg = (n > 0).then(|| c * 1e6 / n as f64);
+    }
+    if sh.malformed.get() > 0 {
+        sh.error(format!(
+            "{} deliveries without a valid benchmark header",
+            sh.malformed.get()
+        ));
+    }
+    rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, None);
+    rec.errors.extend(sh.errors.borrow().iter().cloned());
+    Ok(())
+}
+
+/// A run against its reference: `f-http` requests/s ÷ the anchor's (↑),
+/// `g-ws-fanout` broker CPU per delivery WebSocket ÷ MQTT (↓).
+pub fn vs_reference(main: &Record, reference: &Record) -> Option<f64> {
+    if !main.ok || !reference.ok {
+        return None;
+    }
+    let (a, b) = match main.kind.as_str() {
+        "http" => (main.req_per_s?, reference.req_per_s?),
+        _ => (
+            main.broker_cpu_us_per_msg?,
+            reference.broker_cpu_us_per_msg?,
+        ),
+    };
+    (b > 0.0).then(|| a / b)
+}
+
 /// Did the run do what a smoke test asks: deliver, and lose nothing at QoS 1?
 pub fn smoke_check(rec: &Record) -> Result<()> {
     if !rec.ok {
         bail!("run failed: {}", rec.errors.join("; "));
+    }
+    if let Some(r) = &rec.reference {
+        let what = r.part.as_deref().unwrap_or("reference");
+        if !r.ok {
+            bail!("{what} run failed: {}", r.errors.join("; "));
+        }
+        if r.kind == "http" && r.req_per_s.unwrap_or(0.0) <= 0.0 {
+            bail!("{what}: no request answered");
+        }
+        if r.kind != "http" && r.delivered.unwrap_or(0) == 0 {
+            bail!("{what}: delivered nothing");
+        }
+    }
+    if rec.kind == "http" && rec.req_per_s.unwrap_or(0.0) <= 0.0 {
+        bail!("no HTTP request answered 200");
     }
     match rec.kind.as_str() {
         "idle" => {
@@ -1264,13 +1820,38 @@ mod tests {
             throughput: 1.0,
             latency: 1.0,
             connect: 1.0,
+            http_clients: HTTP_CLIENTS,
         };
         let (v, notes) = all(&d, 20_000, &[10_000, 50_000]);
         assert!(v.iter().any(|s| s.id == "d-idle-10k"));
         assert!(!v.iter().any(|s| s.id == "d-idle-50k"));
         assert!(notes.iter().any(|n| n.contains("50k")));
-        assert!(notes.iter().any(|n| n.contains("f-http")));
+        assert!(
+            v.iter()
+                .any(|s| s.id == "f-http" && s.reference().is_some())
+        );
+        assert!(
+            v.iter()
+                .any(|s| s.id == "g-ws-fanout" && s.latency_sensitive())
+        );
+        assert!(
+            !v.iter()
+                .find(|s| s.id == "f-http")
+                .unwrap()
+                .supports(crate::broker::Kind::Mosquitto)
+        );
         assert!(v.iter().any(|s| s.kind() == "overload"));
+    }
+
+    #[test]
+    fn http_responses() {
+        let r = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{\"matched\":1}";
+        assert_eq!(parse_response(r).unwrap(), Some((200, r.len())));
+        assert_eq!(parse_response(&r[..r.len() - 1]).unwrap(), None);
+        assert_eq!(parse_response(&r[..20]).unwrap(), None);
+        let two = [&r[..], &r[..]].concat();
+        assert_eq!(parse_response(&two).unwrap(), Some((200, r.len())));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
     }
 
     #[test]
