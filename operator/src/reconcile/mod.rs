@@ -10,7 +10,7 @@ pub mod broker;
 pub mod token;
 
 #[cfg(test)]
-pub(crate) mod fake;
+pub(crate) use starling_fake_apiserver as fake;
 #[cfg(test)]
 mod tests;
 

@@ -1,8 +1,11 @@
 //! An in-memory stand-in for the Kubernetes API server, behind a real
-//! `kube::Client` (as a tower service), for reconcile tests.
+//! `kube::Client` (as a tower service) for the operator's reconcile tests,
+//! or served over HTTP on 127.0.0.1 ([`FakeApi::serve`]) for tests that run
+//! a real process against it (the broker's own Secret watch).
 //!
-//! It understands what the reconcilers and controllers use: get, list and
-//! watch (with equality label selectors), create, delete, server-side apply
+//! It understands what the reconcilers, controllers and the broker use: get,
+//! list and watch (with equality label selectors and the `metadata.name` /
+//! `metadata.namespace` field selectors), create, delete, server-side apply
 //! (one field manager, so an apply replaces the object's content) and status
 //! patches. Every write is
 //! recorded with whether it changed the stored object; unchanged writes do
@@ -179,6 +182,31 @@ fn spec_part(v: &Value) -> Value {
         o.remove("status");
     }
     v
+}
+
+/// Field selectors the API server supports on every type (others are a 400).
+fn field_match(obj: &Value, selector: Option<&str>) -> Result<bool, String> {
+    let Some(sel) = selector else {
+        return Ok(true);
+    };
+    let mut all = true;
+    for req in sel.split(',').filter(|s| !s.is_empty()) {
+        let (field, want, negate) = match req.split_once("!=") {
+            Some((f, v)) => (f, v, true),
+            None => match req.split_once('=') {
+                Some((f, v)) => (f, v.trim_start_matches('='), false),
+                None => return Err(format!("invalid field selector: {req}")),
+            },
+        };
+        let got = match field {
+            "metadata.name" => obj.pointer("/metadata/name"),
+            "metadata.namespace" => obj.pointer("/metadata/namespace"),
+            other => return Err(format!("field label not supported: {other}")),
+        };
+        let equal = got.and_then(Value::as_str) == Some(want);
+        all &= equal != negate;
+    }
+    Ok(all)
 }
 
 fn label_match(obj: &Value, selector: Option<&str>) -> bool {
@@ -376,6 +404,43 @@ impl FakeApi {
         Client::new(svc, "default")
     }
 
+    /// Serves this fake over plain HTTP on `listener` until the returned
+    /// task is aborted, for a real process to talk to (a kubeconfig with
+    /// `server: http://127.0.0.1:<port>`, as `kubectl proxy` gives).
+    pub fn serve(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let me = me.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let bytes = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let resp = me
+                                    .handle(Request::from_parts(parts, Body::from(bytes)))
+                                    .await;
+                                Ok::<_, Infallible>(resp)
+                            }
+                        });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -505,6 +570,7 @@ impl FakeApi {
         plural: String,
         ns: Option<String>,
         selector: Option<String>,
+        fields: Option<String>,
         since: u64,
     ) -> Resp {
         let live = st.changes.subscribe();
@@ -515,6 +581,7 @@ impl FakeApi {
                 && c.key.1 == plural
                 && ns.as_ref().is_none_or(|n| *n == c.key.2)
                 && label_match(&c.object, selector.as_deref())
+                && field_match(&c.object, fields.as_deref()).unwrap_or(false)
         };
         let wanted2 = wanted.clone();
         let backlog = futures::stream::iter(backlog.into_iter().filter(move |c| wanted(c)));
@@ -560,6 +627,7 @@ impl FakeApi {
                 (
                     k.to_string(),
                     v.replace("%3D", "=")
+                        .replace("%21", "!")
                         .replace("%2C", ",")
                         .replace("%2F", "/"),
                 )
@@ -622,21 +690,32 @@ impl FakeApi {
                     .get("resourceVersion")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
+                if let Err(e) =
+                    field_match(&json!({}), query.get("fieldSelector").map(String::as_str))
+                {
+                    return respond(400, &status_body(400, "BadRequest", &e));
+                }
                 Self::watch(
                     &st,
                     prefix.clone(),
                     plural.to_string(),
                     ns.map(String::from),
                     query.get("labelSelector").cloned(),
+                    query.get("fieldSelector").cloned(),
                     since,
                 )
             }
             (&Method::GET, None) => {
+                let fields = query.get("fieldSelector").map(String::as_str);
+                if let Err(e) = field_match(&json!({}), fields) {
+                    return respond(400, &status_body(400, "BadRequest", &e));
+                }
                 let items: Vec<Value> = st
                     .objects
                     .iter()
                     .filter(|(k, _)| k.0 == prefix && k.1 == plural && ns.is_none_or(|n| n == k.2))
                     .filter(|(_, v)| label_match(v, query.get("labelSelector").map(String::as_str)))
+                    .filter(|(_, v)| field_match(v, fields).unwrap_or(false))
                     .map(|(_, v)| v.clone())
                     .collect();
                 let api_version = prefix
