@@ -39,15 +39,18 @@ pub enum HttpRoute {
     Stream,
     MqttWs,
     Health,
+    /// CORS preflights (OPTIONS), answered by the CORS layer.
+    Preflight,
 }
 
 impl HttpRoute {
-    pub const ALL: [HttpRoute; 5] = [
+    pub const ALL: [HttpRoute; 6] = [
         HttpRoute::Publish,
         HttpRoute::Retrieve,
         HttpRoute::Stream,
         HttpRoute::MqttWs,
         HttpRoute::Health,
+        HttpRoute::Preflight,
     ];
 
     pub fn label(self) -> &'static str {
@@ -57,6 +60,7 @@ impl HttpRoute {
             HttpRoute::Stream => "stream",
             HttpRoute::MqttWs => "mqtt_ws",
             HttpRoute::Health => "health",
+            HttpRoute::Preflight => "preflight",
         }
     }
 }

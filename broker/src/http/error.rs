@@ -34,6 +34,8 @@ pub enum ApiError {
         "no such path; the HTTP interface is under /broker/ and topic streams need a WebSocket upgrade"
     )]
     NotFound,
+    #[error("this method is not allowed here; /broker/ takes GET and POST")]
+    MethodNotAllowed,
 }
 
 #[derive(Serialize)]
@@ -62,6 +64,7 @@ impl ApiError {
             ApiError::BodyFailed => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -77,6 +80,7 @@ impl ApiError {
             ApiError::BodyFailed => "body",
             ApiError::Unavailable(_) => "capacity",
             ApiError::NotFound => "path",
+            ApiError::MethodNotAllowed => "method",
         }
     }
 }
@@ -96,6 +100,10 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"starling\", Bearer realm=\"starling\""),
             );
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
             resp.headers_mut()

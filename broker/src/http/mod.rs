@@ -26,14 +26,20 @@ pub use retrieve::{QOS_HEADER, RETAIN_HEADER, TOPIC_HEADER};
 
 use crate::listen::SharedRef;
 use crate::metrics::HttpRoute;
+use error::ApiError;
 
 /// `/broker/…` and the stream fallback, with CORS when configured and
 /// request metrics.
 pub fn routes(shared: SharedRef) -> Router<SharedRef> {
-    let api = Router::new().route(
-        "/broker/{*topic}",
-        get(retrieve::retrieve).post(publish::publish),
-    );
+    // `/broker/` itself is a request with an empty topic: a 400 that says
+    // so, not a 404.
+    let api = Router::new()
+        .route(
+            "/broker/{*topic}",
+            get(retrieve::retrieve).post(publish::publish),
+        )
+        .route("/broker/", get(retrieve::retrieve).post(publish::publish))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     let api = match cors(&shared) {
         Some(layer) => api.layer(layer),
         None => api,
@@ -69,9 +75,11 @@ pub async fn track(State(shared): State<SharedRef>, req: Request, next: Next) ->
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned());
+    let broker = matches!(path.as_deref(), Some("/broker/{*topic}" | "/broker/"));
     let route = match path.as_deref() {
-        Some("/broker/{*topic}") if req.method() == Method::POST => HttpRoute::Publish,
-        Some("/broker/{*topic}") => HttpRoute::Retrieve,
+        _ if req.method() == Method::OPTIONS => HttpRoute::Preflight,
+        _ if broker && req.method() == Method::POST => HttpRoute::Publish,
+        _ if broker => HttpRoute::Retrieve,
         Some("/mqtt") => HttpRoute::MqttWs,
         Some("/healthz" | "/readyz") => HttpRoute::Health,
         _ => HttpRoute::Stream,

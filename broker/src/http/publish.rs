@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -20,13 +20,14 @@ use starling_codec::ByteString;
 
 use super::credentials;
 use super::error::ApiError;
-use super::request::{self, POST_OPTIONS, TopicKind};
+use super::request::{self, POST_OPTIONS, Params, TopicKind};
 use super::subscriber::await_room;
 use crate::listen::SharedRef;
 use crate::listen::http::Peer;
 use crate::logging::Shown;
 use crate::metrics;
 use crate::router::Message;
+use crate::server::Shared;
 
 pub async fn publish(
     State(shared): State<SharedRef>,
@@ -34,9 +35,52 @@ pub async fn publish(
     uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Response {
     let web = &shared.config.web;
-    let tail = uri.path().strip_prefix("/broker/").unwrap_or_default();
+    let (max, secs) = (web.max_body_bytes, web.body_timeout);
+    let outcome = match admit(&shared, peer, &uri, &headers) {
+        Ok(ok) => ok,
+        // Refused before the body was read: read it anyway (within the same
+        // caps) so the connection stays usable for the client's next
+        // request; if that fails, say the connection ends here.
+        Err(e) => {
+            let keep = read_body(&headers, body, max, secs).await.is_ok();
+            return with_close(e.into_response(), !keep);
+        }
+    };
+    let (topic, params) = outcome;
+    let payload = match read_body(&headers, body, max, secs).await {
+        Ok(p) => p,
+        // The rest of an oversized, stalled or broken upload is not read:
+        // the connection cannot be reused.
+        Err(e) => return with_close(e.into_response(), true),
+    };
+    route(&shared, topic, params, payload)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Marks a response as the connection's last (RFC 9112 section 9.6) when
+/// the request body was left unread.
+fn with_close(mut resp: Response, close: bool) -> Response {
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Everything decided before the body is read: the topic, the options and
+/// the principal's right to publish there.
+fn admit(
+    shared: &Shared,
+    peer: std::net::SocketAddr,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(String, Params), ApiError> {
+    let web = &shared.config.web;
+    let tail = uri.path().strip_prefix("/broker").unwrap_or_default();
+    let tail = tail.strip_prefix('/').unwrap_or(tail);
     let topic = request::topic_from_path(tail)?;
     request::check_topic(
         &topic,
@@ -49,8 +93,8 @@ pub async fn publish(
         .map_err(|e| ApiError::bad("topic_policy", format!("{e}.")))?;
     let params =
         request::parse_params(uri.query(), POST_OPTIONS, Duration::from_secs(web.max_wait))?;
-    let creds = credentials::from_request(&headers, params.access_token.as_deref())?;
-    let principal = credentials::authenticate(&shared, &creds, peer)?;
+    let creds = credentials::from_request(headers, params.access_token.as_deref())?;
+    let principal = credentials::authenticate(shared, &creds, peer)?;
     if !principal.may_publish(&topic) {
         metrics::inc(&shared.metrics.acl_refusals);
         tracing::debug!(%peer, token = ?principal.name(), topic = %Shown(&topic), "HTTP publish refused by ACL");
@@ -58,8 +102,15 @@ pub async fn publish(
             "the token may not publish to this topic.".into(),
         ));
     }
-    let payload = read_body(&headers, body, web.max_body_bytes, web.body_timeout).await?;
-    drop(creds);
+    Ok((topic, params))
+}
+
+async fn route(
+    shared: &Shared,
+    topic: String,
+    params: Params,
+    payload: Bytes,
+) -> Result<Response, ApiError> {
     metrics::inc(&shared.metrics.messages_in[params.qos as usize]);
     let msg = Message {
         topic: ByteString::from(topic),

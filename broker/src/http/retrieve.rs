@@ -42,7 +42,8 @@ pub async fn retrieve(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let web = &shared.config.web;
-    let tail = uri.path().strip_prefix("/broker/").unwrap_or_default();
+    let tail = uri.path().strip_prefix("/broker").unwrap_or_default();
+    let tail = tail.strip_prefix('/').unwrap_or(tail);
     let filter = request::topic_from_path(tail)?;
     request::check_topic(
         &filter,
