@@ -7,6 +7,7 @@
 //! the subscriber's `session` → codec, whatever listener it came in on
 //! (`listen`: TCP, TLS, WebSocket).
 
+pub mod apiserver;
 pub mod auth;
 pub mod banner;
 pub mod file_stamp;

@@ -203,6 +203,7 @@ impl Broker {
             ));
         }
         tasks.spawn(auth::watch::expiry_timer(shared.clone()));
+        crate::apiserver::spawn(shared.clone(), tls_resolver.clone());
         Ok(BrokerHandle {
             shared,
             listeners,

@@ -139,6 +139,11 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// Generate a self-signed certificate at startup (development only).
     pub self_signed: bool,
+    /// In Kubernetes: the `kubernetes.io/tls` Secret the certificate comes
+    /// from, watched through the API server in the pod's namespace (env
+    /// `POD_NAMESPACE`), so a rotation applies in seconds; the mounted
+    /// `cert`/`key` files stay the fallback.
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,6 +326,11 @@ pub struct AuthConfig {
     pub anonymous: Anonymous,
     /// Auth bundle file (tokens and ACLs); watched for changes.
     pub bundle: Option<PathBuf>,
+    /// In Kubernetes: the Secret holding the bundle (key `bundle.json`),
+    /// watched through the API server in the pod's namespace (env
+    /// `POD_NAMESPACE`), so a deleted token bites in seconds rather than at
+    /// the kubelet's next sync of the mounted file, which stays the fallback.
+    pub bundle_secret: Option<String>,
     /// Failed authentications allowed per (source address, username) per
     /// minute; past it, that pair is refused without checking until the
     /// minute is over. Keyed on the pair so that one bad client behind a NAT
@@ -354,6 +364,7 @@ impl Default for AuthConfig {
         AuthConfig {
             anonymous: Anonymous::default(),
             bundle: None,
+            bundle_secret: None,
             max_failures_per_minute: 10,
             max_failures_per_address_per_minute: 100,
             client_ids: ClientIds::default(),

@@ -478,8 +478,9 @@ async fn operator_output_runs_the_real_broker_with_exactly_the_acl_access() {
     );
 
     // The dashboard (matched by label) may read sensors but not the private
-    // ones: a subscription is refused when a deny rule overlaps it, and
-    // allowed when an allow rule covers it.
+    // ones: a subscription is allowed when an allow rule covers it, refused
+    // when a deny rule covers it, and filtered when a deny rule only
+    // overlaps it (granted; the private topics are withheld).
     let mut dash = connect(addr, "dash", &dash_user, &dash_pw, &ca)
         .await
         .expect("dashboard connects with its credentials");
@@ -487,9 +488,9 @@ async fn operator_output_runs_the_real_broker_with_exactly_the_acl_access() {
     let refused = SubscribeReasonCode::Failure;
     assert_eq!(dash.subscribe("sensors/lab/#").await, granted);
     assert_eq!(dash.subscribe("sensors/kitchen/temp").await, granted);
-    // `+` could match `private`: refused as a whole.
-    assert_eq!(dash.subscribe("sensors/+/temp").await, refused);
-    assert_eq!(dash.subscribe("sensors/#").await, refused);
+    // `+` could match `private`: granted, and filtered.
+    assert_eq!(dash.subscribe("sensors/+/temp").await, granted);
+    assert_eq!(dash.subscribe("sensors/#").await, granted);
     assert_eq!(dash.subscribe("sensors/private/#").await, refused);
     assert_eq!(dash.subscribe("other/#").await, refused);
 
@@ -508,6 +509,10 @@ async fn operator_output_runs_the_real_broker_with_exactly_the_acl_access() {
         .publish("sensors/lab/humidity", "denied-humidity")
         .await;
     dash.publish("sensors/lab/temp", "denied-from-dashboard")
+        .await;
+    // Allowed to publish, not to be read by the dashboard.
+    sensor
+        .publish("sensors/private/temp", "denied-private-read")
         .await;
     // Give a (wrongly) accepted publish time to arrive before the marker.
     tokio::time::sleep(Duration::from_millis(300)).await;

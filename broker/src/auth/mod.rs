@@ -8,7 +8,8 @@ pub mod limiter;
 pub mod watch;
 
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
 use starling_model::acl::{AuthError, AuthState, Principal};
@@ -37,6 +38,12 @@ pub struct AuthHub {
     anonymous: starling_model::config::Anonymous,
     /// Woken when the bundle changes (the expiry timer re-plans).
     pub changed: Notify,
+    /// The bytes of the bundle last put in force, so the same content from
+    /// a second source is not applied (and every client re-checked) twice.
+    last_bytes: Mutex<Vec<u8>>,
+    /// The bundle Secret is being watched through the API server and is
+    /// current: the mounted file, which lags, is then not read.
+    api_live: AtomicBool,
 }
 
 impl AuthHub {
@@ -54,6 +61,8 @@ impl AuthHub {
             ),
             anonymous: cfg.auth.anonymous,
             changed: Notify::new(),
+            last_bytes: Mutex::new(Vec::new()),
+            api_live: AtomicBool::new(false),
         }
     }
 
@@ -69,6 +78,25 @@ impl AuthHub {
         );
         self.changed.notify_one();
         old
+    }
+
+    /// Are these bundle bytes different from the ones last put in force?
+    pub fn is_new(&self, bytes: &[u8]) -> bool {
+        *self.last_bytes.lock().unwrap_or_else(|e| e.into_inner()) != bytes
+    }
+
+    pub fn remember(&self, bytes: &[u8]) {
+        let mut last = self.last_bytes.lock().unwrap_or_else(|e| e.into_inner());
+        last.clear();
+        last.extend_from_slice(bytes);
+    }
+
+    pub fn api_live(&self) -> bool {
+        self.api_live.load(Ordering::Relaxed)
+    }
+
+    pub fn set_api_live(&self, live: bool) {
+        self.api_live.store(live, Ordering::Relaxed);
     }
 
     /// Decides who a CONNECT is. `password: None` asks for anonymous access.

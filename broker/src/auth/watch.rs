@@ -74,24 +74,52 @@ pub async fn watch_file(shared: Arc<Shared>, path: PathBuf, loaded: Stamp) {
             continue;
         }
         last = now;
-        match load(&path) {
-            Ok(state) => {
-                let old = shared.auth.replace(state);
-                let new = shared.auth.current();
-                let revoked = new.revoked_since(&old, SystemTime::now());
-                metrics::inc(&shared.metrics.bundle_reloads);
-                tracing::info!(
-                    tokens = new.token_count(),
-                    acls = new.acl_count(),
-                    revoked = ?revoked,
-                    "auth bundle reloaded"
-                );
-                recheck_all(&shared);
-            }
-            Err(e) => {
+        if shared.auth.api_live() {
+            // The Secret watch is current; the mounted copy lags behind it
+            // (the kubelet's sync) and must not put an older bundle back.
+            continue;
+        }
+        match std::fs::read(&path) {
+            Ok(bytes) => apply_bytes(&shared, &bytes, &path.display().to_string()),
+            Err(source) => {
                 metrics::inc(&shared.metrics.bundle_errors);
+                let e = LoadError::Read {
+                    path: path.clone(),
+                    source,
+                };
                 tracing::error!(error = %e, "keeping the auth bundle already in force");
             }
+        }
+    }
+}
+
+/// Puts bundle bytes read from `origin` (a file, or a Secret through the API
+/// server) in force and re-checks every connection; invalid bytes are
+/// logged and counted and the old bundle stays. The same bytes twice (the
+/// Secret watch and then the mounted file) are applied once.
+pub fn apply_bytes(shared: &Shared, bytes: &[u8], origin: &str) {
+    if !shared.auth.is_new(bytes) {
+        return;
+    }
+    match AuthState::load(bytes) {
+        Ok(state) => {
+            let old = shared.auth.replace(state);
+            shared.auth.remember(bytes);
+            let new = shared.auth.current();
+            let revoked = new.revoked_since(&old, SystemTime::now());
+            metrics::inc(&shared.metrics.bundle_reloads);
+            tracing::info!(
+                origin,
+                tokens = new.token_count(),
+                acls = new.acl_count(),
+                revoked = ?revoked,
+                "auth bundle reloaded"
+            );
+            recheck_all(shared);
+        }
+        Err(e) => {
+            metrics::inc(&shared.metrics.bundle_errors);
+            tracing::error!(origin, error = %e, "auth bundle rejected; keeping the one already in force");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! for new handshakes without a restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -17,23 +18,26 @@ use crate::file_stamp::stamp;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("cannot read certificate chain {path}: {source}")]
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `what` names the file, or the Secret and key, it came from.
+    #[error("cannot read certificate chain {what}: {source}")]
     Cert {
-        path: PathBuf,
+        what: String,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("certificate file {0} holds no certificate")]
-    NoCert(PathBuf),
-    #[error("cannot read private key {path}: {source}")]
+    #[error("{0} holds no certificate")]
+    NoCert(String),
+    #[error("cannot read private key {what}: {source}")]
     Key {
-        path: PathBuf,
+        what: String,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("private key {path} is not usable: {source}")]
-    KeyType {
-        path: PathBuf,
-        source: rustls::Error,
-    },
+    #[error("private key {what} is not usable: {source}")]
+    KeyType { what: String, source: rustls::Error },
     #[error("cannot generate a self-signed certificate: {0}")]
     SelfSigned(#[from] rcgen::Error),
     #[error("TLS configuration: {0}")]
@@ -46,24 +50,54 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads a PEM chain and key into a rustls certified key.
 pub fn load_pem(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    parse_pem(
+        &read(cert)?,
+        &read(key)?,
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
+}
+
+/// [`load_pem`] for PEM bytes from `origin` (a Secret's `tls.crt`/`tls.key`).
+pub fn load_pem_bytes(cert: &[u8], key: &[u8], origin: &str) -> Result<CertifiedKey, TlsError> {
+    parse_pem(
+        cert,
+        key,
+        &format!("{origin} tls.crt"),
+        &format!("{origin} tls.key"),
+    )
+}
+
+fn parse_pem(
+    cert: &[u8],
+    key: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<CertifiedKey, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<_, _>>()
         .map_err(|source| TlsError::Cert {
-            path: cert.to_path_buf(),
+            what: cert_name.to_owned(),
             source,
         })?;
     if chain.is_empty() {
-        return Err(TlsError::NoCert(cert.to_path_buf()));
+        return Err(TlsError::NoCert(cert_name.to_owned()));
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Key {
-        path: key.to_path_buf(),
+    let der = PrivateKeyDer::from_pem_slice(key).map_err(|source| TlsError::Key {
+        what: key_name.to_owned(),
         source,
     })?;
     let signing = provider()
         .key_provider
         .load_private_key(der)
         .map_err(|source| TlsError::KeyType {
-            path: key.to_path_buf(),
+            what: key_name.to_owned(),
             source,
         })?;
     Ok(CertifiedKey::new(chain, signing))
@@ -86,17 +120,41 @@ pub fn self_signed() -> Result<CertifiedKey, TlsError> {
 #[derive(Debug)]
 pub struct ReloadingResolver {
     current: RwLock<Arc<CertifiedKey>>,
+    /// The TLS Secret is watched through the API server and current: the
+    /// mounted files, which lag, are then not read.
+    api_live: AtomicBool,
 }
 
 impl ReloadingResolver {
     pub fn new(key: CertifiedKey) -> Arc<Self> {
         Arc::new(ReloadingResolver {
             current: RwLock::new(Arc::new(key)),
+            api_live: AtomicBool::new(false),
         })
     }
 
     pub fn replace(&self, key: CertifiedKey) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+    }
+
+    /// Replaces the certificate unless `key` carries the same chain; says
+    /// whether it did (the Secret watch and the file poll see each
+    /// rotation, one of them only should log it).
+    pub fn replace_if_new(&self, key: CertifiedKey) -> bool {
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if cur.cert == key.cert {
+            return false;
+        }
+        *cur = Arc::new(key);
+        true
+    }
+
+    pub fn set_api_live(&self, live: bool) {
+        self.api_live.store(live, Ordering::Relaxed);
+    }
+
+    fn api_live(&self) -> bool {
+        self.api_live.load(Ordering::Relaxed)
     }
 }
 
@@ -136,10 +194,14 @@ pub fn watch(resolver: Arc<ReloadingResolver>, cert: PathBuf, key: PathBuf, ever
                 continue;
             }
             last = now;
+            if resolver.api_live() {
+                continue;
+            }
             match load_pem(&cert, &key) {
                 Ok(k) => {
-                    resolver.replace(k);
-                    tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+                    if resolver.replace_if_new(k) {
+                        tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "new TLS certificate rejected; keeping the old one")
@@ -147,4 +209,37 @@ pub fn watch(resolver: Arc<ReloadingResolver>, cert: PathBuf, key: PathBuf, ever
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem_pair(name: &str) -> (String, String) {
+        let made = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        (made.cert.pem(), made.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn pem_from_a_secret_loads_and_only_a_new_chain_replaces() {
+        let (c1, k1) = pem_pair("one.example");
+        let (c2, k2) = pem_pair("two.example");
+        let first = load_pem_bytes(c1.as_bytes(), k1.as_bytes(), "Secret ns/x").unwrap();
+        let r = ReloadingResolver::new(first);
+        let same = load_pem_bytes(c1.as_bytes(), k1.as_bytes(), "Secret ns/x").unwrap();
+        assert!(
+            !r.replace_if_new(same),
+            "the same chain again is not a rotation"
+        );
+        let second = load_pem_bytes(c2.as_bytes(), k2.as_bytes(), "Secret ns/x").unwrap();
+        assert!(r.replace_if_new(second));
+        let e = load_pem_bytes(b"not pem", k1.as_bytes(), "Secret ns/x")
+            .err()
+            .unwrap();
+        assert_eq!(e.to_string(), "Secret ns/x tls.crt holds no certificate");
+        let e = load_pem_bytes(c1.as_bytes(), b"", "Secret ns/x")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("Secret ns/x tls.key"), "{e}");
+    }
 }

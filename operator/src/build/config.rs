@@ -54,6 +54,10 @@ pub fn broker_config(ctx: &BrokerCtx) -> Result<BrokerConfig, BuildError> {
     cfg.tls.cert = Some(PathBuf::from(format!("{}/tls.crt", paths::TLS_DIR)));
     cfg.tls.key = Some(PathBuf::from(format!("{}/tls.key", paths::TLS_DIR)));
     cfg.tls.self_signed = false;
+    // The same Secrets, watched through the API server (the pods' Role lets
+    // them read exactly these two), so changes apply in seconds.
+    cfg.tls.secret = Some(super::tls::server_secret_name(ctx));
+    cfg.auth.bundle_secret = Some(ctx.names.bundle_secret());
 
     let l = &spec.limits;
     set(
@@ -158,6 +162,8 @@ mod tests {
         }
         expected.tls.cert = Some("/etc/starling/tls/tls.crt".into());
         expected.tls.key = Some("/etc/starling/tls/tls.key".into());
+        expected.tls.secret = Some("demo-tls".into());
+        expected.auth.bundle_secret = Some("demo-auth".into());
         expected.auth.anonymous = Anonymous::Deny;
         expected.limits.max_connections_per_address = 0;
         assert_eq!(cfg, expected);
