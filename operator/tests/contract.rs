@@ -1,10 +1,15 @@
-//! Contract test: what the operator builds is what the real broker runs.
+//! Contract test: what the operator makes is what the real broker runs.
 //!
-//! The ConfigMap (broker TOML), the auth-bundle Secret and the TLS Secret the
-//! operator builds for a Broker with two Tokens and two ACLs are written to
-//! files and handed to the real `starling-broker` binary; real MQTT clients
-//! then connect over TLS with each Token's credentials Secret and must get
-//! exactly the access the ACLs grant.
+//! The real operator (`app::run`) reconciles a Broker with two Tokens and two
+//! ACLs against the in-memory API server. The ConfigMap (broker TOML), the
+//! auth-bundle Secret, the TLS Secret and each Token's credentials Secret are
+//! then read back from that API server — not taken from the builders — and
+//! handed to the real `starling-broker` binary, as the kubelet would mount
+//! them. The broker also reaches the same API server over HTTP, as a pod
+//! does, and watches its bundle Secret there. Real MQTT clients connect over
+//! TLS with each Token's credentials and must get exactly the access the
+//! ACLs grant; deleting a Token closes its connections within 2 s through
+//! operator → bundle Secret → broker watch, with the mounted file unchanged.
 //!
 //! The binary is `$STARLING_BIN`, else `target/debug/starling-broker` of this
 //! workspace (built by `cargo build -p starling-broker`, or by any
@@ -16,25 +21,24 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::ObjectMeta;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
     TlsConfiguration, Transport,
 };
-use starling_model::token;
-use starling_operator::build::broker::{BrokerInputs, TlsInputs, objects};
-use starling_operator::build::bundle::TokenSource;
+use starling_fake_apiserver::FakeApi;
+use starling_model::bundle::AuthBundle;
+use starling_operator::app::{self, Options};
 use starling_operator::build::config::CONFIG_KEY;
-use starling_operator::build::token::{Credentials, credentials_secret};
-use starling_operator::build::{BrokerCtx, secret_keys};
+use starling_operator::build::secret_keys;
 use starling_operator::crd::acl::{
     AclAction, AclEffect, AclRule, AclSpec, TokenSelector, TopicFilter,
 };
 use starling_operator::crd::{Acl, Broker, BrokerRef, BrokerSpec, Token, TokenSpec};
-use starling_operator::tls;
+use starling_operator::shutdown::Shutdown;
 
 const NS: &str = "contract";
 const STEP: Duration = Duration::from_secs(10);
@@ -99,7 +103,8 @@ fn broker_binary() -> PathBuf {
     bin
 }
 
-/// What the operator produced, written to files, plus the clients' view.
+/// What the operator produced, read back from the API server and written
+/// to files, plus the clients' view.
 struct Deployment {
     _dir: tempfile::TempDir,
     config: PathBuf,
@@ -107,27 +112,47 @@ struct Deployment {
     cert: PathBuf,
     key: PathBuf,
     data: PathBuf,
+    kubeconfig: PathBuf,
     /// Token name → its credentials Secret.
     credentials: HashMap<String, Secret>,
 }
 
-fn build() -> Deployment {
+/// Polls `f` until it yields, within the step timeout.
+async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn bundle_tokens(s: &Secret) -> Vec<String> {
+    AuthBundle::parse(data(s, secret_keys::BUNDLE).as_bytes())
+        .map(|b| b.tokens.into_iter().map(|t| t.name).collect())
+        .unwrap_or_default()
+}
+
+/// Creates the resources a user would `kubectl apply`, lets the real
+/// operator reconcile them, and reads its output back.
+async fn deploy(api: &FakeApi, server: &str) -> Deployment {
     let spec: BrokerSpec = serde_json::from_value(serde_json::json!({
         "tls": {"dnsNames": ["127.0.0.1"]},
         "auth": {"anonymous": "deny", "defaultPolicy": "deny"},
     }))
     .expect("spec");
-    let broker = Broker {
+    api.put(&Broker {
         metadata: meta("demo", &[]),
         spec,
         status: None,
-    };
-    let ctx = BrokerCtx::new(&broker).expect("broker ctx");
-
-    // Two Tokens, their secrets generated the way the Token controller does.
-    let tokens: Vec<Token> = [("sensor", "devices"), ("dashboard", "apps")]
-        .iter()
-        .map(|(name, team)| Token {
+    });
+    for (name, team) in [("sensor", "devices"), ("dashboard", "apps")] {
+        api.put(&Token {
             metadata: meta(name, &[("team", team)]),
             spec: TokenSpec {
                 broker_ref: BrokerRef {
@@ -136,30 +161,8 @@ fn build() -> Deployment {
                 ..TokenSpec::default()
             },
             status: None,
-        })
-        .collect();
-    let secrets: BTreeMap<String, String> = tokens
-        .iter()
-        .map(|t| {
-            (
-                t.metadata.name.clone().unwrap_or_default(),
-                token::generate_secret(),
-            )
-        })
-        .collect();
-    let sources: Vec<TokenSource> = tokens
-        .iter()
-        .map(|t| {
-            let name = t.metadata.name.clone().unwrap_or_default();
-            TokenSource {
-                labels: t.metadata.labels.clone().unwrap_or_default(),
-                expires_at: None,
-                disabled: false,
-                secret: secrets.get(&name).cloned(),
-                name,
-            }
-        })
-        .collect();
+        });
+    }
 
     // sensor: publishes temperatures. dashboard (by label): reads all
     // sensors except the private ones, publishes nothing.
@@ -179,55 +182,43 @@ fn build() -> Deployment {
     dashboards.spec.token_selector = Some(TokenSelector {
         match_labels: BTreeMap::from([("team".into(), "apps".into())]),
     });
-    let acls = vec![
-        acl(
-            "sensors",
-            &["sensor"],
-            vec![rule(
-                &["sensors/+/temp"],
-                &[AclAction::Publish],
-                AclEffect::Allow,
-            )],
-        ),
-        dashboards,
-    ];
+    api.put(&acl(
+        "sensors",
+        &["sensor"],
+        vec![rule(
+            &["sensors/+/temp"],
+            &[AclAction::Publish],
+            AclEffect::Allow,
+        )],
+    ));
+    api.put(&dashboards);
 
-    let (ca, server, _) = tls::ensure("demo", NS, &ctx.dns_names(), None, None, SystemTime::now())
-        .expect("certificates");
-    let inputs = BrokerInputs {
-        tokens: &sources,
-        acls: &acls,
-        hash_key: token::generate_hash_key(),
-        admin_password: token::generate_secret(),
-        tls: TlsInputs::Operator { ca, server },
-    };
-    let objs = objects(&ctx, &inputs).expect("objects");
-    assert!(
-        objs.bundle.problems.is_empty(),
-        "{:?}",
-        objs.bundle.problems
-    );
-    assert_eq!(objs.bundle.bundle.tokens.len(), 2);
-    assert_eq!(objs.bundle.bundle.acls.len(), 2);
-
-    let ca_pem = data(objs.tls_secret.as_ref().expect("tls"), secret_keys::CA_CRT);
-    let credentials = tokens
-        .iter()
-        .map(|t| {
-            let name = t.metadata.name.clone().unwrap_or_default();
-            let s = credentials_secret(
-                t,
-                &Credentials::new(
-                    "demo",
-                    secrets[&name].clone(),
-                    Some(&ctx),
-                    Some(ca_pem.clone()),
-                ),
-            )
-            .expect("credentials");
-            (name, s)
+    let config_map = until("the broker ConfigMap", || {
+        api.get::<ConfigMap>(NS, "demo-config")
+    })
+    .await;
+    let bundle_secret = until("a bundle with both tokens", || {
+        api.get::<Secret>(NS, "demo-auth")
+            .filter(|s| bundle_tokens(s).len() == 2)
+    })
+    .await;
+    let tls_secret = until("the TLS Secret", || api.get::<Secret>(NS, "demo-tls")).await;
+    let mut credentials = HashMap::new();
+    for name in ["sensor", "dashboard"] {
+        let s = until("credentials", || {
+            api.get::<Secret>(NS, &format!("{name}-credentials"))
+                .filter(|s| {
+                    s.data
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(secret_keys::CA_CRT))
+                })
         })
-        .collect();
+        .await;
+        credentials.insert(name.to_string(), s);
+    }
+    let bundle = AuthBundle::parse(data(&bundle_secret, secret_keys::BUNDLE).as_bytes())
+        .expect("the bundle the operator wrote parses");
+    assert_eq!(bundle.acls.len(), 2, "{bundle:?}");
 
     let dir = tempfile::tempdir().expect("temp dir");
     let write = |name: &str, body: &str| {
@@ -237,15 +228,19 @@ fn build() -> Deployment {
     };
     let config = write(
         "starling.toml",
-        &objs.config_map.data.as_ref().expect("config data")[CONFIG_KEY],
+        &config_map.data.as_ref().expect("config data")[CONFIG_KEY],
     );
-    let bundle = write(
-        "bundle.json",
-        &data(&objs.bundle_secret, secret_keys::BUNDLE),
+    let bundle = write("bundle.json", &data(&bundle_secret, secret_keys::BUNDLE));
+    let cert = write("tls.crt", &data(&tls_secret, secret_keys::TLS_CRT));
+    let key = write("tls.key", &data(&tls_secret, secret_keys::TLS_KEY));
+    let kubeconfig = write(
+        "kubeconfig",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}\n\
+             users:\n- name: broker\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: broker\n\
+             current-context: fake\n"
+        ),
     );
-    let tls_secret = objs.tls_secret.as_ref().expect("tls secret");
-    let cert = write("tls.crt", &data(tls_secret, secret_keys::TLS_CRT));
-    let key = write("tls.key", &data(tls_secret, secret_keys::TLS_KEY));
     let data_dir = dir.path().join("data");
     std::fs::create_dir_all(&data_dir).expect("data dir");
     Deployment {
@@ -254,6 +249,7 @@ fn build() -> Deployment {
         cert,
         key,
         data: data_dir,
+        kubeconfig,
         credentials,
         _dir: dir,
     }
@@ -293,6 +289,11 @@ fn start(bin: &PathBuf, d: &Deployment) -> Running {
     }
     cmd.env("STARLING_TLS_CERT", &d.cert)
         .env("STARLING_TLS_KEY", &d.key)
+        // The pod's view of the API server: its namespace (downward API)
+        // and a way to reach it.
+        .env("POD_NAMESPACE", NS)
+        .env("KUBECONFIG", &d.kubeconfig)
+        .env("KUBERNETES_SERVICE_HOST", "")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -430,7 +431,26 @@ impl Mqtt {
 async fn operator_output_runs_the_real_broker_with_exactly_the_acl_access() {
     let bin = broker_binary();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let d = build();
+    let api = FakeApi::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    let _served = api.serve(listener);
+    let shutdown = Shutdown::default();
+    let operator = tokio::spawn(app::run(
+        api.client(),
+        Options {
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            namespace: None,
+            leader_election: false,
+            lease_namespace: NS.into(),
+            lease_name: "starling-operator".into(),
+            identity: "contract".into(),
+        },
+        shutdown.clone(),
+    ));
+    let d = deploy(&api, &server).await;
     let broker = start(&bin, &d);
     let addr = *broker
         .listeners
@@ -537,4 +557,37 @@ async fn operator_output_runs_the_real_broker_with_exactly_the_acl_access() {
         got.iter().all(|(_, b)| !b.starts_with("denied")),
         "refused publishes must not be delivered: {got:?}"
     );
+
+    // `kubectl delete token sensor`: the operator rewrites the bundle
+    // Secret, the broker sees it through its watch (the mounted file stays
+    // as it was), and the sensor's connections close within 2 s.
+    let mounted = std::fs::read(&d.bundle).expect("mounted bundle");
+    let t0 = tokio::time::Instant::now();
+    api.remove::<Token>(NS, "sensor");
+    let closed =
+        tokio::time::timeout(Duration::from_secs(2), sensor_sub.next(|_| None::<()>)).await;
+    let took = t0.elapsed();
+    assert!(
+        closed.is_ok(),
+        "the deleted token's connection was still open after {took:?}"
+    );
+    assert_eq!(
+        std::fs::read(&d.bundle).expect("mounted bundle"),
+        mounted,
+        "the mounted file was not what revoked it"
+    );
+    assert!(
+        connect(addr, "sensor-3", &sensor_user, &sensor_pw, &ca)
+            .await
+            .is_err(),
+        "a deleted token connects no more"
+    );
+    assert!(
+        bundle_tokens(&api.get::<Secret>(NS, "demo-auth").expect("bundle")) == ["dashboard"],
+        "the operator removed the token from the bundle"
+    );
+    // The dashboard is untouched.
+    assert_eq!(dash.subscribe("sensors/kitchen/temp").await, granted);
+    shutdown.trigger();
+    let _ = tokio::time::timeout(STEP, operator).await;
 }
