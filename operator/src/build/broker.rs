@@ -82,7 +82,7 @@ pub fn objects(ctx: &BrokerCtx, inputs: &BrokerInputs) -> Result<BrokerObjects, 
         TlsInputs::Operator { ca, server } => (
             Some(ca_key_secret(ctx, ca)),
             Some(server_secret(ctx, server, ca)),
-            Some(ca.cert_pem.clone()),
+            Some(ca.trust_bundle()),
         ),
         TlsInputs::External { ca_crt } => (None, None, ca_crt.clone()),
     };

@@ -59,6 +59,11 @@ pub mod secret_keys {
     pub const TLS_CRT: &str = "tls.crt";
     pub const TLS_KEY: &str = "tls.key";
     pub const CA_CRT: &str = "ca.crt";
+    /// In the CA Secret during a CA rollover: the CA being replaced ...
+    pub const PREVIOUS_CA_CRT: &str = "previous.crt";
+    /// ... and the new CA's certificate signed by it (sent after the server
+    /// certificate, so clients that trust only the old CA still verify).
+    pub const CROSS_CRT: &str = "cross.crt";
     pub const USERNAME: &str = "username";
     pub const PASSWORD: &str = "password";
     pub const MQTTS_URL: &str = "mqtts-url";

@@ -45,10 +45,19 @@ pub fn ca_key_secret(ctx: &BrokerCtx, ca: &CaMaterial) -> Secret {
     Secret {
         metadata: ctx.meta(ctx.names.ca_key_secret(), "ca"),
         type_: Some("kubernetes.io/tls".into()),
-        data: Some(secret_data([
-            (secret_keys::TLS_CRT, ca.cert_pem.clone()),
-            (secret_keys::TLS_KEY, ca.key_pem.clone()),
-        ])),
+        data: Some(secret_data(
+            [
+                (secret_keys::TLS_CRT, ca.cert_pem.clone()),
+                (secret_keys::TLS_KEY, ca.key_pem.clone()),
+            ]
+            .into_iter()
+            .chain(ca.previous.iter().flat_map(|p| {
+                [
+                    (secret_keys::PREVIOUS_CA_CRT, p.cert_pem.clone()),
+                    (secret_keys::CROSS_CRT, p.cross_pem.clone()),
+                ]
+            })),
+        )),
         ..Secret::default()
     }
 }
@@ -64,9 +73,12 @@ pub fn server_secret(ctx: &BrokerCtx, server: &ServerMaterial, ca: &CaMaterial) 
         metadata,
         type_: Some("kubernetes.io/tls".into()),
         data: Some(secret_data([
-            (secret_keys::TLS_CRT, server.cert_pem.clone()),
+            (
+                secret_keys::TLS_CRT,
+                format!("{}{}", server.cert_pem, ca.chain_extra()),
+            ),
             (secret_keys::TLS_KEY, server.key_pem.clone()),
-            (secret_keys::CA_CRT, ca.cert_pem.clone()),
+            (secret_keys::CA_CRT, ca.trust_bundle()),
         ])),
         ..Secret::default()
     }
@@ -98,6 +110,7 @@ mod tests {
         let ca = CaMaterial {
             cert_pem: "CA CERT".into(),
             key_pem: "CA KEY".into(),
+            previous: None,
         };
         let server = ServerMaterial {
             cert_pem: "CERT".into(),
