@@ -21,6 +21,12 @@ cargo build --workspace --all-targets
 echo "== cargo test"
 cargo test --workspace
 
+echo "== helm chart (lint, template, schema validation, RBAC and CRD drift)"
+bash scripts/chart-check.sh
+
+echo "== cluster suite (needs KUBECONFIG; says NOT RUN without one)"
+bash e2e/cluster/run.sh
+
 echo "== python/mosquitto end-to-end"
 STARLING_BIN="$PWD/target/debug/starling-broker" bash e2e/run-python.sh
 
