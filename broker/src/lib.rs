@@ -7,6 +7,7 @@
 //! the subscriber's `session` → codec, whatever listener it came in on
 //! (`listen`: TCP, TLS, WebSocket).
 
+pub mod admin;
 pub mod apiserver;
 pub mod auth;
 pub mod banner;

@@ -160,6 +160,11 @@ impl Broker {
             };
             let (listener, note) = bind(name, &lc.bind, kind == Kind::Http).await?;
             let addr = listener.local_addr()?;
+            if kind == Kind::Admin && !addr.ip().is_loopback() && cfg.api.is_default() {
+                anyhow::bail!(
+                    "the admin listener is on {addr}, which is not loopback, with the default credentials admin/public; set [api] password (STARLING_API_PASSWORD) or [api] credentials_dir, or bind it to 127.0.0.1"
+                );
+            }
             let scheme = match (kind, wants_tls) {
                 (Kind::Mqtt, false) => "mqtt",
                 (Kind::Mqtt, true) => "mqtts",
@@ -170,7 +175,14 @@ impl Broker {
                 Kind::Http => format!(
                     "MQTT over WebSocket at /mqtt, HTTP API at /broker/, topic streams{note}"
                 ),
-                Kind::Admin => format!("/metrics, /healthz, /readyz{note}"),
+                Kind::Admin => {
+                    let creds = if cfg.api.is_default() {
+                        " (admin API credentials admin/public: the local default)"
+                    } else {
+                        ""
+                    };
+                    format!("admin API at /api/v1, /metrics, /healthz, /readyz{creds}{note}")
+                }
                 Kind::Mqtt => format!("MQTT 3.1.1 and 5.0{note}"),
             };
             listeners.push(Bound {

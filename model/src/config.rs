@@ -36,6 +36,8 @@ pub struct BrokerConfig {
     pub web: WebConfig,
     /// The last-value cache behind HTTP GET and `?pubStates=1`.
     pub lvc: LvcConfig,
+    /// The admin REST API on the admin listener.
+    pub api: ApiConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,5 +465,39 @@ impl Default for LvcConfig {
             max_entries: 100_000,
             max_bytes: 64 * 1024 * 1024,
         }
+    }
+}
+
+/// The admin API's credentials (HTTP Basic), as NanoMQ's and EMQX's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub username: String,
+    pub password: String,
+    /// A directory with `username` and `password` files (the mounted admin
+    /// Secret in Kubernetes); when set they replace the two keys above and
+    /// are re-read when they change.
+    pub credentials_dir: Option<PathBuf>,
+}
+
+/// The local default admin credentials, NanoMQ's: printed in the banner,
+/// and refused on any address but loopback.
+pub const DEFAULT_ADMIN_USERNAME: &str = "admin";
+pub const DEFAULT_ADMIN_PASSWORD: &str = "public";
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            username: DEFAULT_ADMIN_USERNAME.into(),
+            password: DEFAULT_ADMIN_PASSWORD.into(),
+            credentials_dir: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Are the well-known default credentials in force?
+    pub fn is_default(&self) -> bool {
+        self.credentials_dir.is_none() && self.password == DEFAULT_ADMIN_PASSWORD
     }
 }

@@ -91,6 +91,11 @@ impl AuthHub {
         last.extend_from_slice(bytes);
     }
 
+    /// The failure limiter, shared with the admin API's Basic check.
+    pub fn limiter(&self) -> &FailureLimiter {
+        &self.limiter
+    }
+
     pub fn api_live(&self) -> bool {
         self.api_live.load(Ordering::Relaxed)
     }

@@ -1,5 +1,5 @@
-//! Admin listener: health, readiness and Prometheus metrics. The admin REST
-//! API (NanoMQ/EMQX shapes) joins this router in its own issue.
+//! Admin listener: health, readiness and Prometheus metrics, open; the admin
+//! REST API (`crate::admin`) behind the admin credentials.
 
 use axum::Router;
 use axum::extract::State;
@@ -14,6 +14,7 @@ pub fn router(shared: SharedRef) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .merge(crate::admin::routes(shared.clone()))
         .with_state(shared)
 }
 

@@ -348,6 +348,14 @@ impl Connection {
             yield_soon: false,
         };
         conn.session.set_reader(conn.principal.clone());
+        conn.session.set_info(super::state::ClientInfo {
+            username: c.username.as_deref().map(str::to_owned),
+            protocol: if v.is_v5() { 5 } else { 4 },
+            keepalive: conn.agreed.keep_alive,
+            peer: Some(peer),
+            clean_start: c.clean_start,
+            connected_at: Some(std::time::SystemTime::now()),
+        });
         if opened.present {
             conn.prune_unauthorized();
         }

@@ -103,6 +103,7 @@ impl Connection {
 
     pub(super) fn on_publish(&mut self, mut p: Publish) -> Option<End> {
         metrics::inc(&self.shared.metrics.messages_in[p.qos as usize]);
+        metrics::inc(&self.session.messages_received);
         if self.version.is_v5() {
             if let Some(alias) = p.properties.topic_alias.take() {
                 if alias == 0 || alias > self.shared.config.limits.max_topic_aliases {

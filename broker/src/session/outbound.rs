@@ -129,6 +129,7 @@ impl Connection {
         }
         codec::encode_publish(&p, self.version, &mut self.wbuf);
         metrics::inc(&self.shared.metrics.messages_out[d.qos as usize]);
+        metrics::inc(&self.session.messages_sent);
         true
     }
 

@@ -213,6 +213,16 @@ impl Registry {
             .collect()
     }
 
+    /// Every session, online or not (for the admin API).
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.lock().by_id.values().cloned().collect()
+    }
+
+    /// The session registered for `client_id`.
+    pub fn get(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.lock().by_id.get(client_id).cloned()
+    }
+
     /// Every session with a connection attached (for shutdown and kicks).
     pub fn online(&self) -> Vec<Arc<Session>> {
         self.lock()

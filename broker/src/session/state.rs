@@ -6,7 +6,7 @@
 //! the session through its [`ConnLink`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -125,6 +125,24 @@ pub struct Session {
     /// The rules filtered subscriptions check each message against, with
     /// the verdict per topic. Its own lock: only filtered deliveries take it.
     reader: Mutex<Reader>,
+    /// Who the latest client is, for the admin API. Written at CONNECT only.
+    info: Mutex<ClientInfo>,
+    /// PUBLISH packets received from / sent to this session's clients.
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+}
+
+/// What the admin API shows about a session's client.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub username: Option<String>,
+    /// MQTT protocol level: 4 (3.1.1) or 5.
+    pub protocol: u8,
+    pub keepalive: u16,
+    pub peer: Option<std::net::SocketAddr>,
+    pub clean_start: bool,
+    /// When the client connected (or, offline, last connected).
+    pub connected_at: Option<std::time::SystemTime>,
 }
 
 /// The reading rights of the session's (latest) client.
@@ -157,6 +175,9 @@ impl Session {
             owner,
             counted_persistent: AtomicBool::new(false),
             reader: Mutex::new(Reader::default()),
+            info: Mutex::new(ClientInfo::default()),
+            messages_received: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
             state: Mutex::new(SessionState {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -205,6 +226,14 @@ impl Session {
         // Its own copy: a slice would pin the publisher's read buffer.
         r.cache.insert(ByteString::from(&**topic), v);
         v
+    }
+
+    pub fn set_info(&self, info: ClientInfo) {
+        *self.info.lock().unwrap_or_else(|e| e.into_inner()) = info;
+    }
+
+    pub fn info(&self) -> ClientInfo {
+        self.info.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn is_online(&self) -> bool {

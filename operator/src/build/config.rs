@@ -58,6 +58,9 @@ pub fn broker_config(ctx: &BrokerCtx) -> Result<BrokerConfig, BuildError> {
     // them read exactly these two), so changes apply in seconds.
     cfg.tls.secret = Some(super::tls::server_secret_name(ctx));
     cfg.auth.bundle_secret = Some(ctx.names.bundle_secret());
+    // The admin Secret the pods mount: never the default credentials on the
+    // pod's address (the broker refuses to start with them there).
+    cfg.api.credentials_dir = Some(PathBuf::from(paths::ADMIN_DIR));
 
     let l = &spec.limits;
     set(
@@ -164,6 +167,7 @@ mod tests {
         expected.tls.key = Some("/etc/starling/tls/tls.key".into());
         expected.tls.secret = Some("demo-tls".into());
         expected.auth.bundle_secret = Some("demo-auth".into());
+        expected.api.credentials_dir = Some("/etc/starling/admin".into());
         expected.auth.anonymous = Anonymous::Deny;
         expected.limits.max_connections_per_address = 0;
         assert_eq!(cfg, expected);
