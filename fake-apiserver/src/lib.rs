@@ -9,7 +9,11 @@
 //! (one field manager, so an apply replaces the object's content) and status
 //! patches. Every write is
 //! recorded with whether it changed the stored object; unchanged writes do
-//! not bump `resourceVersion`, as with a real API server.
+//! not bump `resourceVersion`, as with a real API server. Every request is
+//! counted ([`FakeApi::requests`]), and get/list/watch with the
+//! `PartialObjectMetadata` Accept header (kube's `metadata_watcher`,
+//! `Api::list_metadata`) are answered with metadata only, as a real API
+//! server does.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -57,7 +61,57 @@ impl Write {
     }
 }
 
+/// One request the fake answered (reads, writes and watches alike).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiCall {
+    /// The HTTP method: GET, POST, PATCH, DELETE, ...
+    pub method: String,
+    /// The resource's plural (`tokens`, `secrets`, ...), or the path when
+    /// the fake does not know it.
+    pub plural: String,
+    /// The object's name, for requests on one object.
+    pub name: Option<String>,
+    /// `status` for the status subresource.
+    pub subresource: Option<String>,
+    /// A watch (`?watch=true`): a stream, not a one-off request.
+    pub watch: bool,
+    /// Asked for `PartialObjectMetadata` (metadata only).
+    pub metadata_only: bool,
+}
+
+impl ApiCall {
+    /// The verb as RBAC names it: get, list, watch, create, patch, delete.
+    pub fn verb(&self) -> &'static str {
+        match (self.method.as_str(), self.name.is_some(), self.watch) {
+            ("GET", _, true) => "watch",
+            ("GET", true, _) => "get",
+            ("GET", false, _) => "list",
+            ("POST", ..) => "create",
+            ("PATCH", ..) => "patch",
+            ("PUT", ..) => "update",
+            ("DELETE", ..) => "delete",
+            _ => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ApiCall {
+    /// `verb plural[/name][/subresource]`, e.g. `patch tokens/a/status`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.verb(), self.plural)?;
+        if let Some(n) = &self.name {
+            write!(f, "/{n}")?;
+        }
+        if let Some(s) = &self.subresource {
+            write!(f, "/{s}")?;
+        }
+        Ok(())
+    }
+}
+
 struct State {
+    /// Every request so far, in order.
+    calls: Vec<ApiCall>,
     objects: BTreeMap<Key, Value>,
     rv: u64,
     writes: Vec<Write>,
@@ -73,6 +127,7 @@ struct State {
 impl Default for State {
     fn default() -> Self {
         State {
+            calls: Vec::new(),
             objects: BTreeMap::new(),
             rv: 0,
             writes: Vec::new(),
@@ -164,6 +219,17 @@ fn prune(target: &mut Value, prev: &Value, cur: &Value) {
             }
         }
     }
+}
+
+/// `obj` as a `PartialObjectMetadata` (what a real API server sends for the
+/// `as=PartialObjectMetadata;g=meta.k8s.io;v=v1` Accept header): type and
+/// metadata, nothing else.
+fn partial(obj: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
 }
 
 fn without_rv(v: &Value) -> Value {
@@ -563,7 +629,25 @@ impl FakeApi {
             .collect()
     }
 
-    /// A watch: changes after `since`, then live ones, as JSON lines.
+    /// Every request so far (watches included), oldest first.
+    pub fn requests(&self) -> Vec<ApiCall> {
+        self.lock().calls.clone()
+    }
+
+    /// Every request so far, and forgets them.
+    pub fn take_requests(&self) -> Vec<ApiCall> {
+        std::mem::take(&mut self.lock().calls)
+    }
+
+    /// How many requests so far were not watches (the one-off calls a
+    /// controller's cost is counted in).
+    pub fn request_count(&self) -> usize {
+        self.lock().calls.iter().filter(|c| !c.watch).count()
+    }
+
+    /// A watch: changes after `since`, then live ones, as JSON lines
+    /// (objects as `PartialObjectMetadata` with `metadata_only`).
+    #[allow(clippy::too_many_arguments)] // the request's parts, one each
     fn watch(
         st: &State,
         prefix: String,
@@ -572,6 +656,7 @@ impl FakeApi {
         selector: Option<String>,
         fields: Option<String>,
         since: u64,
+        metadata_only: bool,
     ) -> Resp {
         let live = st.changes.subscribe();
         let backlog: Vec<Change> = st.log.iter().filter(|c| c.rv > since).cloned().collect();
@@ -595,19 +680,43 @@ impl FakeApi {
             }
         })
         .filter(move |c| futures::future::ready(c.rv > last && wanted2(c)));
-        let frames = backlog.chain(live).map(|c| {
-            let mut line = serde_json::to_vec(&json!({"type": c.type_, "object": c.object}))
-                .unwrap_or_default();
+        let frames = backlog.chain(live).map(move |c| {
+            let object = if metadata_only {
+                partial(&c.object)
+            } else {
+                c.object
+            };
+            let mut line =
+                serde_json::to_vec(&json!({"type": c.type_, "object": object})).unwrap_or_default();
             line.push(b'\n');
             Ok::<_, Infallible>(Frame::data(Bytes::from(line)))
         });
         Response::new(StreamBody::new(frames).boxed_unsync())
     }
 
+    /// Counts a request answered before its path was looked at.
+    fn count_unparsed(&self, parts: &http::request::Parts) {
+        self.lock().calls.push(ApiCall {
+            method: parts.method.to_string(),
+            plural: parts.uri.path().to_string(),
+            name: None,
+            subresource: None,
+            watch: false,
+            metadata_only: false,
+        });
+    }
+
+    /// A path the fake does not serve: counted, then a 404.
+    fn unknown_path(&self, parts: &http::request::Parts) -> Resp {
+        self.count_unparsed(parts);
+        respond(404, &status_body(404, "NotFound", "unknown path"))
+    }
+
     async fn handle(&self, req: Request<Body>) -> Resp {
         let (parts, body) = req.into_parts();
         let body = body.collect_bytes().await.unwrap_or_default();
         if body.len() > MAX_REQUEST_BYTES {
+            self.count_unparsed(&parts);
             return respond(
                 413,
                 &status_body(
@@ -642,14 +751,14 @@ impl FakeApi {
         let (prefix, rest) = match segs.as_slice() {
             ["api", v, rest @ ..] => (format!("api/{v}"), rest),
             ["apis", g, v, rest @ ..] => (format!("apis/{g}/{v}"), rest),
-            _ => return respond(404, &status_body(404, "NotFound", "unknown path")),
+            _ => return self.unknown_path(&parts),
         };
         let (ns, plural, name, sub) = match rest {
             ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
             ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
             ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
             [plural] => (None, *plural, None, None),
-            _ => return respond(404, &status_body(404, "NotFound", "unknown path")),
+            _ => return self.unknown_path(&parts),
         };
         let content_type = parts
             .headers
@@ -657,8 +766,22 @@ impl FakeApi {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
+        // `as=PartialObjectMetadata` or `as=PartialObjectMetadataList`.
+        let metadata_only = parts
+            .headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
         let manager = query.get("fieldManager").cloned();
         let mut st = self.lock();
+        st.calls.push(ApiCall {
+            method: parts.method.to_string(),
+            plural: plural.to_string(),
+            name: name.map(String::from),
+            subresource: sub.map(String::from),
+            watch: query.get("watch").map(String::as_str) == Some("true"),
+            metadata_only,
+        });
         if st.missing.iter().any(|m| m == plural) {
             return respond(
                 404,
@@ -679,6 +802,7 @@ impl FakeApi {
         };
         match (&parts.method, name) {
             (&Method::GET, Some(name)) => match st.objects.get(&key(name)) {
+                Some(v) if metadata_only => respond(200, &partial(v)),
                 Some(v) => respond(200, v),
                 None => respond(
                     404,
@@ -703,6 +827,7 @@ impl FakeApi {
                     query.get("labelSelector").cloned(),
                     query.get("fieldSelector").cloned(),
                     since,
+                    metadata_only,
                 )
             }
             (&Method::GET, None) => {
@@ -718,6 +843,18 @@ impl FakeApi {
                     .filter(|(_, v)| field_match(v, fields).unwrap_or(false))
                     .map(|(_, v)| v.clone())
                     .collect();
+                if metadata_only {
+                    let items: Vec<Value> = items.iter().map(partial).collect();
+                    return respond(
+                        200,
+                        &json!({
+                            "apiVersion": "meta.k8s.io/v1",
+                            "kind": "PartialObjectMetadataList",
+                            "metadata": {"resourceVersion": st.rv.to_string()},
+                            "items": items,
+                        }),
+                    );
+                }
                 let api_version = prefix
                     .trim_start_matches("api/")
                     .trim_start_matches("apis/");

@@ -13,6 +13,8 @@ pub mod token;
 pub(crate) use starling_fake_apiserver as fake;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod watch_tests;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
