@@ -1,27 +1,123 @@
-//! The admin API on the admin listener: NanoMQ's `POST /api/v1` (more
-//! styles join here), behind HTTP Basic. Health and `/metrics` stay open on
+//! The admin API on the admin listener: NanoMQ's `POST /api/v1`, EMQX v4's
+//! REST API under `/api/v4`, HiveMQ's `/api/v1/mqtt/clients…` and the
+//! OpenAPI document of all of them, behind HTTP Basic. Health and `/metrics` stay open on
 //! the same listener for probes and scrapers; everything under `/api/`
 //! needs the admin credentials.
 
 pub mod credentials;
+pub mod emqx;
+pub mod hivemq;
 pub mod nanomq;
+pub mod openapi;
 pub mod views;
 
 use axum::Router;
 use axum::extract::{Extension, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::post;
+use axum::routing::{MethodRouter, delete, get, post};
 
 use crate::listen::SharedRef;
 use crate::listen::http::Peer;
 use crate::metrics;
 
+/// Every `/api/` route: the one list the router is built from and the
+/// OpenAPI document is checked against (`openapi` tests).
+pub fn table() -> Vec<(Method, &'static str, MethodRouter<SharedRef>)> {
+    vec![
+        (Method::POST, "/api/v1", post(nanomq::api_v1)),
+        (Method::GET, "/api/v1", get(nanomq::api_v1)),
+        (
+            Method::GET,
+            "/api/v1/openapi.json",
+            get(openapi::document_v1),
+        ),
+        (
+            Method::GET,
+            "/api/v4/openapi.json",
+            get(openapi::document_v4),
+        ),
+        (Method::GET, "/api/v4/brokers", get(emqx::brokers)),
+        (Method::GET, "/api/v4/stats", get(emqx::stats)),
+        (Method::GET, "/api/v4/metrics", get(emqx::metrics_view)),
+        (Method::GET, "/api/v4/clients", get(emqx::clients)),
+        (Method::GET, "/api/v4/clients/{clientid}", get(emqx::client)),
+        (
+            Method::DELETE,
+            "/api/v4/clients/{clientid}",
+            delete(emqx::kick),
+        ),
+        (
+            Method::GET,
+            "/api/v4/subscriptions",
+            get(emqx::subscriptions),
+        ),
+        (
+            Method::GET,
+            "/api/v4/subscriptions/{clientid}",
+            get(emqx::client_subscriptions),
+        ),
+        (Method::GET, "/api/v4/routes", get(emqx::routes)),
+        (Method::GET, "/api/v4/configs", get(emqx::configs)),
+        (Method::POST, "/api/v4/mqtt/publish", post(emqx::publish)),
+        (
+            Method::POST,
+            "/api/v4/mqtt/publish_batch",
+            post(emqx::publish_batch),
+        ),
+        (
+            Method::POST,
+            "/api/v4/mqtt/subscribe",
+            post(emqx::subscribe),
+        ),
+        (
+            Method::POST,
+            "/api/v4/mqtt/subscribe_batch",
+            post(emqx::subscribe_batch),
+        ),
+        (
+            Method::POST,
+            "/api/v4/mqtt/unsubscribe",
+            post(emqx::unsubscribe),
+        ),
+        (
+            Method::POST,
+            "/api/v4/mqtt/unsubscribe_batch",
+            post(emqx::unsubscribe_batch),
+        ),
+        (Method::GET, "/api/v1/mqtt/clients", get(hivemq::list)),
+        (
+            Method::GET,
+            "/api/v1/mqtt/clients/{clientId}",
+            get(hivemq::client),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/mqtt/clients/{clientId}",
+            delete(hivemq::disconnect),
+        ),
+        (
+            Method::GET,
+            "/api/v1/mqtt/clients/{clientId}/connection",
+            get(hivemq::connection),
+        ),
+        (
+            Method::GET,
+            "/api/v1/mqtt/clients/{clientId}/subscriptions",
+            get(hivemq::subscriptions),
+        ),
+    ]
+}
+
 /// The `/api/` routes, each behind [`require_admin`].
 pub fn routes(shared: SharedRef) -> Router<SharedRef> {
-    Router::new()
-        .route("/api/v1", post(nanomq::api_v1).get(nanomq::api_v1))
+    emqx::mark_started();
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .layer(middleware::from_fn_with_state(shared, require_admin))
 }
 

@@ -101,3 +101,21 @@ pub fn sessions(shared: &Shared) -> Vec<Arc<Session>> {
     all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
     all
 }
+
+/// The session of the client that calls itself `id` (as the client sent
+/// it): the registry key directly, or, with per-token client ids, the one
+/// session whose shown id matches.
+pub fn find(shared: &Shared, id: &str) -> Option<Arc<Session>> {
+    shared.registry.get(id).or_else(|| {
+        shared
+            .registry
+            .all()
+            .into_iter()
+            .find(|s| s.client_id.contains('\0') && client_id(s) == id)
+    })
+}
+
+/// The connection attached to a session, if it is online.
+pub fn link(s: &Session) -> Option<Arc<crate::session::ConnLink>> {
+    s.lock().link.clone()
+}
