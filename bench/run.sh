@@ -23,6 +23,8 @@
 # Extra arguments go to `starling-bench compare` (or `smoke`), e.g.
 #   bench/run.sh --repeat 5 --only a-,c-
 #   bench/run.sh --brokers mosquitto,rumqttd --secs 2
+#   bench/run.sh --only f-,g-      # HTTP and WebSocket streams: Starling only,
+#                                  # against their references (no peers needed)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -76,27 +78,35 @@ if [[ $mode == soak ]]; then
         --command "bench/run.sh --soak $soak_secs${*:+ $*}" "$@"
 fi
 
-# --- peers -----------------------------------------------------------------
-if ! command -v mosquitto >/dev/null 2>&1 && [[ ! -x /usr/sbin/mosquitto ]]; then
-    echo "run.sh: installing mosquitto (Debian package)" >&2
-    sudo=""
-    [[ $(id -u) -eq 0 ]] || sudo="sudo"
-    $sudo apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q mosquitto
-fi
-mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-
-# rumqttd lives in its own Cargo project (not a workspace member, not built
-# by CI), with its own target directory.
-echo "run.sh: building the rumqttd peer (bench/peers/rumqttd)" >&2
-env -u CARGO_TARGET_DIR cargo build --release --quiet \
-    --manifest-path bench/peers/rumqttd/Cargo.toml
-rumqttd_bin="$root/bench/peers/rumqttd/target/release/starling-bench-rumqttd"
-
 # --- Starling and the generator ----------------------------------------------
 echo "run.sh: building starling-broker and starling-bench (release)" >&2
 cargo build --release -p starling-broker -p starling-bench
 tdir=$(target_dir)
+
+# --- peers -----------------------------------------------------------------
+# Only those some selected scenario runs on (f-http and g-ws-fanout are
+# Starling's alone: `--only f-,g-` needs neither peer).
+needed=$("$tdir/release/starling-bench" compare --list-brokers "$@")
+mosquitto_bin=mosquitto
+if grep -qx mosquitto <<<"$needed"; then
+    if ! command -v mosquitto >/dev/null 2>&1 && [[ ! -x /usr/sbin/mosquitto ]]; then
+        echo "run.sh: installing mosquitto (Debian package)" >&2
+        sudo=""
+        [[ $(id -u) -eq 0 ]] || sudo="sudo"
+        $sudo apt-get update -q
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q mosquitto
+    fi
+    mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+fi
+
+# rumqttd lives in its own Cargo project (not a workspace member, not built
+# by CI), with its own target directory.
+rumqttd_bin="$root/bench/peers/rumqttd/target/release/starling-bench-rumqttd"
+if grep -qx rumqttd <<<"$needed"; then
+    echo "run.sh: building the rumqttd peer (bench/peers/rumqttd)" >&2
+    env -u CARGO_TARGET_DIR cargo build --release --quiet \
+        --manifest-path bench/peers/rumqttd/Cargo.toml
+fi
 
 mkdir -p bench/results
 stamp=$(date -u +%Y%m%dT%H%M%SZ)

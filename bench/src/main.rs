@@ -130,8 +130,13 @@ struct CompareArgs {
     #[arg(long, default_value_t = 3)]
     repeat: u32,
     /// JSON lines output (one line per run).
+    #[arg(long, required_unless_present = "list_brokers")]
+    out: Option<PathBuf>,
+    /// Print the brokers that will run with these arguments (one a line:
+    /// those listed in --brokers that some selected scenario supports) and
+    /// exit; bench/run.sh installs and builds only those.
     #[arg(long)]
-    out: PathBuf,
+    list_brokers: bool,
     /// Markdown file to put the table into (between its result markers).
     #[arg(long)]
     markdown: Option<PathBuf>,
@@ -711,13 +716,27 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         .iter()
         .map(|b| Kind::parse(b))
         .collect::<Result<_>>()?;
-    let mut bins = Vec::new();
-    for k in &kinds {
-        bins.push(bin_for(&a, *k)?);
-    }
     let (scenarios, mut notes) = select(&a.load, nofile);
     if scenarios.is_empty() {
         bail!("no scenario selected");
+    }
+    // A broker no selected scenario supports is not run (its column says
+    // n/a), so it needs no binary.
+    let runs = |k: Kind| scenarios.iter().any(|sc| sc.supports(k));
+    if a.list_brokers {
+        for k in kinds.iter().filter(|k| runs(**k)) {
+            println!("{}", k.name());
+        }
+        return Ok(());
+    }
+    let out_path = a.out.clone().context("--out is required")?;
+    let mut bins = Vec::new();
+    for k in &kinds {
+        bins.push(if runs(*k) {
+            Some(bin_for(&a, *k)?)
+        } else {
+            None
+        });
     }
     let only_starling: Vec<&str> = scenarios
         .iter()
@@ -733,6 +752,13 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
     let m = sys::machine();
     let mut versions = Vec::new();
     for (k, bin) in kinds.iter().zip(&bins) {
+        let Some(bin) = bin else {
+            versions.push(format!(
+                "{}: not run (the selected scenarios need what only Starling has)",
+                k.title()
+            ));
+            continue;
+        };
         versions.push(match k {
             Kind::Starling => format!(
                 "Starling {} (commit {})",
@@ -769,11 +795,11 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         notes: notes.clone(),
         brokers: kinds.iter().map(|k| k.name().to_string()).collect(),
     };
-    if let Some(dir) = a.out.parent() {
+    if let Some(dir) = out_path.parent() {
         std::fs::create_dir_all(dir).ok();
     }
-    let mut out =
-        std::fs::File::create(&a.out).with_context(|| format!("create {}", a.out.display()))?;
+    let mut out = std::fs::File::create(&out_path)
+        .with_context(|| format!("create {}", out_path.display()))?;
     append_line(&mut out, &MetaLine { meta: &meta })?;
     let work = std::env::temp_dir().join(format!("starling-bench-{}", std::process::id()));
     let pairs = scenarios
@@ -802,9 +828,9 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
     for rep in 1..=a.repeat {
         for sc in &scenarios {
             for (k, bin) in kinds.iter().zip(&bins) {
-                if !sc.supports(*k) {
+                let Some(bin) = bin.as_deref().filter(|_| sc.supports(*k)) else {
                     continue;
-                }
+                };
                 i += 1;
                 let ver = match k {
                     Kind::Mosquitto => broker::mosquitto_version(bin),
@@ -828,10 +854,10 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
     eprintln!(
         "starling-bench: {total} runs in {:.1} min → {}",
         started.elapsed().as_secs_f64() / 60.0,
-        a.out.display()
+        out_path.display()
     );
     if let Some(md) = &a.markdown {
-        write_markdown(md, &meta, &recs, Some(started.elapsed()), &a.out)?;
+        write_markdown(md, &meta, &recs, Some(started.elapsed()), &out_path)?;
     }
     Ok(())
 }
@@ -1016,6 +1042,7 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             load: &load,
             work: &work,
         };
+        let t = Instant::now();
         let mut rec = one_run(&env, Kind::Starling, &bin, sc, 1, "smoke").await;
         rec.mqtt = "3.1.1".into();
         if let Some(f) = out.as_mut() {
@@ -1023,9 +1050,10 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         }
         let verdict = scenario::smoke_check(&rec);
         println!(
-            "{} {}",
+            "{} {} ({:.1} s)",
             if verdict.is_ok() { "ok  " } else { "FAIL" },
-            summary_line(&rec)
+            summary_line(&rec),
+            t.elapsed().as_secs_f64()
         );
         if let Err(e) = verdict {
             failed.push(format!("{}: {e:#}", sc.id));
