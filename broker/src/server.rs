@@ -37,6 +37,8 @@ pub struct Shared {
     pub refusal_log: LogBudget,
     /// Open sockets per source address on the client listeners.
     pub sockets: SocketCounter,
+    /// `[web]`'s topic limits for `/broker/` and stream paths, built once.
+    pub web_policy: TopicPolicy,
     topic_policy: Option<TopicPolicy>,
     client_seq: AtomicU64,
 }
@@ -54,6 +56,7 @@ impl Shared {
             refusal_log: LogBudget::new(10),
             sockets: SocketCounter::default(),
             topic_policy: (policy != TopicPolicy::default()).then_some(policy),
+            web_policy: config.web.policy(),
             client_seq: AtomicU64::new(0),
             config,
         })

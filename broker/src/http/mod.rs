@@ -74,9 +74,9 @@ pub async fn track(State(shared): State<SharedRef>, req: Request, next: Next) ->
     let path = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let broker = matches!(path.as_deref(), Some("/broker/{*topic}" | "/broker/"));
-    let route = match path.as_deref() {
+        .map(MatchedPath::as_str);
+    let broker = matches!(path, Some("/broker/{*topic}" | "/broker/"));
+    let route = match path {
         _ if req.method() == Method::OPTIONS => HttpRoute::Preflight,
         _ if broker && req.method() == Method::POST => HttpRoute::Publish,
         _ if broker => HttpRoute::Retrieve,

@@ -85,7 +85,7 @@ fn admit(
     request::check_topic(
         &topic,
         TopicKind::Name,
-        web,
+        &shared.web_policy,
         shared.config.limits.max_topic_levels,
     )?;
     shared

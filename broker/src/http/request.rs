@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use starling_codec::QoS;
-use starling_model::config::WebConfig;
-use starling_model::topic::{self, TopicError};
+use starling_model::topic::{self, TopicError, TopicPolicy};
 
 use super::error::ApiError;
 
@@ -47,7 +46,7 @@ pub fn topic_from_path(tail: &str) -> Result<String, ApiError> {
 pub fn check_topic(
     t: &str,
     kind: TopicKind,
-    web: &WebConfig,
+    policy: &TopicPolicy,
     max_levels: usize,
 ) -> Result<(), ApiError> {
     let err = |e: TopicError| {
@@ -64,7 +63,6 @@ pub fn check_topic(
     if t.is_empty() {
         return Err(err(TopicError::Empty));
     }
-    let policy = web.policy();
     match kind {
         TopicKind::Name => {
             policy.check(t).map_err(err)?;
@@ -198,8 +196,8 @@ pub fn parse_params(
 mod tests {
     use super::*;
 
-    fn web() -> WebConfig {
-        WebConfig::default()
+    fn web() -> TopicPolicy {
+        starling_model::config::WebConfig::default().policy()
     }
 
     fn rule(r: Result<impl std::fmt::Debug, ApiError>) -> &'static str {

@@ -48,7 +48,7 @@ pub async fn retrieve(
     request::check_topic(
         &filter,
         TopicKind::Filter,
-        web,
+        &shared.web_policy,
         shared.config.limits.max_topic_levels,
     )?;
     shared

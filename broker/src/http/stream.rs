@@ -37,6 +37,8 @@ use crate::metrics;
 use crate::router::{Delivery, Message};
 use crate::server::Shared;
 
+/// Read buffer of a stream's socket: clients send little on a stream.
+const STREAM_READ_BUFFER: usize = 4 * 1024;
 /// Deliveries turned into frames per wake-up before the socket is flushed.
 const FRAME_BATCH: usize = 64;
 /// ... or this many payload bytes: the most that waits in the socket's
@@ -74,6 +76,10 @@ pub async fn fallback(
             sub.send_initial();
             ws.max_message_size(max)
                 .max_frame_size(max)
+                // tungstenite zero-fills its read buffer on every poll of
+                // the socket: at the 128 KiB default that memset was half of
+                // a stream's CPU per delivery (BENCHMARKS.md, g-ws-fanout).
+                .read_buffer_size(STREAM_READ_BUFFER)
                 .on_upgrade(move |socket| async move {
                     let _slot = slot;
                     run(shared, socket, sub, filter, params, principal, peer).await;
@@ -102,7 +108,7 @@ fn admit(
     request::check_topic(
         &filter,
         TopicKind::Filter,
-        web,
+        &shared.web_policy,
         shared.config.limits.max_topic_levels,
     )?;
     shared

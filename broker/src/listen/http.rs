@@ -44,6 +44,9 @@ async fn mqtt_ws(
     // The socket's slot moves with it into the WebSocket task.
     let slot = cell.take();
     ws.protocols(["mqtt", "mqttv3.1"])
+        // tungstenite zero-fills its read buffer on every poll; 128 KiB by
+        // default, which costs more than the MQTT packets it reads.
+        .read_buffer_size(16 * 1024)
         .max_message_size(max.saturating_add(16))
         .max_frame_size(max.saturating_add(16))
         .on_upgrade(move |socket| async move {
