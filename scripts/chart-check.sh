@@ -576,7 +576,8 @@ def dashboard():
             assert base in exported, f"dashboard uses {name}, which broker/src/metrics.rs does not export"
             used.add(base)
     for need in ("starling_connections", "starling_messages_received_total", "starling_messages_sent_total",
-                 "starling_messages_dropped_total", "starling_auth_failures_total", "starling_acl_refusals_total"):
+                 "starling_messages_dropped_total", "starling_auth_failures_total", "starling_acl_refusals_total",
+                 "starling_queued_messages"):
         assert need in used, f"dashboard misses {need}"
     return f"{len(exprs)} queries over {len(used)} metrics, all exported by broker/src/metrics.rs"
 

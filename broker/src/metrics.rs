@@ -176,6 +176,18 @@ pub struct LvcStats {
     pub evictions: u64,
 }
 
+/// Gauges read from the live state at scrape time rather than kept on the
+/// hot path: summing the queues costs one lock per session per scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StateGauges {
+    pub sessions: u64,
+    /// Messages waiting in session queues (online and offline).
+    pub queued_messages: u64,
+    pub queued_bytes: u64,
+    /// QoS 1/2 messages sent and not yet acknowledged.
+    pub inflight: u64,
+}
+
 /// A configured cap that refused something (one label value each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -246,7 +258,7 @@ pub fn sub(c: &AtomicU64, n: u64) {
 
 impl Metrics {
     /// Prometheus text exposition format.
-    pub fn render(&self, lvc: LvcStats) -> String {
+    pub fn render(&self, lvc: LvcStats, state: StateGauges) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
         let mut one = |name: &str, kind: &str, help: &str, v: u64| {
@@ -374,6 +386,30 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         };
+        one(
+            "starling_sessions",
+            "gauge",
+            "Sessions kept (connected, and offline persistent ones).",
+            state.sessions,
+        );
+        one(
+            "starling_queued_messages",
+            "gauge",
+            "Messages waiting in session queues.",
+            state.queued_messages,
+        );
+        one(
+            "starling_queued_bytes",
+            "gauge",
+            "Topic and payload bytes waiting in session queues.",
+            state.queued_bytes,
+        );
+        one(
+            "starling_inflight_messages",
+            "gauge",
+            "QoS 1/2 messages sent to clients and not yet acknowledged.",
+            state.inflight,
+        );
         one(
             "starling_ws_streams",
             "gauge",

@@ -21,6 +21,20 @@ pub fn router(shared: SharedRef) -> Router {
 async fn metrics(State(shared): State<SharedRef>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(shared.router.lvc.stats()),
+        shared
+            .metrics
+            .render(shared.router.lvc.stats(), state_gauges(&shared)),
     )
+}
+
+fn state_gauges(shared: &crate::server::Shared) -> crate::metrics::StateGauges {
+    let mut g = crate::metrics::StateGauges::default();
+    for s in shared.registry.all() {
+        let st = s.lock();
+        g.sessions += 1;
+        g.queued_messages += st.queue.len() as u64;
+        g.queued_bytes += st.queued_bytes as u64;
+        g.inflight += st.inflight.len() as u64;
+    }
+    g
 }

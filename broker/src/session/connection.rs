@@ -30,6 +30,10 @@ pub(super) const WRITE_BATCH: usize = 64 * 1024;
 const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Longest wait for the last bytes (acks, DISCONNECT) when closing.
 const CLOSE_WRITE_DEADLINE: Duration = Duration::from_secs(2);
+/// Packets one connection handles before it lets the other tasks on its
+/// worker thread run: bounds how long a flood can starve its neighbours
+/// whatever each packet costs.
+const FAIR_SHARE: u32 = 1024;
 /// Longest pause of a publisher for one congested subscriber. A subscriber
 /// that frees no room in this time is treated as stalled and ...
 pub(super) const BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
@@ -198,6 +202,8 @@ pub(super) struct Connection {
     /// A subscriber this connection feeds is filling up: stop decoding and
     /// let other tasks run before going on.
     pub(super) yield_soon: bool,
+    /// Packets handled since this task last gave the worker thread up.
+    pub(super) handled: u32,
 }
 
 impl Connection {
@@ -346,6 +352,7 @@ impl Connection {
             blocked: None,
             skip: None,
             yield_soon: false,
+            handled: 0,
         };
         conn.session.set_reader(conn.principal.clone());
         conn.session.set_info(super::state::ClientInfo {
@@ -399,6 +406,7 @@ impl Connection {
         loop {
             if self.yield_soon && self.blocked.is_none() {
                 self.yield_soon = false;
+                self.handled = 0;
                 // Flush acks first, then let the subscribers' tasks drain.
                 if !self.wbuf.is_empty()
                     && let Some(end) = self.flush(t).await
@@ -537,6 +545,14 @@ impl Connection {
                 Ok(Some(p)) => {
                     if let Some(end) = self.handle(p) {
                         return Some(end);
+                    }
+                    self.handled += 1;
+                    if self.handled >= FAIR_SHARE {
+                        // A flood of small packets would otherwise keep the
+                        // worker thread for the whole read buffer and every
+                        // read after it (tokio's budget counts reads, not
+                        // packets): the neighbours on this thread wait.
+                        self.yield_soon = true;
                     }
                     if self.blocked.is_some() || self.yield_soon {
                         // Backpressure: the rest stays buffered until the
