@@ -197,3 +197,42 @@ def test_default_credentials_refused_off_loopback():
         assert (status, r["code"], r["seq"]) == (200, 0, 7)
     finally:
         shutdown(b)
+
+
+def _jwt(secret: bytes, claims: dict) -> str:
+    """An HS256 JWT made by hand (RFC 7519), as NanoMQ's JWT clients send."""
+    import base64
+    import hashlib
+    import hmac
+
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def test_jwt_bearer_when_configured():
+    import time as _time
+
+    b = launch({"STARLING_API_JWT_SECRET": "jwt-key-for-the-e2e-test"}, name="nanomq-jwt")
+    try:
+        host, port = b.listeners["admin"]
+        url = f"http://{host}:{port}/api/v1"
+        good = _jwt(b"jwt-key-for-the-e2e-test", {"sub": "ops", "exp": int(_time.time()) + 600})
+        for token, want_status, want_code in [
+            (good, 200, 0),
+            (_jwt(b"another-key", {"exp": int(_time.time()) + 600}), 401, 103),
+            (_jwt(b"jwt-key-for-the-e2e-test", {"exp": 1000}), 401, 103),  # expired
+            (_jwt(b"jwt-key-for-the-e2e-test", {"sub": "ops"}), 401, 103),  # no exp
+        ]:
+            status, r = curl(
+                f"""curl -H 'Authorization: Bearer {token}' -X POST "{url}" -d '{{"req": 2, "seq": 3}}'""",
+                b.listeners["admin"],
+            )
+            assert (status, r["code"]) == (want_status, want_code), (token, r)
+        # Basic still works beside it.
+        status, r = curl(f"""curl -u admin:public -X POST "{url}" -d '{{"req": 2, "seq": 4}}'""", b.listeners["admin"])
+        assert (status, r["code"], r["seq"]) == (200, 0, 4)
+    finally:
+        shutdown(b)

@@ -478,6 +478,9 @@ pub struct ApiConfig {
     /// Secret in Kubernetes); when set they replace the two keys above and
     /// are re-read when they change.
     pub credentials_dir: Option<PathBuf>,
+    /// HS256 key for JWT bearer tokens (`Authorization: Bearer <jwt>`, with
+    /// an `exp` claim), as NanoMQ offers beside Basic. Empty: JWT off.
+    pub jwt_secret: String,
 }
 
 /// The local default admin credentials, NanoMQ's: printed in the banner,
@@ -491,6 +494,7 @@ impl Default for ApiConfig {
             username: DEFAULT_ADMIN_USERNAME.into(),
             password: DEFAULT_ADMIN_PASSWORD.into(),
             credentials_dir: None,
+            jwt_secret: String::new(),
         }
     }
 }

@@ -62,6 +62,42 @@ pub fn check(headers: &HeaderMap, want: &(String, String)) -> Result<String, Den
     }
 }
 
+/// The claims a JWT must carry: an expiry (checked), and optionally who.
+#[derive(Debug, serde::Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+}
+
+/// Checks `Authorization: Bearer <jwt>` against the HS256 key `secret`:
+/// signature, algorithm (HS256 only) and `exp` (required, as NanoMQ's
+/// tokens carry one). Returns the subject, or "jwt".
+pub fn check_jwt(headers: &HeaderMap, secret: &str) -> Result<String, Denied> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(Denied::Missing)?;
+    let (scheme, token) = value.split_once(' ').ok_or(Denied::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(Denied::Missing);
+    }
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.leeway = 5;
+    let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::decode::<Claims>(token.trim(), &key, &v)
+        .map(|d| d.claims.sub.unwrap_or_else(|| "jwt".into()))
+        .map_err(|_| Denied::Wrong)
+}
+
+/// Is this request presenting a bearer token (rather than Basic)?
+pub fn is_bearer(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(s, _)| s.eq_ignore_ascii_case("bearer"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +121,58 @@ mod tests {
         assert_eq!(check(&basic("root:public"), &want), Err(Denied::Wrong));
         assert_eq!(check(&basic("admin:"), &want), Err(Denied::Missing));
         assert_eq!(check(&HeaderMap::new(), &want), Err(Denied::Missing));
+    }
+
+    fn jwt(header_alg: &str, claims: &str, key: &[u8]) -> String {
+        let claims: serde_json::Value = serde_json::from_str(claims).unwrap();
+        if header_alg == "none" {
+            use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+            let head = B64.encode(r#"{"alg":"none","typ":"JWT"}"#);
+            return format!("{head}.{}.", B64.encode(claims.to_string()));
+        }
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    }
+
+    fn bearer(t: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn jwt_bearer_tokens() {
+        let later = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let good = jwt(
+            "HS256",
+            &format!(r#"{{"sub":"ops","exp":{later}}}"#),
+            b"k3y",
+        );
+        assert_eq!(check_jwt(&bearer(&good), "k3y"), Ok("ops".into()));
+        assert_eq!(
+            check_jwt(&bearer(&good), "other"),
+            Err(Denied::Wrong),
+            "wrong key"
+        );
+        let expired = jwt("HS256", r#"{"sub":"ops","exp":1000}"#, b"k3y");
+        assert_eq!(check_jwt(&bearer(&expired), "k3y"), Err(Denied::Wrong));
+        let no_exp = jwt("HS256", r#"{"sub":"ops"}"#, b"k3y");
+        assert_eq!(check_jwt(&bearer(&no_exp), "k3y"), Err(Denied::Wrong));
+        let none_alg = jwt("none", &format!(r#"{{"exp":{later}}}"#), b"k3y");
+        assert_eq!(check_jwt(&bearer(&none_alg), "k3y"), Err(Denied::Wrong));
+        assert_eq!(check_jwt(&HeaderMap::new(), "k3y"), Err(Denied::Missing));
+        assert!(is_bearer(&bearer(&good)) && !is_bearer(&HeaderMap::new()));
     }
 
     #[test]

@@ -150,7 +150,13 @@ async fn require_admin(
             return nanomq::reply(StatusCode::INTERNAL_SERVER_ERROR, 102, None, None, None);
         }
     };
-    match credentials::check(req.headers(), &want) {
+    let jwt = &shared.config.api.jwt_secret;
+    let checked = if !jwt.is_empty() && credentials::is_bearer(req.headers()) {
+        credentials::check_jwt(req.headers(), jwt)
+    } else {
+        credentials::check(req.headers(), &want)
+    };
+    match checked {
         Ok(_) => next.run(req).await,
         Err(d) => {
             metrics::inc(&shared.metrics.auth_failures);
