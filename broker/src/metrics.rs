@@ -274,7 +274,7 @@ impl Metrics {
             g(&self.connections_current),
         );
         one(
-            "starling_connections_total",
+            "starling_connections_accepted_total",
             "counter",
             "Accepted client connections.",
             g(&self.connections_total),
