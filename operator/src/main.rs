@@ -32,25 +32,32 @@ enum Command {
     },
 }
 
+/// Global, so they may follow `run` too (`starling-operator run --namespace x`)
+/// as well as come before it or stand alone.
 #[derive(Args)]
 struct RunArgs {
     /// Address of the /metrics, /healthz and /readyz server.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
     metrics_addr: SocketAddr,
     /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
+    #[arg(long, global = true, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
     /// Run without leader election (a single replica only).
-    #[arg(long)]
+    #[arg(long, global = true)]
     no_leader_election: bool,
     /// Namespace of the leader Lease (default: the pod's namespace).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    #[arg(long, global = true, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Name of the leader Lease.
-    #[arg(long, default_value = "starling-operator")]
+    #[arg(long, global = true, default_value = "starling-operator")]
     lease_name: String,
     /// Identity in the Lease (default: the pod name, else the host name).
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, global = true, env = "POD_NAME")]
     identity: Option<String>,
 }
 
@@ -108,4 +115,43 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
     };
     app::run(client, opts, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_flags_go_before_or_after_the_subcommand() {
+        for args in [
+            &[
+                "starling-operator",
+                "run",
+                "--lease-name",
+                "x",
+                "--namespace",
+                "iot",
+            ][..],
+            &[
+                "starling-operator",
+                "--lease-name",
+                "x",
+                "--namespace",
+                "iot",
+                "run",
+            ][..],
+            &[
+                "starling-operator",
+                "--lease-name",
+                "x",
+                "--namespace",
+                "iot",
+            ][..],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(matches!(cli.command, Some(Command::Run) | None));
+            assert_eq!(cli.run.lease_name, "x", "{args:?}");
+            assert_eq!(cli.run.namespace.as_deref(), Some("iot"), "{args:?}");
+        }
+    }
 }
