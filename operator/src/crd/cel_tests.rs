@@ -165,6 +165,20 @@ fn acl_rules() {
         ),
         "tokenSelector",
     );
+    // An ACL for anonymous clients only needs neither tokens nor a selector;
+    // `anonymous: false` alone is still nobody.
+    check::<Acl>(
+        acl(json!({"brokerRef": {"name": "demo"}, "anonymous": true, "rules": rules})),
+        None,
+    )
+    .unwrap();
+    fails_with(
+        check::<Acl>(
+            acl(json!({"brokerRef": {"name": "demo"}, "anonymous": false, "rules": rules})),
+            None,
+        ),
+        "anonymous: true",
+    );
     fails_with(
         check::<Acl>(
             acl(json!({"brokerRef": {"name": "demo"}, "tokens": ["t"],
