@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use starling_model::config::{BrokerConfig, Enabled, ListenerConfig};
+use starling_model::config::{BrokerConfig, ListenerConfig};
 use starling_model::topic::{TopicError, TopicPolicy, check_levels};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -140,12 +140,7 @@ impl Broker {
             ("admin", &cfg.admin, false, Kind::Admin),
         ];
         for (name, lc, wants_tls, kind) in plan {
-            let on = match lc.enabled {
-                Enabled::Off => false,
-                Enabled::On => true,
-                Enabled::Auto => !wants_tls || tls_on,
-            };
-            if !on {
+            if !lc.runs(wants_tls, tls_on) {
                 continue;
             }
             let tls_cfg = if wants_tls {

@@ -92,6 +92,16 @@ impl Default for ListenerConfig {
 }
 
 impl ListenerConfig {
+    /// Whether this listener runs: `auto` starts plain listeners always and
+    /// TLS ones (`tls`) when a certificate is available.
+    pub fn runs(&self, tls: bool, certificate: bool) -> bool {
+        match self.enabled {
+            Enabled::On => true,
+            Enabled::Off => false,
+            Enabled::Auto => !tls || certificate,
+        }
+    }
+
     fn on(bind: &str) -> Self {
         ListenerConfig {
             enabled: Enabled::Auto,
@@ -111,6 +121,11 @@ pub mod defaults {
 }
 
 impl BrokerConfig {
+    /// A certificate is configured (both files) or a self-signed one asked for.
+    pub fn has_certificate(&self) -> bool {
+        (self.tls.cert.is_some() && self.tls.key.is_some()) || self.tls.self_signed
+    }
+
     /// Fills empty `bind` fields with the local defaults. Called after all
     /// layers (file, env, flags) are merged, so an explicit bind always wins.
     pub fn with_default_binds(mut self) -> Self {

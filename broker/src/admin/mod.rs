@@ -131,17 +131,16 @@ async fn require_admin(
 ) -> Response {
     let now = std::time::Instant::now();
     let limiter = shared.auth.limiter();
-    let refuse = |code: u32, message: &str| {
+    let refuse = |code: u32| {
         let mut r = nanomq::reply(StatusCode::UNAUTHORIZED, code, None, None, None);
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"starling-admin\""),
         );
-        let _ = message;
         r
     };
     if limiter.is_blocked(peer.ip(), Some("admin-api"), now) {
-        return refuse(nanomq::code::WRONG_CREDENTIALS, "rate limited");
+        return refuse(nanomq::code::WRONG_CREDENTIALS);
     }
     let want = match credentials::expected(&shared.config.api) {
         Ok(w) => w,
@@ -165,8 +164,8 @@ async fn require_admin(
                 tracing::info!(%peer, suppressed, "admin API authentication failed");
             }
             match d {
-                credentials::Denied::Missing => refuse(nanomq::code::EMPTY_CREDENTIALS, "missing"),
-                credentials::Denied::Wrong => refuse(nanomq::code::WRONG_CREDENTIALS, "wrong"),
+                credentials::Denied::Missing => refuse(nanomq::code::EMPTY_CREDENTIALS),
+                credentials::Denied::Wrong => refuse(nanomq::code::WRONG_CREDENTIALS),
             }
         }
     }

@@ -157,15 +157,8 @@ pub fn clients(shared: &Shared) -> Value {
 /// own (`starling`) for the rest. Secrets are never returned.
 pub fn get_config(shared: &Shared) -> Value {
     let c = &shared.config;
-    let on = |l: &starling_model::config::ListenerConfig, tls: bool| -> bool {
-        match l.enabled {
-            starling_model::config::Enabled::On => true,
-            starling_model::config::Enabled::Off => false,
-            starling_model::config::Enabled::Auto => {
-                !tls || c.tls.cert.is_some() || c.tls.self_signed
-            }
-        }
-    };
+    let on =
+        |l: &starling_model::config::ListenerConfig, tls: bool| l.runs(tls, c.has_certificate());
     let admin_port = c
         .admin
         .bind

@@ -145,11 +145,9 @@ struct JsonFrame<'a> {
 fn frame(d: &Delivery, envelope: Envelope) -> WsMessage {
     let payload = &d.msg.payload;
     match envelope {
-        Envelope::Raw => match std::str::from_utf8(payload) {
-            Ok(_) => match Utf8Bytes::try_from(payload.clone()) {
-                Ok(t) => WsMessage::Text(t),
-                Err(_) => WsMessage::Binary(payload.clone()),
-            },
+        // One UTF-8 check, and no copy either way.
+        Envelope::Raw => match Utf8Bytes::try_from(payload.clone()) {
+            Ok(t) => WsMessage::Text(t),
             Err(_) => WsMessage::Binary(payload.clone()),
         },
         Envelope::Json => {

@@ -15,11 +15,8 @@ use crate::metrics;
 use crate::router::{Delivery, Routed, SubOptions};
 use crate::server::Shared;
 use crate::session::Session;
+use crate::session::connection::BACKPRESSURE_WAIT;
 use crate::session::state::{ConnLink, QueueLimits};
-
-/// Longest pause of an HTTP or stream publisher for a congested subscriber,
-/// as for MQTT publishers.
-const BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
 
 pub struct WebSubscriber {
     shared: Arc<Shared>,
@@ -144,15 +141,7 @@ impl Drop for WebSubscriber {
 /// publishers do) until that subscriber has room. Answering only then keeps
 /// a client that waits for each response from outrunning its subscribers.
 pub async fn await_room(routed: &Routed) {
-    let Some(s) = &routed.congested else {
-        return;
-    };
-    let deadline = Instant::now() + BACKPRESSURE_WAIT;
-    let notified = s.space.notified();
-    tokio::pin!(notified);
-    notified.as_mut().enable();
-    if !s.is_congested() {
-        return;
+    if let Some(s) = &routed.congested {
+        s.wait_for_room(Instant::now() + BACKPRESSURE_WAIT).await;
     }
-    let _ = tokio::time::timeout_at(deadline, notified).await;
 }

@@ -36,7 +36,7 @@ const CLOSE_WRITE_DEADLINE: Duration = Duration::from_secs(2);
 const FAIR_SHARE: u32 = 1024;
 /// Longest pause of a publisher for one congested subscriber. A subscriber
 /// that frees no room in this time is treated as stalled and ...
-pub(super) const BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
 /// ... not waited for again for this long (its excess is dropped instead).
 const BACKPRESSURE_SKIP: Duration = Duration::from_secs(5);
 
@@ -135,22 +135,6 @@ enum ConnectError {
     Decode(DecodeError),
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Waits until the congested session has room again (true) or the pause
-/// deadline passes (false).
-async fn wait_for_space((session, deadline): &(Arc<Session>, Instant)) -> bool {
-    let notified = session.space.notified();
-    tokio::pin!(notified);
-    // Registered before the check, so a drain in between is not missed.
-    notified.as_mut().enable();
-    if !session.is_congested() {
-        return true;
-    }
-    tokio::select! {
-        _ = notified => true,
-        _ = sleep_until(*deadline) => false,
-    }
 }
 
 async fn read_connect<T: Transport>(
@@ -444,7 +428,7 @@ impl Connection {
                 }
                 room = async {
                     match &blocked {
-                        Some(b) => Box::pin(wait_for_space(b)).await,
+                        Some((s, deadline)) => Box::pin(s.wait_for_room(*deadline)).await,
                         None => std::future::pending().await,
                     }
                 }, if blocked.is_some() => {

@@ -332,6 +332,20 @@ impl Session {
         st.link.is_some() && st.over_cap()
     }
 
+    /// Waits until this (congested) session has room again (true) or
+    /// `deadline` passes (false): how a QoS 1/2 publisher of any protocol
+    /// pauses for a subscriber over its queue cap.
+    pub async fn wait_for_room(&self, deadline: Instant) -> bool {
+        let notified = self.space.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a drain in between is not missed.
+        notified.as_mut().enable();
+        if !self.is_congested() {
+            return true;
+        }
+        tokio::time::timeout_at(deadline, notified).await.is_ok()
+    }
+
     /// Called by the connection after it drained the queue.
     pub fn after_drain(&self, st: &SessionState) {
         if !st.over_cap() && self.congested.load(Ordering::Acquire) {
