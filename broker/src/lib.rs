@@ -20,6 +20,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod store;
 pub mod tls;
 pub mod tokens;
 

@@ -27,9 +27,14 @@ struct Cli {
     /// tls, limits, topics, auth, storage).
     #[arg(long, env = "STARLING_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Directory for persistent state.
+    /// Directory for persistent state (sessions, retained messages, queued
+    /// QoS 1/2 messages, last values). Without it the broker is memory-only.
     #[arg(long, env = "STARLING_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Start even though the store in the data directory is damaged: keep
+    /// what is consistent and move the damaged store aside.
+    #[arg(long)]
+    recover_store: bool,
     /// Auth bundle (tokens and ACLs), watched for changes.
     #[arg(long, env = "STARLING_AUTH_BUNDLE", value_name = "FILE")]
     auth_bundle: Option<PathBuf>,
@@ -102,6 +107,7 @@ fn main() -> anyhow::Result<()> {
     let overrides = Overrides {
         config: cli.config.clone(),
         data_dir: cli.data_dir.clone(),
+        recover_store: cli.recover_store,
         auth_bundle: cli.auth_bundle.clone(),
         self_signed: cli.self_signed,
     };

@@ -28,6 +28,12 @@ pub struct Metrics {
     pub limit_refusals: [AtomicU64; Limit::ALL.len()],
     /// Open native WebSocket topic streams.
     pub ws_streams: AtomicU64,
+    /// Group commits of the store, failed writes, bytes written, and QoS
+    /// 1/2 publishes refused while it could not write.
+    pub store_commits: AtomicU64,
+    pub store_write_errors: AtomicU64,
+    pub store_bytes_written: AtomicU64,
+    pub store_refusals: AtomicU64,
     pub http: HttpMetrics,
 }
 
@@ -415,6 +421,30 @@ impl Metrics {
             "gauge",
             "Open native WebSocket topic streams.",
             g(&self.ws_streams),
+        );
+        one(
+            "starling_store_commits_total",
+            "counter",
+            "Group commits written by the store.",
+            g(&self.store_commits),
+        );
+        one(
+            "starling_store_write_errors_total",
+            "counter",
+            "Store commits that failed (disk full or failing).",
+            g(&self.store_write_errors),
+        );
+        one(
+            "starling_store_written_bytes_total",
+            "counter",
+            "Key and value bytes the store committed.",
+            g(&self.store_bytes_written),
+        );
+        one(
+            "starling_store_refusals_total",
+            "counter",
+            "QoS 1/2 publishes refused because the store could not write.",
+            g(&self.store_refusals),
         );
         one(
             "starling_lvc_entries",

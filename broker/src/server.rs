@@ -21,6 +21,7 @@ use crate::logging::LogBudget;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::session::Registry;
+use crate::store::{self, StateStore, memory::MemoryStore};
 use crate::tls;
 
 /// State every connection shares.
@@ -45,11 +46,24 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: BrokerConfig, auth: AuthHub) -> Arc<Shared> {
-        let metrics = Arc::new(Metrics::default());
+        Self::with_store(
+            config,
+            auth,
+            Arc::new(Metrics::default()),
+            Arc::new(MemoryStore),
+        )
+    }
+
+    pub fn with_store(
+        config: BrokerConfig,
+        auth: AuthHub,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn StateStore>,
+    ) -> Arc<Shared> {
         let policy = config.topics.policy();
         Arc::new(Shared {
             auth,
-            router: Router::new(metrics.clone(), &config.limits, &config.lvc),
+            router: Router::new(metrics.clone(), &config.limits, &config.lvc, store),
             registry: Registry::default(),
             metrics,
             shutdown: watch::channel(false).0,
@@ -127,7 +141,22 @@ impl Broker {
             Some(path) => AuthHub::with_state(&config, auth::watch::load(path)?),
             None => AuthHub::open(&config),
         };
-        let shared = Shared::new(config, hub);
+        let metrics = Arc::new(Metrics::default());
+        let state = store::open(&config.storage, metrics.clone())?;
+        let snapshot = state.load()?;
+        let shared = Shared::with_store(config, hub, metrics, state);
+        if shared.router.store.persists() {
+            let r = store::restore::restore(&shared, snapshot);
+            tracing::info!(
+                sessions = r.sessions,
+                queued = r.queued,
+                retained = r.retained,
+                last_values = r.last_values,
+                expired = r.expired,
+                unreadable = r.unreadable,
+                "state restored from the store"
+            );
+        }
         let cfg = &shared.config;
         let mut tasks = JoinSet::new();
         let mut listeners = Vec::new();
@@ -205,6 +234,9 @@ impl Broker {
             }
         }
         tasks.spawn(reap_sessions(shared.clone()));
+        if shared.router.store.persists() {
+            tasks.spawn(save_last_values(shared.clone()));
+        }
         if let Some(path) = shared.config.auth.bundle.clone() {
             tasks.spawn(auth::watch::watch_file(
                 shared.clone(),
@@ -297,8 +329,43 @@ async fn reap_sessions(shared: Arc<Shared>) {
         }
         for s in shared.registry.take_expired(tokio::time::Instant::now()) {
             shared.router.drop_session(&s);
+            s.forget_stored();
         }
         shared.router.purge_expired_retained();
+    }
+}
+
+/// Writes the last-value cache's changes every `[storage] lvc_interval`
+/// seconds: a cache, so losing the last interval on a crash is the price
+/// of keeping the store off the QoS 0 path.
+async fn save_last_values(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let every = Duration::from_secs(shared.config.storage.lvc_interval.max(1));
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                write_last_values(&shared, &mut seen);
+                return;
+            }
+            _ = tokio::time::sleep(every) => write_last_values(&shared, &mut seen),
+        }
+    }
+}
+
+fn write_last_values(shared: &Shared, seen: &mut u64) {
+    let lvc = &shared.router.lvc;
+    let store = &shared.router.store;
+    for topic in lvc.take_removed() {
+        store.submit(store::Op::LastValue { topic, msg: None });
+    }
+    let (changed, newest) = lvc.changed_since(*seen);
+    *seen = newest;
+    for msg in changed {
+        store.submit(store::Op::LastValue {
+            topic: msg.topic.clone(),
+            msg: Some(msg),
+        });
     }
 }
 
@@ -326,6 +393,10 @@ impl BrokerHandle {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The last-value cache's final write, then everything pending.
+        write_last_values(&self.shared, &mut 0);
         self.tasks.abort_all();
+        let store = self.shared.router.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
 }

@@ -35,6 +35,7 @@ pub enum SettingsError {
 pub struct Overrides {
     pub config: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
+    pub recover_store: bool,
     pub auth_bundle: Option<PathBuf>,
     pub self_signed: bool,
 }
@@ -91,6 +92,9 @@ pub fn load(
     })?;
     if let Some(d) = &overrides.data_dir {
         config.storage.data_dir = Some(d.clone());
+    }
+    if overrides.recover_store {
+        config.storage.recover = true;
     }
     if let Some(b) = &overrides.auth_bundle {
         config.auth.bundle = Some(b.clone());

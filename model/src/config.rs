@@ -389,10 +389,61 @@ impl Default for AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Where sessions, retained messages, queued QoS 1/2 messages and the
+/// last-value cache are kept across restarts. Without a data directory
+/// the broker is memory-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     pub data_dir: Option<PathBuf>,
+    /// When an acknowledged message is safe (see [`Durability`]).
+    pub durability: Durability,
+    /// Microseconds a commit waits for more writes to join it. Zero: a
+    /// commit takes what arrived while the previous one was being written,
+    /// which batches by itself under load and adds nothing at light load.
+    pub commit_delay_us: u64,
+    /// Most writes in one commit.
+    pub max_batch: usize,
+    /// Seconds between writes of the last-value cache's changed topics.
+    pub lvc_interval: u64,
+    /// Start even if the store is damaged: keep what is consistent, set
+    /// the rest aside (`--recover-store`). Off: a damaged store refuses to
+    /// start, so nothing is silently lost.
+    pub recover: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: None,
+            durability: Durability::default(),
+            commit_delay_us: 0,
+            max_batch: 4096,
+            lvc_interval: 1,
+            recover: false,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// Is anything written to disk?
+    pub fn persists(&self) -> bool {
+        self.data_dir.is_some() && self.durability != Durability::Off
+    }
+}
+
+/// What a PUBACK/PUBREC (or an HTTP 200) for a stored message promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync per group commit: the message survives `kill -9` and power loss.
+    #[default]
+    Fsync,
+    /// Written to the OS before the ack: survives `kill -9` of the broker,
+    /// not a crash of the machine.
+    Os,
+    /// Nothing is written (memory-only, like no data directory).
+    Off,
 }
 
 /// The HTTP interface and the native WebSocket streams. The topic limits

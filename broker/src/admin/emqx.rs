@@ -1062,11 +1062,17 @@ pub fn subscribe_for(
     }
     st.subscriptions.insert(ByteString::from(key), opts);
     drop(st);
+    s.save();
     if parsed.share_group.is_none() {
+        let mut span = crate::store::TicketSpan::default();
         if opts.pub_states {
-            shared.router.deliver_last_values(s, parsed.filter, &opts);
+            shared
+                .router
+                .deliver_last_values(s, parsed.filter, &opts, &mut span);
         } else {
-            shared.router.deliver_retained(s, parsed.filter, &opts);
+            shared
+                .router
+                .deliver_retained(s, parsed.filter, &opts, &mut span);
         }
     }
     Ok(())
@@ -1085,6 +1091,10 @@ pub fn unsubscribe_for(s: &Session, shared: &Shared, raw: &str) -> bool {
         shared
             .router
             .unsubscribe(s.key, parsed.filter, parsed.share_group);
+    }
+    drop(st);
+    if had {
+        s.save();
     }
     had
 }

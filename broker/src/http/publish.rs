@@ -132,6 +132,17 @@ async fn route(
     if params.qos != starling_codec::QoS::AtMostOnce {
         await_room(&routed).await;
     }
+    // A 200 for a QoS 1/2 or retained publish means what a PUBACK means:
+    // stored under the configured durability.
+    if (params.qos != starling_codec::QoS::AtMostOnce || params.retained)
+        && !routed.span.is_empty()
+        && shared.router.store.durable(routed.span).await.is_err()
+    {
+        metrics::inc(&shared.metrics.store_refusals);
+        return Err(ApiError::Unavailable(
+            "the broker could not store the message because its disk is full or failing.".into(),
+        ));
+    }
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],

@@ -76,14 +76,13 @@ impl WebSubscriber {
     /// Queues what a new subscription gets first: the last values with
     /// `?pubStates=1`, the retained messages otherwise.
     pub fn send_initial(&self) {
+        // A stream is never a persistent session: nothing to wait for.
+        let mut span = crate::store::TicketSpan::default();
+        let router = &self.shared.router;
         if self.opts.pub_states {
-            self.shared
-                .router
-                .deliver_last_values(&self.session, &self.filter, &self.opts);
+            router.deliver_last_values(&self.session, &self.filter, &self.opts, &mut span);
         } else {
-            self.shared
-                .router
-                .deliver_retained(&self.session, &self.filter, &self.opts);
+            router.deliver_retained(&self.session, &self.filter, &self.opts, &mut span);
         }
     }
 

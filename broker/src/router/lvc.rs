@@ -45,6 +45,10 @@ pub struct LastValues {
     entries: AtomicUsize,
     bytes: AtomicUsize,
     pub evictions: AtomicU64,
+    /// With persistence: topics evicted or cleared since the last
+    /// [`LastValues::take_removed`], so the store drops them too.
+    track: bool,
+    removed: Mutex<Vec<ByteString>>,
 }
 
 fn cost(m: &Message) -> usize {
@@ -54,7 +58,7 @@ fn cost(m: &Message) -> usize {
 impl LastValues {
     /// A cache of at most `max_entries` topics and `max_bytes` bytes;
     /// `max_entries == 0` makes a cache that keeps nothing.
-    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+    pub fn new(max_entries: usize, max_bytes: usize, track: bool) -> Self {
         let n = max_entries.clamp(1, SHARDS);
         let shards = (0..n)
             .map(|_| {
@@ -72,7 +76,44 @@ impl LastValues {
             entries: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             evictions: AtomicU64::new(0),
+            track,
+            removed: Mutex::new(Vec::new()),
         }
+    }
+
+    fn note_removed(&self, topic: ByteString) {
+        if self.track {
+            let mut r = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+            // Bounded: if more topics go between two writes than the
+            // cache holds, the rest stay on disk, and a restart brings
+            // them back as old values (still within the cache's caps).
+            if r.len() < self.max_entries.max(1024) {
+                r.push(topic);
+            }
+        }
+    }
+
+    /// Topics removed since the last call (persistence only).
+    pub fn take_removed(&self) -> Vec<ByteString> {
+        std::mem::take(&mut *self.removed.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Values recorded after `seq`, and the newest sequence seen: what the
+    /// store has not been given yet. Walks the cache (its caps bound it);
+    /// run every few seconds, never per publish.
+    pub fn changed_since(&self, seq: u64) -> (Vec<Message>, u64) {
+        let mut out = Vec::new();
+        let mut newest = seq;
+        for shard in &self.shards {
+            let sh = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, v) in sh.map.iter() {
+                if v.seq > seq {
+                    newest = newest.max(v.seq);
+                    out.push(v.msg.clone());
+                }
+            }
+        }
+        (out, newest)
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -130,6 +171,7 @@ impl LastValues {
                 sh.bytes -= cost(&old.msg);
                 self.entries.fetch_sub(1, Ordering::Relaxed);
                 self.bytes.fetch_sub(cost(&old.msg), Ordering::Relaxed);
+                self.note_removed(old.msg.topic);
             }
             return;
         }
@@ -165,6 +207,7 @@ impl LastValues {
             self.entries.fetch_sub(1, Ordering::Relaxed);
             self.bytes.fetch_sub(cost(&old.msg), Ordering::Relaxed);
             self.evictions.fetch_add(1, Ordering::Relaxed);
+            self.note_removed(old.msg.topic);
         }
     }
 
@@ -248,7 +291,7 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_value_per_topic() {
-        let c = LastValues::new(100, 1 << 20);
+        let c = LastValues::new(100, 1 << 20, false);
         c.record(&msg("a/1", "x", false));
         c.record(&msg("a/1", "y", false));
         c.record(&msg("a/2", "z", true));
@@ -270,13 +313,13 @@ mod tests {
 
     #[test]
     fn evicts_the_least_recently_published_past_its_caps() {
-        let c = LastValues::new(1, 1 << 20);
+        let c = LastValues::new(1, 1 << 20, false);
         c.record(&msg("a", "1", false));
         c.record(&msg("b", "2", false));
         assert_eq!(all(&c, "#"), [("b".into(), "2".into())]);
         assert_eq!(c.evictions.load(Ordering::Relaxed), 1);
 
-        let c = LastValues::new(16, 16 * 10);
+        let c = LastValues::new(16, 16 * 10, false);
         for i in 0..1000 {
             c.record(&msg(&format!("t/{i}"), "0123456789", false));
         }
@@ -288,7 +331,7 @@ mod tests {
 
     #[test]
     fn off_keeps_nothing() {
-        let c = LastValues::new(0, 0);
+        let c = LastValues::new(0, 0, false);
         c.record(&msg("a", "1", false));
         assert!(c.is_empty());
         assert!(all(&c, "#").is_empty());
@@ -296,7 +339,7 @@ mod tests {
 
     #[test]
     fn expired_values_are_not_served() {
-        let c = LastValues::new(10, 1000);
+        let c = LastValues::new(10, 1000, false);
         let mut m = msg("a", "1", false);
         m.expires_at = Some(Instant::now());
         c.record(&m);

@@ -105,6 +105,8 @@ pub struct Delivery {
     /// or with retain-as-published.
     pub retain: bool,
     pub sub_ids: SubIds,
+    /// Its place in the session's stored queue, for persistent sessions.
+    pub stored: Option<crate::store::StoredRef>,
 }
 
 impl Delivery {

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::metrics::{self, Limit, Metrics};
 use crate::session::Session;
 use crate::session::state::Queued;
+use crate::store::{Op, Routing, StateStore, TicketSpan};
 
 /// The outcome of [`Router::publish`].
 #[derive(Debug, Default)]
@@ -38,6 +39,8 @@ pub struct Routed {
     /// A retained publish on a new topic with the retained store full:
     /// nothing was stored or delivered.
     pub retained_full: bool,
+    /// What the store must have written before the publish is acknowledged.
+    pub span: TicketSpan,
 }
 
 #[derive(Debug)]
@@ -46,6 +49,7 @@ pub struct Router {
     retained: RwLock<RetainedStore>,
     pub lvc: LastValues,
     metrics: Arc<Metrics>,
+    pub store: Arc<dyn StateStore>,
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -57,15 +61,28 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl Router {
-    pub fn new(metrics: Arc<Metrics>, limits: &Limits, lvc: &LvcConfig) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        limits: &Limits,
+        lvc: &LvcConfig,
+        store: Arc<dyn StateStore>,
+    ) -> Self {
         Router {
             index: RwLock::new(TopicIndex::new(limits.max_shared_groups)),
             retained: RwLock::new(RetainedStore::new(RetainedLimits {
                 max_messages: limits.max_retained_messages,
                 max_bytes: limits.max_retained_bytes,
             })),
-            lvc: LastValues::new(lvc.max_entries, lvc.max_bytes),
+            lvc: LastValues::new(lvc.max_entries, lvc.max_bytes, store.persists()),
             metrics,
+            store,
+        }
+    }
+
+    /// Puts a stored retained message back at startup.
+    pub fn restore_retained(&self, msg: &Message) {
+        if write(&self.retained).apply(msg) == Retain::Stored {
+            metrics::inc(&self.metrics.retained);
         }
     }
 
@@ -121,8 +138,18 @@ impl Router {
             // It outlives the packet: stop pinning the publisher's read buffer.
             msg.detach();
         }
+        let mut routing = Routing::default();
         if msg.retain {
             let applied = write(&self.retained).apply(&msg);
+            if matches!(applied, Retain::Stored | Retain::Replaced | Retain::Cleared)
+                && self.store.persists()
+            {
+                let t = self.store.submit(Op::Retain {
+                    topic: msg.topic.clone(),
+                    msg: (!msg.payload.is_empty()).then(|| msg.clone()),
+                });
+                routing.span.note(t);
+            }
             match applied {
                 Retain::Stored => metrics::inc(&self.metrics.retained),
                 Retain::Cleared => metrics::dec(&self.metrics.retained),
@@ -171,9 +198,10 @@ impl Router {
                     retain: rap && msg.retain,
                     sub_ids,
                     msg: msg.clone(),
+                    stored: None,
                 };
                 routed.matched += 1;
-                match e.session.enqueue(d, &self.metrics) {
+                match e.session.enqueue(d, &self.metrics, &mut routing) {
                     Queued::Yes | Queued::Dropped => {}
                     Queued::Busy => routed.busy = true,
                     Queued::Congested => {
@@ -186,14 +214,30 @@ impl Router {
             i = j;
         }
         scratch.clear();
+        self.routed(&mut routing);
+        routed.span = routing.span;
         routed
+    }
+
+    /// Tells the store that every session that queues this message has.
+    fn routed(&self, routing: &mut Routing) {
+        if let Some(payload) = routing.payload {
+            let t = self.store.submit(Op::Routed { payload });
+            routing.span.note(t);
+        }
     }
 
     /// Queues the retained messages matching a new subscription for
     /// `session`, at the subscription's QoS with the retain flag set, until
     /// its queue is at its cap: one SUBSCRIBE can cost no more than the
     /// session may hold. Returns how many were queued.
-    pub fn deliver_retained(&self, session: &Session, filter: &str, opts: &SubOptions) -> usize {
+    pub fn deliver_retained(
+        &self,
+        session: &Session,
+        filter: &str,
+        opts: &SubOptions,
+        span: &mut TicketSpan,
+    ) -> usize {
         let now = Instant::now();
         let mut queued = 0;
         read(&self.retained).for_each_match(filter, now, |msg| {
@@ -207,8 +251,13 @@ impl Router {
                 retain: true,
                 sub_ids,
                 msg: msg.clone(),
+                stored: None,
             };
-            match session.enqueue_within_cap(d, &self.metrics) {
+            let mut routing = Routing::default();
+            let outcome = session.enqueue_within_cap(d, &self.metrics, &mut routing);
+            self.routed(&mut routing);
+            span.join(routing.span);
+            match outcome {
                 Queued::Yes | Queued::Busy => {
                     queued += 1;
                     ControlFlow::Continue(())
@@ -222,7 +271,13 @@ impl Router {
     /// `?pubStates=1`: queues the last value of every topic matching
     /// `filter` for `session`, without the retain flag, up to its queue cap
     /// (like [`Router::deliver_retained`]). Returns how many were queued.
-    pub fn deliver_last_values(&self, session: &Session, filter: &str, opts: &SubOptions) -> usize {
+    pub fn deliver_last_values(
+        &self,
+        session: &Session,
+        filter: &str,
+        opts: &SubOptions,
+        span: &mut TicketSpan,
+    ) -> usize {
         let now = Instant::now();
         let mut queued = 0;
         self.lvc.for_each_match(filter, now, |v| {
@@ -236,8 +291,13 @@ impl Router {
                 retain: false,
                 sub_ids,
                 msg: v.msg.clone(),
+                stored: None,
             };
-            match session.enqueue_within_cap(d, &self.metrics) {
+            let mut routing = Routing::default();
+            let outcome = session.enqueue_within_cap(d, &self.metrics, &mut routing);
+            self.routed(&mut routing);
+            span.join(routing.span);
+            match outcome {
                 Queued::Yes | Queued::Busy => {
                     queued += 1;
                     ControlFlow::Continue(())
@@ -274,9 +334,14 @@ impl Router {
     /// Drops expired retained messages (the periodic housekeeping).
     pub fn purge_expired_retained(&self) {
         let now = Instant::now();
-        let n = write(&self.retained).purge_expired(now);
-        if n > 0 {
-            metrics::sub(&self.metrics.retained, n as u64);
+        let gone = write(&self.retained).purge_expired(now);
+        if !gone.is_empty() {
+            metrics::sub(&self.metrics.retained, gone.len() as u64);
+        }
+        if self.store.persists() {
+            for topic in gone {
+                self.store.submit(Op::Retain { topic, msg: None });
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
+use starling_codec::ByteString;
 use tokio::time::Instant;
 
 use super::Message;
@@ -235,9 +236,10 @@ impl RetainedStore {
     }
 
     /// Drops expired messages; returns how many. Cheap when none expire.
-    pub fn purge_expired(&mut self, now: Instant) -> usize {
+    /// Drops expired messages; returns their topics.
+    pub fn purge_expired(&mut self, now: Instant) -> Vec<ByteString> {
         if self.expiring == 0 {
-            return 0;
+            return Vec::new();
         }
         let mut expired = Vec::new();
         let mut stack: Vec<&Node> = vec![&self.root];
@@ -254,7 +256,7 @@ impl RetainedStore {
                 self.forget(&old);
             }
         }
-        expired.len()
+        expired
     }
 }
 
@@ -277,7 +279,7 @@ fn remove(node: &mut Node, levels: &mut std::str::Split<'_, char>) -> Option<Mes
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use starling_codec::{ByteString, QoS};
+    use starling_codec::QoS;
 
     fn msg(topic: &str, payload: &str) -> Message {
         Message {
@@ -376,9 +378,9 @@ mod tests {
         s.apply(&old);
         s.apply(&msg("a/new", "x"));
         assert_eq!(topics(&s, "a/#"), vec!["a/new"]);
-        assert_eq!(s.purge_expired(now), 1);
+        assert_eq!(s.purge_expired(now).len(), 1);
         assert_eq!(s.count, 1);
-        assert_eq!(s.purge_expired(now), 0);
+        assert!(s.purge_expired(now).is_empty());
     }
 
     #[test]

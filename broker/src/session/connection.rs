@@ -21,6 +21,7 @@ use crate::logging::{Shown, shown};
 use crate::metrics::{self, Limit};
 use crate::router::{Delivery, SubEntry};
 use crate::server::Shared;
+use crate::store::{StoredWill, TicketSpan, records};
 use starling_model::acl::Principal;
 use starling_model::config::ClientIds;
 
@@ -39,6 +40,10 @@ const FAIR_SHARE: u32 = 1024;
 pub(crate) const BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
 /// ... not waited for again for this long (its excess is dropped instead).
 const BACKPRESSURE_SKIP: Duration = Duration::from_secs(5);
+/// Store ops waiting to be written past which a publisher waits for its
+/// own before reading more: retained QoS 0 publishes wait for no
+/// acknowledgement, and must not outrun the disk without bound.
+const STORE_BACKLOG: usize = 64 * 1024;
 
 /// Why a connection ended; decides the will message and the v5 DISCONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +193,9 @@ pub(super) struct Connection {
     pub(super) yield_soon: bool,
     /// Packets handled since this task last gave the worker thread up.
     pub(super) handled: u32,
+    /// Store tickets the write buffer's acknowledgements depend on: it is
+    /// written only once they are durable.
+    pub(super) gate: TicketSpan,
 }
 
 impl Connection {
@@ -307,8 +315,13 @@ impl Connection {
                 return None;
             }
         };
+        let mut gate = TicketSpan::default();
         if let Some(old) = &opened.replaced {
             shared.router.drop_session(old);
+            gate.note(old.forget_stored());
+        }
+        if !agreed.session_expiry.is_zero() {
+            opened.session.persist_in(&shared.router.store);
         }
         let ack = handshake::connack(v, &agreed, opened.present, limits);
         let mut conn = Connection {
@@ -337,6 +350,7 @@ impl Connection {
             skip: None,
             yield_soon: false,
             handled: 0,
+            gate,
         };
         conn.session.set_reader(conn.principal.clone());
         conn.session.set_info(super::state::ClientInfo {
@@ -349,6 +363,13 @@ impl Connection {
         });
         if opened.present {
             conn.prune_unauthorized();
+        }
+        if conn.session.store().is_some() {
+            // The session record first, then the CONNACK that promises it.
+            let will = conn.stored_will();
+            conn.session.lock().stored_will = will;
+            let t = conn.session.save();
+            conn.gate.note(t);
         }
         conn.write_packet(&Packet::ConnAck(ack));
         conn.resend_inflight();
@@ -412,6 +433,12 @@ impl Connection {
                 if !self.session.lock().queue.is_empty() && self.window_open() {
                     continue;
                 }
+            }
+            if !self.gate.is_empty()
+                && self.shared.router.store.backlog() > STORE_BACKLOG
+                && let Some(end) = self.settle(WRITE_STALL).await
+            {
+                return end;
             }
             let blocked = self.blocked.clone();
             tokio::select! {
@@ -477,6 +504,9 @@ impl Connection {
     /// the stall times out. Abandoning the write is fine then: the
     /// connection is ending.
     async fn flush<T: Transport>(&mut self, t: &mut T) -> Option<End> {
+        if let Some(end) = self.settle(WRITE_STALL).await {
+            return Some(end);
+        }
         let n = self.wbuf.len();
         let link = self.link.clone();
         let mut woken = false;
@@ -519,6 +549,43 @@ impl Connection {
                 Some(End::Lost)
             }
         }
+    }
+
+    /// Waits until the store has written what the buffered acknowledgements
+    /// promise. If it could not, they are not sent: the connection closes
+    /// (v5: DISCONNECT 0x97) and the client resends what it has not had
+    /// acknowledged.
+    async fn settle(&mut self, within: Duration) -> Option<End> {
+        let gate = std::mem::take(&mut self.gate);
+        let store = &self.shared.router.store;
+        if gate.is_empty() || store.is_durable(gate.last) && store.healthy() {
+            return None;
+        }
+        match timeout(within, store.durable(gate)).await {
+            Ok(Ok(())) => None,
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the store did not write in time".to_owned(),
+                };
+                tracing::warn!(peer = %self.peer, client_id = %self.agreed.client_id, error = %why, "acknowledgements withheld: the store could not write them; closing the connection");
+                self.wbuf.clear();
+                Some(End::Server(reason::QUOTA_EXCEEDED))
+            }
+        }
+    }
+
+    /// The will as stored with a persistent session's record.
+    fn stored_will(&self) -> Option<Box<StoredWill>> {
+        let w = self.will.as_ref()?;
+        let delay = w.properties.will_delay_interval.unwrap_or(0);
+        let mut props = w.properties.clone();
+        props.will_delay_interval = None;
+        let msg = self.message_from(w.topic.clone(), w.payload.clone(), w.qos, w.retain, props);
+        Some(Box::new(StoredWill {
+            message: records::encode_message(&msg),
+            delay_secs: u64::from(delay),
+        }))
     }
 
     /// Decodes and handles every complete packet in `rbuf`.
@@ -572,6 +639,16 @@ impl Connection {
             }
         }
         if !self.wbuf.is_empty() && !matches!(end, End::Lost) {
+            // Acknowledgements the store has not written are not sent.
+            if self.settle(CLOSE_WRITE_DEADLINE).await.is_some()
+                && self.version.is_v5()
+                && matches!(end, End::Server(_))
+            {
+                self.write_packet(&Packet::Disconnect(Disconnect {
+                    reason: reason::QUOTA_EXCEEDED,
+                    properties: Properties::default(),
+                }));
+            }
             let _ = timeout(CLOSE_WRITE_DEADLINE, t.write_all(&self.wbuf)).await;
         }
         self.hand_back(end);
@@ -595,6 +672,13 @@ impl Connection {
             && self.shared.registry.remove(&self.session)
         {
             self.shared.router.drop_session(&self.session);
+            self.session.forget_stored();
+        }
+        let persisted = still_ours && self.session.store().is_some();
+        if persisted {
+            // The client is gone: its will is published now, pending
+            // (set again below), or not at all.
+            self.session.lock().stored_will = None;
         }
         let will = self.will.take().filter(|w| {
             let allowed = self.principal.may_publish(&w.topic);
@@ -623,6 +707,13 @@ impl Connection {
             if delay.is_zero() {
                 shared.router.publish(msg, &mut self.scratch);
             } else if !taken_over {
+                if persisted {
+                    // Pending across a restart too.
+                    self.session.lock().stored_will = Some(Box::new(StoredWill {
+                        message: records::encode_message(&msg),
+                        delay_secs: delay.as_secs(),
+                    }));
+                }
                 let session = self.session.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -633,10 +724,18 @@ impl Connection {
                             .current_key(&session.client_id)
                             .is_some_and(|k| k != session.key);
                     if !reconnected {
+                        if session.lock().stored_will.take().is_some() {
+                            session.save();
+                        }
                         shared.router.publish(msg, &mut Vec::new());
                     }
                 });
             }
+        }
+        if persisted
+            && self.shared.registry.current_key(&self.session.client_id) == Some(self.session.key)
+        {
+            self.session.save();
         }
     }
 }

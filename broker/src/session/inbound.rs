@@ -33,21 +33,28 @@ impl Connection {
         }
         match p {
             Packet::Publish(p) => return self.on_publish(p),
-            Packet::PubAck(r) => {
-                self.session.lock().take_inflight(r.pkid);
-            }
+            Packet::PubAck(r) => self.acknowledged(r.pkid),
             Packet::PubRec(r) => {
                 let mut st = self.session.lock();
                 let found = st.inflight.iter().position(|i| i.pkid == r.pkid);
                 match found {
                     Some(pos) if r.reason >= 0x80 => {
-                        st.inflight.remove(pos);
+                        let gone = st.inflight.remove(pos);
+                        drop(st);
+                        if let Some(i) = gone {
+                            self.session.dequeue_stored(&i.delivery);
+                        }
                     }
                     Some(pos) => {
+                        let mut t = 0;
                         if let Some(i) = st.inflight.get_mut(pos) {
                             i.released = true;
+                            // Stored before the PUBREL goes: after a restart
+                            // the broker must resend PUBREL, not the message.
+                            t = self.session.delivery_stored(&i.delivery, r.pkid, true);
                         }
                         drop(st);
+                        self.gate.note(t);
                         self.write_packet(&Packet::PubRel(PubResp::new(r.pkid, 0)));
                     }
                     None => {
@@ -63,6 +70,12 @@ impl Connection {
             }
             Packet::PubRel(r) => {
                 let known = self.session.lock().incoming_qos2.remove(&r.pkid);
+                if known {
+                    // PUBCOMP waits for this: a restart must not take a
+                    // reuse of the id for a duplicate.
+                    let t = self.session.qos2_stored(r.pkid, false);
+                    self.gate.note(t);
+                }
                 let code = if known || !self.version.is_v5() {
                     0
                 } else {
@@ -70,9 +83,7 @@ impl Connection {
                 };
                 self.write_packet(&Packet::PubComp(PubResp::new(r.pkid, code)));
             }
-            Packet::PubComp(r) => {
-                self.session.lock().take_inflight(r.pkid);
-            }
+            Packet::PubComp(r) => self.acknowledged(r.pkid),
             Packet::Subscribe(s) => return self.on_subscribe(s),
             Packet::Unsubscribe(u) => return self.on_unsubscribe(u),
             Packet::PingReq => self.write_packet(&Packet::PingResp),
@@ -101,6 +112,14 @@ impl Connection {
         None
     }
 
+    /// PUBACK or PUBCOMP: the delivery is done.
+    fn acknowledged(&mut self, pkid: u16) {
+        let done = self.session.lock().take_inflight(pkid);
+        if let Some(i) = done {
+            self.session.dequeue_stored(&i.delivery);
+        }
+    }
+
     pub(super) fn on_publish(&mut self, mut p: Publish) -> Option<End> {
         metrics::inc(&self.shared.metrics.messages_in[p.qos as usize]);
         metrics::inc(&self.session.messages_received);
@@ -127,6 +146,24 @@ impl Connection {
         if p.topic.is_empty() {
             return self.protocol_error("empty topic");
         }
+        let resent =
+            p.qos == QoS::ExactlyOnce && self.session.lock().incoming_qos2.contains(&p.pkid);
+        if p.qos != QoS::AtMostOnce && !resent && !self.shared.router.store.healthy() {
+            // The store cannot write: accepting would promise what it cannot keep.
+            metrics::inc(&self.shared.metrics.store_refusals);
+            metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
+            if !self.version.is_v5() {
+                // 3.1.1 has no refusing PUBACK; closing makes the client resend later.
+                return Some(End::Server(reason::QUOTA_EXCEEDED));
+            }
+            let refusal = PubResp::new(p.pkid, reason::QUOTA_EXCEEDED);
+            self.write_packet(&if p.qos == QoS::AtLeastOnce {
+                Packet::PubAck(refusal)
+            } else {
+                Packet::PubRec(refusal)
+            });
+            return None;
+        }
         if p.qos == QoS::ExactlyOnce {
             let mut st = self.session.lock();
             if st.incoming_qos2.contains(&p.pkid) {
@@ -141,6 +178,9 @@ impl Connection {
                 return Some(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
             }
             st.incoming_qos2.insert(p.pkid);
+            drop(st);
+            let t = self.session.qos2_stored(p.pkid, true);
+            self.gate.note(t);
         }
         let code = match self.shared.check_topic(&p.topic) {
             Err(e) => {
@@ -159,6 +199,7 @@ impl Connection {
             Ok(()) => {
                 let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
                 let routed = self.shared.router.publish(msg, &mut self.scratch);
+                self.gate.join(routed.span);
                 if routed.retained_full {
                     metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
                 }
@@ -188,7 +229,10 @@ impl Connection {
             // A refusing PUBREC ends the QoS 2 flow (MQTT 4.3.3): the id is
             // free again, so its next use is a new message, not a duplicate,
             // and refusals never fill the Receive Maximum.
-            self.session.lock().incoming_qos2.remove(&p.pkid);
+            if self.session.lock().incoming_qos2.remove(&p.pkid) {
+                let t = self.session.qos2_stored(p.pkid, false);
+                self.gate.note(t);
+            }
         }
         match p.qos {
             QoS::AtMostOnce => {}
@@ -274,6 +318,9 @@ impl Connection {
                 }
             }
         }
+        // The SUBACK waits for the subscriptions to be stored.
+        let t = self.session.save();
+        self.gate.note(t);
         self.write_packet(&Packet::SubAck(SubAck {
             pkid: s.pkid,
             codes,
@@ -369,15 +416,12 @@ impl Connection {
 
     /// What a new subscription gets first: the last values of its topics
     /// with `?pubStates=1`, the retained messages otherwise.
-    pub(super) fn send_initial(&self, filter: &str, opts: &SubOptions) {
+    pub(super) fn send_initial(&mut self, filter: &str, opts: &SubOptions) {
+        let router = &self.shared.router;
         if opts.pub_states {
-            self.shared
-                .router
-                .deliver_last_values(&self.session, filter, opts);
+            router.deliver_last_values(&self.session, filter, opts, &mut self.gate);
         } else {
-            self.shared
-                .router
-                .deliver_retained(&self.session, filter, opts);
+            router.deliver_retained(&self.session, filter, opts, &mut self.gate);
         }
     }
 
@@ -405,6 +449,8 @@ impl Connection {
         if !self.version.is_v5() {
             codes.clear();
         }
+        let t = self.session.save();
+        self.gate.note(t);
         self.write_packet(&Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
             codes,

@@ -50,6 +50,13 @@ impl Connection {
                     0
                 } else {
                     let id = st.next_pkid();
+                    if d.qos == QoS::ExactlyOnce {
+                        // The id is stored before the PUBLISH goes, so a
+                        // restart resends it under the same id and the
+                        // client can tell it is a duplicate.
+                        let t = self.session.delivery_stored(&d, id, false);
+                        self.gate.note(t);
+                    }
                     st.inflight.push_back(Inflight {
                         pkid: id,
                         delivery: d.clone(),
@@ -71,10 +78,14 @@ impl Connection {
                 if pkid != 0 {
                     self.session.lock().take_inflight(pkid);
                 }
+                self.session.dequeue_stored(&d);
                 continue;
             }
-            if !self.encode_delivery(pkid, &d, false) && pkid != 0 {
-                self.session.lock().take_inflight(pkid);
+            if !self.encode_delivery(pkid, &d, false) {
+                if pkid != 0 {
+                    self.session.lock().take_inflight(pkid);
+                }
+                self.session.dequeue_stored(&d);
             }
         }
         self.batch = batch;

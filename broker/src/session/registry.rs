@@ -146,6 +146,32 @@ impl Registry {
         })
     }
 
+    /// Registers a session read back from the store at startup: offline,
+    /// counted against `max_persistent_sessions` like any persistent one.
+    pub fn restore(
+        &self,
+        id: Arc<str>,
+        owner: Option<Arc<str>>,
+        limits: QueueLimits,
+        expiry: Duration,
+        disconnected_at: Instant,
+    ) -> Arc<Session> {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed) + 1;
+        let s = Arc::new(Session::owned(key, id.clone(), limits, owner));
+        {
+            let mut st = s.lock();
+            st.expiry = expiry;
+            st.disconnected_at = Some(disconnected_at);
+        }
+        let mut map = self.lock();
+        s.counted_persistent.store(true, Ordering::Relaxed);
+        map.persistent += 1;
+        if let Some(old) = map.by_id.insert(id, s.clone()) {
+            map.forget(&old);
+        }
+        s
+    }
+
     /// Removes the session if it is still the one registered for its id.
     pub fn remove(&self, session: &Arc<Session>) -> bool {
         let mut map = self.lock();

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use starling_codec::{ByteString, QoS};
@@ -17,6 +17,9 @@ use tokio::time::Instant;
 
 use crate::metrics::{self, Metrics};
 use crate::router::{Delivery, SubOptions};
+use crate::store::{
+    Op, QueueEntry, Routing, SessionRecord, StateStore, StoredRef, StoredSub, StoredWill, Ticket,
+};
 
 /// The wake-up line between publishers (and the registry) and the one
 /// connection task currently serving a session.
@@ -86,6 +89,11 @@ pub struct SessionState {
     pub expiry: Duration,
     pub disconnected_at: Option<Instant>,
     pub limits: QueueLimits,
+    /// Next sequence number of the stored queue (persistent sessions).
+    pub next_seq: u64,
+    /// The will as stored with the session record (persistent sessions):
+    /// the connected client's, or a delayed one still pending.
+    pub stored_will: Option<Box<StoredWill>>,
 }
 
 /// What became of a delivery handed to [`Session::enqueue`].
@@ -130,6 +138,9 @@ pub struct Session {
     /// PUBLISH packets received from / sent to this session's clients.
     pub messages_received: AtomicU64,
     pub messages_sent: AtomicU64,
+    /// Set for persistent sessions when the broker persists state: every
+    /// change that must survive a restart is written there.
+    store: OnceLock<Arc<dyn StateStore>>,
 }
 
 /// What the admin API shows about a session's client.
@@ -178,6 +189,7 @@ impl Session {
             info: Mutex::new(ClientInfo::default()),
             messages_received: AtomicU64::new(0),
             messages_sent: AtomicU64::new(0),
+            store: OnceLock::new(),
             state: Mutex::new(SessionState {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -189,7 +201,104 @@ impl Session {
                 expiry: Duration::ZERO,
                 disconnected_at: None,
                 limits,
+                next_seq: 0,
+                stored_will: None,
             }),
+        }
+    }
+
+    /// Makes this session persistent in `store` (no-op for memory-only).
+    pub fn persist_in(&self, store: &Arc<dyn StateStore>) {
+        if store.persists() {
+            let _ = self.store.set(store.clone());
+        }
+    }
+
+    /// The store, if this session is persisted.
+    pub fn store(&self) -> Option<&Arc<dyn StateStore>> {
+        self.store.get()
+    }
+
+    /// Writes the session record (subscriptions, expiry, will, connected
+    /// or not) if this session is persisted.
+    pub fn save(&self) -> Ticket {
+        let Some(store) = self.store() else { return 0 };
+        let st = self.lock();
+        let record = self.record_of(&st);
+        store.submit(Op::Session {
+            id: self.client_id.clone(),
+            record: Arc::new(record),
+        })
+    }
+
+    fn record_of(&self, st: &SessionState) -> SessionRecord {
+        let now = crate::store::records::now_ms();
+        SessionRecord {
+            owner: self.owner.as_deref().map(str::to_owned),
+            expiry_secs: st.expiry.as_secs(),
+            disconnected_at_ms: st.disconnected_at.map(|at| {
+                let ago = Instant::now().saturating_duration_since(at);
+                now.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))
+            }),
+            subscriptions: st
+                .subscriptions
+                .iter()
+                .map(|(f, o)| StoredSub::new(f, o))
+                .collect(),
+            will: st.stored_will.as_deref().cloned(),
+        }
+    }
+
+    /// The session is over: its record and stored queue go.
+    pub fn forget_stored(&self) -> Ticket {
+        match self.store() {
+            Some(store) => store.submit(Op::EndSession {
+                id: self.client_id.clone(),
+            }),
+            None => 0,
+        }
+    }
+
+    /// A stored delivery is finished (acknowledged, expired or dropped).
+    pub fn dequeue_stored(&self, d: &Delivery) {
+        if let (Some(store), Some(r)) = (self.store(), d.stored) {
+            store.submit(Op::Dequeue {
+                session: self.client_id.clone(),
+                seq: r.seq,
+                payload: r.payload,
+            });
+        }
+    }
+
+    /// A stored QoS 2 delivery went out with `pkid` (or was released):
+    /// written so that a restart resends it with the same id.
+    pub fn delivery_stored(&self, d: &Delivery, pkid: u16, released: bool) -> Ticket {
+        match (self.store(), d.stored) {
+            (Some(store), Some(r)) => store.submit(Op::Delivery {
+                session: self.client_id.clone(),
+                seq: r.seq,
+                entry: QueueEntry {
+                    payload: r.payload,
+                    qos: d.qos,
+                    retain: d.retain,
+                    sub_ids: d.sub_ids.clone(),
+                    pkid,
+                    released,
+                },
+            }),
+            _ => 0,
+        }
+    }
+
+    /// An incoming QoS 2 packet id was PUBRECed or released.
+    pub fn qos2_stored(&self, pkid: u16, present: bool) -> Ticket {
+        match self.store() {
+            Some(store) => store.submit(Op::Qos2In {
+                session: self.client_id.clone(),
+                pkid,
+                present,
+            }),
+            None => 0,
         }
     }
 
@@ -282,18 +391,29 @@ impl Session {
     /// above the cap, and report [`Queued::Congested`] so the publisher
     /// pauses: a burst from fast publishers is slowed down instead of lost,
     /// and memory stays bounded by twice the cap.
-    pub fn enqueue(&self, d: Delivery, metrics: &Metrics) -> Queued {
-        self.enqueue_with(d, metrics, true)
+    pub fn enqueue(&self, d: Delivery, metrics: &Metrics, routing: &mut Routing) -> Queued {
+        self.enqueue_with(d, metrics, true, routing)
     }
 
     /// Like [`Session::enqueue`] without the second allowance: for work the
     /// broker makes on its own (retained messages on subscribe), which must
     /// stop at the cap rather than pause anyone.
-    pub fn enqueue_within_cap(&self, d: Delivery, metrics: &Metrics) -> Queued {
-        self.enqueue_with(d, metrics, false)
+    pub fn enqueue_within_cap(
+        &self,
+        d: Delivery,
+        metrics: &Metrics,
+        routing: &mut Routing,
+    ) -> Queued {
+        self.enqueue_with(d, metrics, false, routing)
     }
 
-    fn enqueue_with(&self, d: Delivery, metrics: &Metrics, may_exceed: bool) -> Queued {
+    fn enqueue_with(
+        &self,
+        mut d: Delivery,
+        metrics: &Metrics,
+        may_exceed: bool,
+        routing: &mut Routing,
+    ) -> Queued {
         let mut st = self.lock();
         let qos = d.qos as usize;
         let online = st.link.is_some();
@@ -309,6 +429,31 @@ impl Session {
         {
             metrics::inc(&metrics.messages_dropped[qos]);
             return Queued::Dropped;
+        }
+        if d.qos != QoS::AtMostOnce
+            && let Some(store) = self.store()
+        {
+            // Under the session lock, so the op is submitted before the
+            // connection can drain, acknowledge and dequeue it.
+            let first = routing.payload.is_none();
+            let payload = *routing.payload.get_or_insert_with(|| store.payload_id());
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            d.stored = Some(StoredRef { seq, payload });
+            let t = store.submit(Op::Enqueue {
+                session: self.client_id.clone(),
+                seq,
+                entry: QueueEntry {
+                    payload,
+                    qos: d.qos,
+                    retain: d.retain,
+                    sub_ids: d.sub_ids.clone(),
+                    pkid: 0,
+                    released: false,
+                },
+                msg: first.then(|| d.msg.clone()),
+            });
+            routing.span.note(t);
         }
         st.queued_bytes += cost;
         st.queue.push_back(d);

@@ -1,0 +1,763 @@
+//! The embedded store: fjall (an LSM tree with a write-ahead journal) under
+//! `<data dir>/store`, written by one thread with group commit.
+//!
+//! Connections never wait for the disk to submit an op: they push it on a
+//! shared list and get a ticket. The writer takes everything that arrived
+//! while it wrote the previous batch (so batches grow with load by
+//! themselves), folds ops that cancel out (a message queued and
+//! acknowledged within the same batch is never written), commits once,
+//! syncs per the durability mode, and settles the batch's tickets.
+//!
+//! fjall was chosen over redb on this write pattern (BENCHMARKS.md "Store
+//! choice"): faster group commits at every batch size, and its buffered
+//! mode keeps written batches across a `kill -9`, which `os` durability
+//! promises.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use starling_model::config::{Durability, StorageConfig};
+
+use super::records::{self, BadRecord};
+use super::tickets::Tickets;
+use super::{Durable, Op, RestoredSession, Snapshot, StateStore, StoreError, Ticket, TicketSpan};
+use crate::metrics::{self, Metrics};
+
+/// Keyspaces, by the byte used to tell them apart in a batch.
+const RETAINED: u8 = 0;
+const LVC: u8 = 1;
+const SESSIONS: u8 = 2;
+const PAYLOADS: u8 = 3;
+const QUEUE: u8 = 4;
+const QOS2: u8 = 5;
+const NAMES: [&str; 6] = ["retained", "lvc", "sessions", "payloads", "queue", "qos2"];
+
+/// How long the writer waits before reopening the store after a failed write.
+const REOPEN_EVERY: Duration = Duration::from_millis(500);
+
+struct Db {
+    db: Database,
+    ks: Vec<Keyspace>,
+}
+
+impl Db {
+    fn open(path: &Path) -> fjall::Result<Db> {
+        let db = Database::builder(path)
+            // The broker's own memory caps bound what is stored; a small
+            // block cache is enough because the store is read once, at startup.
+            .cache_size(8 * 1024 * 1024)
+            .worker_threads(1)
+            .max_journaling_size(64 * 1024 * 1024)
+            .open()?;
+        let ks = NAMES
+            .iter()
+            .map(|n| db.keyspace(n, KeyspaceCreateOptions::default))
+            .collect::<fjall::Result<Vec<_>>>()?;
+        Ok(Db { db, ks })
+    }
+}
+
+/// What is on disk for queues, kept in memory so that ending a session or
+/// dropping a payload's last reference needs no read.
+#[derive(Debug, Default)]
+struct Index {
+    /// Session id → sequence → payload id.
+    queues: HashMap<Arc<str>, HashMap<u64, u64>>,
+    qos2: HashMap<Arc<str>, HashSet<u16>>,
+    /// Payload id → queue entries referring to it.
+    refs: HashMap<u64, u32>,
+}
+
+impl Index {
+    fn deref(&mut self, payload: u64) -> bool {
+        match self.refs.get_mut(&payload) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.refs.remove(&payload);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// One key's fate in a batch: the last write wins; `fresh` keys did not
+/// exist before this batch, so removing them again writes nothing.
+struct Change {
+    value: Option<Vec<u8>>,
+    fresh: bool,
+}
+
+#[derive(Default)]
+struct Fold {
+    changes: HashMap<(u8, Vec<u8>), Change>,
+}
+
+impl Fold {
+    fn put(&mut self, ks: u8, key: Vec<u8>, value: Vec<u8>, fresh: bool) {
+        let c = self
+            .changes
+            .entry((ks, key))
+            .or_insert(Change { value: None, fresh });
+        c.value = Some(value);
+    }
+
+    fn remove(&mut self, ks: u8, key: Vec<u8>) {
+        match self.changes.get_mut(&(ks, key.clone())) {
+            Some(c) if c.fresh => {
+                self.changes.remove(&(ks, key));
+            }
+            Some(c) => c.value = None,
+            None => {
+                self.changes.insert(
+                    (ks, key),
+                    Change {
+                        value: None,
+                        fresh: false,
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    ops: Vec<Op>,
+    /// Ticket of `ops[0]` minus one: tickets already handed to the writer.
+    taken: u64,
+    closed: bool,
+}
+
+struct Inner {
+    path: PathBuf,
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    tickets: Tickets,
+    healthy: AtomicBool,
+    payload_ids: AtomicU64,
+    backlog: AtomicUsize,
+    mode: PersistMode,
+    delay: Duration,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Inner {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub struct Embedded {
+    inner: Arc<Inner>,
+    snapshot: Mutex<Option<Snapshot>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedded")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn describe(e: &fjall::Error) -> String {
+    match e {
+        fjall::Error::Io(io) => io.to_string(),
+        fjall::Error::JournalRecovery(r) => format!("its journal is damaged ({r})"),
+        fjall::Error::Storage(s) => format!("a table file is damaged ({s})"),
+        fjall::Error::InvalidVersion(_) => "it was written by an unknown format version".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Embedded {
+    /// Opens (or creates) the store under `data_dir` and reads it. With
+    /// `recover`, a store that cannot be opened is moved aside and what can
+    /// be read of it is kept; without, the broker refuses to start.
+    pub fn open(
+        data_dir: &Path,
+        config: &StorageConfig,
+        recover: bool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Embedded, StoreError> {
+        let path = data_dir.join("store");
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let db = match Db::open(&path) {
+            Ok(db) => db,
+            Err(fjall::Error::Locked) => return Err(StoreError::Locked { path }),
+            Err(e) if recover => salvage(&path, &e)?,
+            Err(e) => {
+                return Err(StoreError::Corrupt {
+                    reason: describe(&e),
+                    path,
+                });
+            }
+        };
+        let (snapshot, index) = read_all(&db, &path, recover)?;
+        let inner = Arc::new(Inner {
+            path,
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            tickets: Tickets::default(),
+            healthy: AtomicBool::new(true),
+            payload_ids: AtomicU64::new(snapshot.max_payload_id),
+            backlog: AtomicUsize::new(0),
+            mode: match config.durability {
+                Durability::Fsync => PersistMode::SyncAll,
+                Durability::Os | Durability::Off => PersistMode::Buffer,
+            },
+            delay: Duration::from_micros(config.commit_delay_us),
+            max_batch: config.max_batch.max(1),
+            metrics,
+        });
+        let w = inner.clone();
+        let writer = std::thread::Builder::new()
+            .name("starling-store".into())
+            .spawn(move || write_loop(&w, db, index))
+            .map_err(|e| StoreError::Write(format!("cannot start the store writer: {e}")))?;
+        Ok(Embedded {
+            inner,
+            snapshot: Mutex::new(Some(snapshot)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+}
+
+/// `--recover-store`: the damaged store is kept as `store.damaged-<ms>`; a
+/// copy without its journal (whose tail is what could not be read) is
+/// opened, which keeps everything already flushed to table files. If even
+/// that fails the broker starts empty, and says so.
+fn salvage(path: &Path, e: &fjall::Error) -> Result<Db, StoreError> {
+    let aside = path.with_file_name(format!("store.damaged-{}", records::now_ms()));
+    tracing::warn!(store = %path.display(), error = %describe(e), aside = %aside.display(), "the store cannot be opened; --recover-store keeps what is consistent and moves the original aside");
+    let fail = |source| StoreError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::rename(path, &aside).map_err(fail)?;
+    copy_dir(&aside, path, &|p: &Path| {
+        p.file_name().is_some_and(|n| n == "journals")
+    })
+    .map_err(fail)?;
+    match Db::open(path) {
+        Ok(db) => Ok(db),
+        Err(e2) => {
+            tracing::warn!(store = %path.display(), error = %describe(&e2), "nothing of the store could be read; starting with an empty store (the original is kept aside)");
+            std::fs::remove_dir_all(path).map_err(fail)?;
+            Db::open(path).map_err(|e3| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                reason: describe(&e3),
+            })
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let p = entry.path();
+        if skip(&p) {
+            continue;
+        }
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&p, &dest, skip)?;
+        } else {
+            std::fs::copy(&p, &dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Called with each key and value of a keyspace.
+type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<(), BadRecord>;
+
+/// Reads every keyspace into a snapshot, drops what expired while the
+/// broker was down or has lost what it refers to, and builds the index.
+fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), StoreError> {
+    let now = records::now_ms();
+    let mut snap = Snapshot::default();
+    let mut index = Index::default();
+    let mut drop_keys: Vec<(u8, Vec<u8>)> = Vec::new();
+    let corrupt = |ks: u8, why: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!(
+            "a record in {} is unreadable ({why})",
+            NAMES[usize::from(ks)]
+        ),
+    };
+    // Unreadable records stop the start, unless recovering: then they are
+    // counted, dropped and logged.
+    let mut unreadable = |ks: u8, key: &[u8], why: &str| -> Result<(), StoreError> {
+        if !recover {
+            return Err(corrupt(ks, why));
+        }
+        snap.unreadable += 1;
+        drop_keys.push((ks, key.to_vec()));
+        Ok(())
+    };
+    let each = |ks: u8, f: Visit<'_>| {
+        let mut bad = Vec::new();
+        for kv in db.ks[usize::from(ks)].iter() {
+            let (k, v) = kv.into_inner().map_err(|e| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                reason: describe(&e),
+            })?;
+            if let Err(e) = f(&k, &v) {
+                bad.push((k.to_vec(), e));
+            }
+        }
+        Ok::<_, StoreError>(bad)
+    };
+    let mut expired: Vec<(u8, Vec<u8>)> = Vec::new();
+    let decode_msgs = |ks: u8,
+                       out: &mut Vec<crate::router::Message>,
+                       expired: &mut Vec<(u8, Vec<u8>)>|
+     -> Result<Vec<(Vec<u8>, BadRecord)>, StoreError> {
+        each(ks, &mut |k, v| {
+            match records::decode_message(v, now)? {
+                Some(m) => out.push(m),
+                None => expired.push((ks, k.to_vec())),
+            }
+            Ok(())
+        })
+    };
+    let bad = decode_msgs(RETAINED, &mut snap.retained, &mut expired)?;
+    for (k, e) in bad {
+        unreadable(RETAINED, &k, e.0)?;
+    }
+    let bad = decode_msgs(LVC, &mut snap.last_values, &mut expired)?;
+    for (k, e) in bad {
+        unreadable(LVC, &k, e.0)?;
+    }
+    let mut payloads: HashMap<u64, crate::router::Message> = HashMap::new();
+    let mut dead_payloads: HashSet<u64> = HashSet::new();
+    let bad = each(PAYLOADS, &mut |k, v| {
+        let id: [u8; 8] = k.try_into().map_err(|_| BadRecord("invalid payload key"))?;
+        let id = u64::from_be_bytes(id);
+        snap.max_payload_id = snap.max_payload_id.max(id);
+        match records::decode_message(v, now)? {
+            Some(m) => {
+                payloads.insert(id, m);
+            }
+            None => {
+                dead_payloads.insert(id);
+            }
+        }
+        Ok(())
+    })?;
+    for (k, e) in bad {
+        unreadable(PAYLOADS, &k, e.0)?;
+    }
+    let mut sessions: HashMap<Arc<str>, RestoredSession> = HashMap::new();
+    let bad = each(SESSIONS, &mut |k, v| {
+        let id = std::str::from_utf8(k).map_err(|_| BadRecord("invalid session key"))?;
+        let record = records::decode_session(v)?;
+        let gone = record
+            .disconnected_at_ms
+            .is_some_and(|at| at.saturating_add(record.expiry_secs.saturating_mul(1000)) <= now);
+        if gone {
+            expired.push((SESSIONS, k.to_vec()));
+        } else {
+            let id: Arc<str> = Arc::from(id);
+            sessions.insert(
+                id.clone(),
+                RestoredSession {
+                    id,
+                    record,
+                    queue: Vec::new(),
+                    incoming_qos2: Vec::new(),
+                },
+            );
+        }
+        Ok(())
+    })?;
+    for (k, e) in bad {
+        unreadable(SESSIONS, &k, e.0)?;
+    }
+    let mut orphans: Vec<(u8, Vec<u8>)> = Vec::new();
+    let bad = each(QUEUE, &mut |k, v| {
+        let (id, rest) = records::split_key(k)?;
+        let seq: [u8; 8] = rest
+            .try_into()
+            .map_err(|_| BadRecord("invalid queue key"))?;
+        let seq = u64::from_be_bytes(seq);
+        let entry = records::decode_entry(v)?;
+        let (Some(s), Some(m)) = (sessions.get_mut(id), payloads.get(&entry.payload)) else {
+            // Its session ended or expired, or the message expired.
+            orphans.push((QUEUE, k.to_vec()));
+            return Ok(());
+        };
+        *index.refs.entry(entry.payload).or_default() += 1;
+        index
+            .queues
+            .entry(s.id.clone())
+            .or_default()
+            .insert(seq, entry.payload);
+        s.queue.push((seq, entry, m.clone()));
+        Ok(())
+    })?;
+    for (k, e) in bad {
+        unreadable(QUEUE, &k, e.0)?;
+    }
+    let bad = each(QOS2, &mut |k, _| {
+        let (id, rest) = records::split_key(k)?;
+        let pkid: [u8; 2] = rest
+            .try_into()
+            .map_err(|_| BadRecord("invalid QoS 2 key"))?;
+        let pkid = u16::from_be_bytes(pkid);
+        match sessions.get_mut(id) {
+            Some(s) => {
+                s.incoming_qos2.push(pkid);
+                index.qos2.entry(s.id.clone()).or_default().insert(pkid);
+            }
+            None => orphans.push((QOS2, k.to_vec())),
+        }
+        Ok(())
+    })?;
+    for (k, e) in bad {
+        unreadable(QOS2, &k, e.0)?;
+    }
+    // Payloads nobody refers to any more (their sessions ended or the
+    // message expired) go too.
+    let unused: Vec<u64> = payloads
+        .keys()
+        .chain(dead_payloads.iter())
+        .filter(|id| !index.refs.contains_key(id))
+        .copied()
+        .collect();
+    snap.expired = expired.len();
+    let mut batch = db.db.batch().durability(Some(PersistMode::SyncAll));
+    let mut n = 0;
+    for (ks, k) in expired.into_iter().chain(orphans).chain(drop_keys) {
+        batch.remove(&db.ks[usize::from(ks)], k);
+        n += 1;
+    }
+    for id in unused {
+        batch.remove(&db.ks[usize::from(PAYLOADS)], id.to_be_bytes().to_vec());
+        n += 1;
+    }
+    if n > 0 {
+        batch
+            .commit()
+            .map_err(|e| StoreError::Write(describe(&e)))?;
+    }
+    for s in sessions.values_mut() {
+        s.queue.sort_unstable_by_key(|(seq, _, _)| *seq);
+    }
+    snap.sessions = sessions.into_values().collect();
+    Ok((snap, index))
+}
+
+fn write_loop(inner: &Inner, mut db: Db, mut index: Index) {
+    loop {
+        let (ops, first) = {
+            let mut p = inner.pending();
+            while p.ops.is_empty() && !p.closed {
+                p = inner.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if p.ops.is_empty() {
+                return;
+            }
+            if !inner.delay.is_zero() && p.ops.len() < inner.max_batch && !p.closed {
+                let (g, _) = inner
+                    .wake
+                    .wait_timeout(p, inner.delay)
+                    .unwrap_or_else(|e| e.into_inner());
+                p = g;
+            }
+            let rest = if p.ops.len() > inner.max_batch {
+                p.ops.split_off(inner.max_batch)
+            } else {
+                Vec::new()
+            };
+            let ops = std::mem::replace(&mut p.ops, rest);
+            let first = p.taken + 1;
+            p.taken += ops.len() as u64;
+            (ops, first)
+        };
+        let n = ops.len();
+        inner.backlog.fetch_sub(n, Ordering::Relaxed);
+        let last = first + n as u64 - 1;
+        match commit(inner, &db, &mut index, ops) {
+            Ok(()) => {
+                metrics::inc(&inner.metrics.store_commits);
+                inner.tickets.commit(last);
+            }
+            Err(e) => {
+                metrics::inc(&inner.metrics.store_write_errors);
+                inner.healthy.store(false, Ordering::Release);
+                tracing::error!(store = %inner.path.display(), error = %describe(&e), "the store could not write; QoS 1/2 publishes are refused until it can");
+                inner.tickets.fail(first, last);
+                // A failed write poisons the database: reopen it (which
+                // replays its journal) until that works, failing whatever
+                // arrives meanwhile.
+                let Some((d, i)) = reopen(inner) else { return };
+                db = d;
+                index = i;
+                inner.healthy.store(true, Ordering::Release);
+                tracing::info!(store = %inner.path.display(), "the store writes again");
+            }
+        }
+    }
+}
+
+fn reopen(inner: &Inner) -> Option<(Db, Index)> {
+    loop {
+        std::thread::sleep(REOPEN_EVERY);
+        // What arrived in the meantime cannot be written: fail it.
+        {
+            let mut p = inner.pending();
+            let n = p.ops.len();
+            if n > 0 {
+                let first = p.taken + 1;
+                p.taken += n as u64;
+                p.ops.clear();
+                inner.backlog.fetch_sub(n, Ordering::Relaxed);
+                inner.tickets.fail(first, first + n as u64 - 1);
+            }
+            if p.closed {
+                return None;
+            }
+        }
+        let opened = Db::open(&inner.path);
+        if let Ok(db) = opened
+            && let Ok((_, index)) = read_all(&db, &inner.path, true)
+        {
+            return Some((db, index));
+        }
+    }
+}
+
+fn commit(inner: &Inner, db: &Db, index: &mut Index, ops: Vec<Op>) -> fjall::Result<()> {
+    let mut fold = Fold::default();
+    for op in ops {
+        match op {
+            Op::Retain { topic, msg } => match msg {
+                Some(m) => fold.put(
+                    RETAINED,
+                    topic.as_bytes().to_vec(),
+                    records::encode_message(&m),
+                    false,
+                ),
+                None => fold.remove(RETAINED, topic.as_bytes().to_vec()),
+            },
+            Op::LastValue { topic, msg } => match msg {
+                Some(m) => fold.put(
+                    LVC,
+                    topic.as_bytes().to_vec(),
+                    records::encode_message(&m),
+                    false,
+                ),
+                None => fold.remove(LVC, topic.as_bytes().to_vec()),
+            },
+            Op::Session { id, record } => fold.put(
+                SESSIONS,
+                id.as_bytes().to_vec(),
+                records::encode_session(&record),
+                false,
+            ),
+            Op::EndSession { id } => {
+                fold.remove(SESSIONS, id.as_bytes().to_vec());
+                for (seq, payload) in index.queues.remove(&id).unwrap_or_default() {
+                    fold.remove(QUEUE, records::queue_key(&id, seq));
+                    if index.deref(payload) {
+                        fold.remove(PAYLOADS, payload.to_be_bytes().to_vec());
+                    }
+                }
+                for pkid in index.qos2.remove(&id).unwrap_or_default() {
+                    fold.remove(QOS2, records::qos2_key(&id, pkid));
+                }
+            }
+            Op::Enqueue {
+                session,
+                seq,
+                entry,
+                msg,
+            } => {
+                if let Some(m) = msg
+                    && !index.refs.contains_key(&entry.payload)
+                {
+                    fold.put(
+                        PAYLOADS,
+                        entry.payload.to_be_bytes().to_vec(),
+                        records::encode_message(&m),
+                        true,
+                    );
+                    // One reference for the routing still under way.
+                    index.refs.insert(entry.payload, 1);
+                }
+                if !index.refs.contains_key(&entry.payload) {
+                    // Its payload was in a batch that failed: nothing to refer to.
+                    continue;
+                }
+                fold.put(
+                    QUEUE,
+                    records::queue_key(&session, seq),
+                    records::encode_entry(&entry),
+                    true,
+                );
+                *index.refs.entry(entry.payload).or_default() += 1;
+                index
+                    .queues
+                    .entry(session)
+                    .or_default()
+                    .insert(seq, entry.payload);
+            }
+            Op::Routed { payload } => {
+                if index.deref(payload) {
+                    fold.remove(PAYLOADS, payload.to_be_bytes().to_vec());
+                }
+            }
+            Op::Delivery {
+                session,
+                seq,
+                entry,
+            } => {
+                if index
+                    .queues
+                    .get(&session)
+                    .is_some_and(|q| q.contains_key(&seq))
+                {
+                    fold.put(
+                        QUEUE,
+                        records::queue_key(&session, seq),
+                        records::encode_entry(&entry),
+                        false,
+                    );
+                }
+            }
+            Op::Dequeue {
+                session,
+                seq,
+                payload,
+            } => {
+                let had = index
+                    .queues
+                    .get_mut(&session)
+                    .is_some_and(|q| q.remove(&seq).is_some());
+                if had {
+                    fold.remove(QUEUE, records::queue_key(&session, seq));
+                    if index.deref(payload) {
+                        fold.remove(PAYLOADS, payload.to_be_bytes().to_vec());
+                    }
+                }
+            }
+            Op::Qos2In {
+                session,
+                pkid,
+                present,
+            } => {
+                let key = records::qos2_key(&session, pkid);
+                if present {
+                    let fresh = index.qos2.entry(session).or_default().insert(pkid);
+                    fold.put(QOS2, key, Vec::new(), fresh);
+                } else if index
+                    .qos2
+                    .get_mut(&session)
+                    .is_some_and(|s| s.remove(&pkid))
+                {
+                    fold.remove(QOS2, key);
+                }
+            }
+        }
+    }
+    if fold.changes.is_empty() {
+        return Ok(());
+    }
+    let mut batch = db.db.batch().durability(Some(inner.mode));
+    let mut bytes = 0u64;
+    for ((ks, key), c) in fold.changes {
+        let space = &db.ks[usize::from(ks)];
+        bytes += key.len() as u64;
+        match c.value {
+            Some(v) => {
+                bytes += v.len() as u64;
+                batch.insert(space, key, v);
+            }
+            None => batch.remove(space, key),
+        }
+    }
+    batch.commit()?;
+    metrics::add(&inner.metrics.store_bytes_written, bytes);
+    Ok(())
+}
+
+impl StateStore for Embedded {
+    fn persists(&self) -> bool {
+        true
+    }
+
+    fn submit(&self, op: Op) -> Ticket {
+        let mut p = self.inner.pending();
+        if p.closed {
+            return 0;
+        }
+        p.ops.push(op);
+        let t = p.taken + p.ops.len() as u64;
+        let first = p.ops.len() == 1;
+        drop(p);
+        self.inner.backlog.fetch_add(1, Ordering::Relaxed);
+        if first {
+            self.inner.wake.notify_one();
+        }
+        t
+    }
+
+    fn durable(&self, span: TicketSpan) -> Durable<'_> {
+        Box::pin(self.inner.tickets.wait(span.first, span.last))
+    }
+
+    fn is_durable(&self, ticket: Ticket) -> bool {
+        self.inner.tickets.is_done(ticket)
+    }
+
+    fn backlog(&self) -> usize {
+        self.inner.backlog.load(Ordering::Relaxed)
+    }
+
+    fn healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Acquire)
+    }
+
+    fn payload_id(&self) -> u64 {
+        self.inner.payload_ids.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default())
+    }
+
+    fn close(&self) {
+        {
+            let mut p = self.inner.pending();
+            p.closed = true;
+        }
+        self.inner.wake.notify_all();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        let last = self.inner.pending().taken;
+        self.inner.tickets.close(last);
+    }
+}
