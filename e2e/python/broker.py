@@ -53,9 +53,10 @@ class Broker:
 
     kind = "starling"
 
-    def __init__(self, env: dict[str, str] | None = None, name: str = "broker"):
+    def __init__(self, env: dict[str, str] | None = None, name: str = "broker", args: list[str] | None = None):
         self.name = name
         self.extra_env = dict(env or {})
+        self.args = list(args or [])
         self.listeners: dict[str, tuple[str, int]] = {}
         self.proc: subprocess.Popen | None = None
         self.stdout_lines: list[str] = []
@@ -109,7 +110,7 @@ class Broker:
         env.update(self.extra_env)
         self._stderr_file = open(self._stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [binary],
+            [binary, *self.args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -179,12 +180,18 @@ class Broker:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def kill9(self) -> None:
+        """SIGKILL, as a crash: nothing is flushed, nothing is said goodbye to."""
+        self._stopped_by_us = True
+        self._kill()
+        self.check_no_panic()
+
     def stop(self) -> None:
         """SIGTERM, SIGKILL after a deadline; then fail on panic / self-exit."""
         if self.proc is None:
             return
-        exited_on_its_own = self.proc.poll() is not None
-        if not exited_on_its_own:
+        exited_on_its_own = self.proc.poll() is not None and not self._stopped_by_us
+        if self.proc.poll() is None:
             self._stopped_by_us = True
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -237,9 +237,9 @@ impl Embedded {
 }
 
 /// `--recover-store`: the damaged store is kept as `store.damaged-<ms>`; a
-/// copy without its journal (whose tail is what could not be read) is
-/// opened, which keeps everything already flushed to table files. If even
-/// that fails the broker starts empty, and says so.
+/// copy without its journal files (`*.jnl`, the writes not yet flushed to
+/// table files) is opened, which keeps everything in the table files. If
+/// even that fails the broker starts empty, and says so.
 fn salvage(path: &Path, e: &fjall::Error) -> Result<Db, StoreError> {
     let aside = path.with_file_name(format!("store.damaged-{}", records::now_ms()));
     tracing::warn!(store = %path.display(), error = %describe(e), aside = %aside.display(), "the store cannot be opened; --recover-store keeps what is consistent and moves the original aside");
@@ -249,7 +249,7 @@ fn salvage(path: &Path, e: &fjall::Error) -> Result<Db, StoreError> {
     };
     std::fs::rename(path, &aside).map_err(fail)?;
     copy_dir(&aside, path, &|p: &Path| {
-        p.file_name().is_some_and(|n| n == "journals")
+        p.extension().is_some_and(|e| e == "jnl")
     })
     .map_err(fail)?;
     match Db::open(path) {
@@ -505,7 +505,9 @@ fn write_loop(inner: &Inner, mut db: Db, mut index: Index) {
                 inner.tickets.fail(first, last);
                 // A failed write poisons the database: reopen it (which
                 // replays its journal) until that works, failing whatever
-                // arrives meanwhile.
+                // arrives meanwhile. The old handle goes first: it holds
+                // the store's lock.
+                drop(db);
                 let Some((d, i)) = reopen(inner) else { return };
                 db = d;
                 index = i;
@@ -759,5 +761,181 @@ impl StateStore for Embedded {
         }
         let last = self.inner.pending().taken;
         self.inner.tickets.close(last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::{Message, SubIds};
+    use crate::store::{QueueEntry, SessionRecord};
+    use starling_codec::{ByteString, QoS};
+
+    fn config() -> StorageConfig {
+        StorageConfig::default()
+    }
+
+    fn msg(topic: &str, payload: &[u8]) -> Message {
+        Message {
+            topic: ByteString::from(topic),
+            payload: bytes::Bytes::copy_from_slice(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at: None,
+            origin: 0,
+        }
+    }
+
+    fn entry(payload: u64) -> QueueEntry {
+        QueueEntry {
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            sub_ids: SubIds::None,
+            pkid: 0,
+            released: false,
+        }
+    }
+
+    fn record() -> Arc<SessionRecord> {
+        Arc::new(SessionRecord {
+            owner: None,
+            expiry_secs: 3600,
+            disconnected_at_ms: None,
+            subscriptions: Vec::new(),
+            will: None,
+        })
+    }
+
+    fn open(dir: &Path, recover: bool) -> Result<Embedded, StoreError> {
+        Embedded::open(dir, &config(), recover, Arc::new(Metrics::default()))
+    }
+
+    async fn settle(s: &Embedded, t: Ticket) {
+        s.durable(TicketSpan { first: t, last: t })
+            .await
+            .expect("written");
+    }
+
+    #[tokio::test]
+    async fn fan_out_stores_one_payload_and_acknowledged_entries_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), false).unwrap();
+        let id = s.payload_id();
+        let body = msg("a/b", &[7; 1000]);
+        let mut last = 0;
+        for (i, name) in ["s1", "s2", "s3"].iter().enumerate() {
+            s.submit(Op::Session {
+                id: Arc::from(*name),
+                record: record(),
+            });
+            last = s.submit(Op::Enqueue {
+                session: Arc::from(*name),
+                seq: 0,
+                entry: entry(id),
+                msg: (i == 0).then(|| body.clone()),
+            });
+        }
+        last = last.max(s.submit(Op::Routed { payload: id }));
+        settle(&s, last).await;
+        // s1 acknowledged; s2's session ended; s3 still holds it.
+        s.submit(Op::Dequeue {
+            session: Arc::from("s1"),
+            seq: 0,
+            payload: id,
+        });
+        let t = s.submit(Op::EndSession {
+            id: Arc::from("s2"),
+        });
+        settle(&s, t).await;
+        s.close();
+        drop(s);
+        let s = open(dir.path(), false).unwrap();
+        let snap = s.load().unwrap();
+        let mut ids: Vec<_> = snap.sessions.iter().map(|r| r.id.to_string()).collect();
+        ids.sort();
+        assert_eq!(ids, ["s1", "s3"]);
+        let s3 = snap.sessions.iter().find(|r| &*r.id == "s3").unwrap();
+        assert_eq!(s3.queue.len(), 1);
+        assert_eq!(s3.queue[0].2.payload.len(), 1000);
+        assert!(
+            snap.sessions
+                .iter()
+                .find(|r| &*r.id == "s1")
+                .unwrap()
+                .queue
+                .is_empty()
+        );
+        assert_eq!(snap.max_payload_id, id);
+        s.close();
+    }
+
+    #[tokio::test]
+    async fn queued_and_acknowledged_in_one_batch_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let s = Embedded::open(dir.path(), &config(), false, m.clone()).unwrap();
+        let before = m.store_bytes_written.load(Ordering::Relaxed);
+        let id = s.payload_id();
+        // Held back so that all of it lands in one batch.
+        let ops = vec![
+            Op::Enqueue {
+                session: Arc::from("s"),
+                seq: 0,
+                entry: entry(id),
+                msg: Some(msg("t", b"x")),
+            },
+            Op::Routed { payload: id },
+            Op::Dequeue {
+                session: Arc::from("s"),
+                seq: 0,
+                payload: id,
+            },
+        ];
+        let mut idx = Index::default();
+        let db = Db::open(&dir.path().join("fold")).unwrap();
+        commit(&s.inner, &db, &mut idx, ops).unwrap();
+        assert_eq!(m.store_bytes_written.load(Ordering::Relaxed), before);
+        assert!(idx.refs.is_empty() && idx.queues.values().all(HashMap::is_empty));
+        s.close();
+    }
+
+    #[test]
+    fn an_unreadable_record_refuses_to_start_unless_recovering() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(&dir.path().join("store")).unwrap();
+            db.ks[usize::from(SESSIONS)]
+                .insert("broken", "not a session record")
+                .unwrap();
+            db.ks[usize::from(RETAINED)]
+                .insert("a/b", [0u8; 3])
+                .unwrap();
+            db.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let err = open(dir.path(), false).unwrap_err().to_string();
+        assert!(
+            err.contains("unreadable") && err.contains("--recover-store"),
+            "{err}"
+        );
+        let s = open(dir.path(), true).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.unreadable, 2);
+        assert!(snap.sessions.is_empty() && snap.retained.is_empty());
+        s.close();
+        drop(s);
+        // The unreadable records were dropped: a normal start works now.
+        let s = open(dir.path(), false).unwrap();
+        s.close();
+    }
+
+    #[test]
+    fn a_second_broker_on_the_same_data_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), false).unwrap();
+        let err = open(dir.path(), false).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        s.close();
     }
 }
