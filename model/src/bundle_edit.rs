@@ -45,13 +45,24 @@ pub struct NewToken {
 }
 
 /// What to change on an existing token; `None` leaves a field as it is.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct TokenUpdate {
     pub disabled: Option<bool>,
     pub description: Option<String>,
     /// A new secret: connections made with the old one are closed, because
     /// the reload sees the hash change.
     pub secret: Option<String>,
+}
+
+/// Redacted: requests end up in logs and error chains.
+impl std::fmt::Debug for TokenUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenUpdate")
+            .field("disabled", &self.disabled)
+            .field("description", &self.description)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 fn validated(b: AuthBundle) -> Result<AuthBundle, EditError> {

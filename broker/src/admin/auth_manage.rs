@@ -56,7 +56,9 @@ pub struct TokenReply {
 }
 
 /// A new token with its secret, shown this once (only its hash is kept).
-#[derive(Debug, Serialize, ToSchema)]
+/// No `Debug`, here and on the requests: they hold a secret, and a derived
+/// `Debug` is one log line away from printing it.
+#[derive(Serialize, ToSchema)]
 pub struct CreatedToken {
     pub username: String,
     /// The secret: the MQTT password (or HTTP bearer token).
@@ -69,14 +71,14 @@ pub struct CreatedToken {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct CreatedTokenReply {
     pub code: u32,
     pub data: CreatedToken,
 }
 
 /// `POST /api/v4/auth_username`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTokenRequest {
     /// The token's name.
@@ -97,7 +99,7 @@ pub struct NewTokenRequest {
 }
 
 /// `PUT /api/v4/auth_username/{username}`: the fields to change.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenUpdateRequest {
     /// `true` refuses the token and closes its connections; `false`

@@ -13,6 +13,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use starling_model::acl::AuthState;
 use starling_model::bundle::{AuthBundle, BundleError};
@@ -75,7 +76,12 @@ pub enum StoreError {
 
 /// Applies `edit` to the bundle file and puts the result in force; returns
 /// the new bundle. Nothing is written or applied when anything fails.
-pub async fn edit<F>(shared: &Shared, edit: F) -> Result<AuthBundle, StoreError>
+///
+/// The work runs in its own task: if the caller goes away (the HTTP client
+/// hangs up) the edit still either completes, applied, or never starts,
+/// and the lock is held until it is done, so no second edit can read the
+/// file while a first is half-way through writing it.
+pub async fn edit<F>(shared: &Arc<Shared>, edit: F) -> Result<AuthBundle, StoreError>
 where
     F: FnOnce(&AuthBundle) -> Result<AuthBundle, EditError> + Send + 'static,
 {
@@ -88,16 +94,20 @@ where
         }
         Source::None => return Err(StoreError::NoBundle),
     };
-    let _serial = shared.auth.edits.lock().await;
-    // File I/O and fsync block; keep them off the async workers.
-    let done = tokio::task::spawn_blocking(move || edit_file(&path, edit))
-        .await
-        .map_err(|e| StoreError::Aborted(e.to_string()))??;
-    let (bundle, bytes, state) = done;
-    // Still under the lock, so states go into force in the order their
-    // files were written.
-    super::watch::put_in_force(shared, state, &bytes, "admin API");
-    Ok(bundle)
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _serial = shared.auth.edits.lock().await;
+        // File I/O and fsync block; keep them off the async workers.
+        let (bundle, bytes, state) = tokio::task::spawn_blocking(move || edit_file(&path, edit))
+            .await
+            .map_err(|e| StoreError::Aborted(e.to_string()))??;
+        // Still under the lock, so states go into force in the order their
+        // files were written.
+        super::watch::put_in_force(&shared, state, &bytes, "admin API");
+        Ok(bundle)
+    })
+    .await
+    .map_err(|e| StoreError::Aborted(e.to_string()))?
 }
 
 /// Read, edit, check with the loader's own code, write. Returns the new
