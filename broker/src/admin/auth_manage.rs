@@ -82,10 +82,12 @@ pub struct CreatedTokenReply {
 #[serde(deny_unknown_fields)]
 pub struct NewTokenRequest {
     /// The token's name.
+    #[schema(min_length = 1)]
     pub username: String,
     /// Bring your own secret (at least 16 characters, no whitespace);
     /// without it the broker generates one.
     #[serde(default)]
+    #[schema(min_length = 16)]
     pub password: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
@@ -111,6 +113,7 @@ pub struct TokenUpdateRequest {
     pub description: Option<String>,
     /// A new secret; connections made with the old one are closed.
     #[serde(default)]
+    #[schema(min_length = 16)]
     pub password: Option<String>,
 }
 
@@ -132,7 +135,9 @@ pub enum EffectView {
 #[serde(deny_unknown_fields)]
 pub struct RuleView {
     /// Topic filters (wildcards allowed, no `$share/` prefix).
+    #[schema(min_items = 1)]
     pub topics: Vec<String>,
+    #[schema(min_items = 1)]
     pub actions: Vec<ActionView>,
     pub effect: EffectView,
 }
@@ -148,6 +153,7 @@ pub struct SelectorView {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AclView {
+    #[schema(min_length = 1)]
     pub name: String,
     /// Token names it applies to.
     #[serde(default)]
