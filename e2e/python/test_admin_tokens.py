@@ -52,6 +52,15 @@ def api(admin, method: str, path: str, body=None, raw: bytes | None = None):
         return e.code, json.loads(e.read())
 
 
+def api_headers(admin, method: str, path: str, body) -> dict:
+    """The response headers of one successful admin API call."""
+    host, port = admin
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=json.dumps(body).encode(), method=method)
+    req.add_header("Authorization", AUTH)
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        return {k.lower(): v for k, v in r.headers.items()}
+
+
 def initial_bundle(path: str) -> None:
     """An empty bundle; the fixture adds its tokens over the API."""
     doc = {"version": 1, "broker": BROKER_NAME, "hash_key": HASH_KEY, "tokens": [], "acls": []}
@@ -129,11 +138,12 @@ def test_create_connect_list_delete_closes_within_2s(standalone):
     secret = d["password"]
     assert d["generated"] is True and d["username"] == "dev1" and d["description"] == "bench rig"
     assert len(secret) == 43, "32 random bytes as URL-safe base64"
+    assert api_headers(adm, "POST", "/api/v4/auth_username", {"username": "dev1b"})["cache-control"] == "no-store"
     with open(path) as f:
         on_disk = f.read()
     assert secret not in on_disk, "the file holds only the hash"
     hashes = [t["secret_hash"] for t in json.loads(on_disk)["tokens"]]
-    assert len(hashes) == 2
+    assert len(hashes) == 3
 
     c = token_client(b, "dev1", secret)
     # The secret alone identifies the token too (username = broker name).
@@ -145,10 +155,10 @@ def test_create_connect_list_delete_closes_within_2s(standalone):
     assert secret not in text and KEEPER_SECRET not in text
     assert not any(h in text for h in hashes) and "secret_hash" not in text and "password" not in text
     by_name = {t["username"]: t for t in r["data"]}
-    assert set(by_name) == {"keeper", "dev1"}
+    assert set(by_name) == {"keeper", "dev1", "dev1b"}
     assert by_name["dev1"] == {"username": "dev1", "description": "bench rig", "disabled": False,
                                "expires_at": None, "expired": False, "labels": {}}
-    assert r["meta"]["count"] == 2
+    assert r["meta"]["count"] == 3
     status, one = api(adm, "GET", "/api/v4/auth_username/dev1")
     assert status == 200 and one["data"] == by_name["dev1"]
 
@@ -162,7 +172,7 @@ def test_create_connect_list_delete_closes_within_2s(standalone):
     again = token_client(b, "dev1", secret, expect_ok=False)
     assert again.connack_rc.is_failure
     again.close()
-    assert [t["name"] for t in json.load(open(path))["tokens"]] == ["keeper"]
+    assert [t["name"] for t in json.load(open(path))["tokens"]] == ["keeper", "dev1b"]
     still_served(b, keeper)
 
 

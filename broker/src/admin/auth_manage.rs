@@ -13,11 +13,11 @@ use std::time::SystemTime;
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use starling_model::bundle::{
-    AclEntry, Action, AuthBundle, BundleError, Effect, LabelSelector, Rule, RuleProblem, TokenEntry,
+    AclEntry, Action, BundleError, Effect, LabelSelector, Rule, RuleProblem, TokenEntry,
 };
 use starling_model::bundle_edit::{self, EditError, NewToken, TokenUpdate};
 use utoipa::ToSchema;
@@ -323,12 +323,21 @@ fn name_of(p: Result<Path<String>, PathRejection>) -> Result<String, Refusal> {
     })
 }
 
-fn in_force(shared: &crate::server::Shared) -> AuthBundle {
-    shared.auth.bundle_in_force().unwrap_or_else(|| AuthBundle {
-        tokens: Vec::new(),
-        acls: Vec::new(),
-        ..AuthBundle::new(shared.config.broker.name.clone())
-    })
+/// Without a bundle there is nothing to list (everything is allowed).
+fn tokens_in_force(shared: &crate::server::Shared) -> Vec<TokenEntry> {
+    shared
+        .auth
+        .bundle_in_force()
+        .map(|b| b.tokens)
+        .unwrap_or_default()
+}
+
+fn acls_in_force(shared: &crate::server::Shared) -> Vec<AclEntry> {
+    shared
+        .auth
+        .bundle_in_force()
+        .map(|b| b.acls)
+        .unwrap_or_default()
 }
 
 fn no_token(name: &str) -> Response {
@@ -357,8 +366,7 @@ pub async fn list_tokens(State(shared): State<SharedRef>, RawQuery(q): RawQuery)
         Err(e) => return emqx::refuse(e),
     };
     let now = SystemTime::now();
-    let items: Vec<TokenView> = in_force(&shared)
-        .tokens
+    let items: Vec<TokenView> = tokens_in_force(&shared)
         .iter()
         .map(|t| token_view(t, now))
         .collect();
@@ -386,7 +394,7 @@ pub async fn get_token(
         Ok(n) => n,
         Err(e) => return emqx::refuse(e),
     };
-    match in_force(&shared).tokens.iter().find(|t| t.name == name) {
+    match tokens_in_force(&shared).iter().find(|t| t.name == name) {
         Some(t) => emqx::ok(TokenReply {
             code: code::OK,
             data: token_view(t, SystemTime::now()),
@@ -431,7 +439,7 @@ pub async fn create_token(State(shared): State<SharedRef>, body: Bytes) -> Respo
     let Some(t) = bundle.tokens.iter().find(|t| t.name == name) else {
         return no_token(&name);
     };
-    emqx::ok(CreatedTokenReply {
+    let mut r = emqx::ok(CreatedTokenReply {
         code: code::OK,
         data: CreatedToken {
             username: t.name.clone(),
@@ -442,7 +450,11 @@ pub async fn create_token(State(shared): State<SharedRef>, body: Bytes) -> Respo
             expires_at: t.expires_at.clone(),
             labels: t.labels.clone(),
         },
-    })
+    });
+    // The one answer that carries a secret must not linger in a cache.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 /// Disables or enables a token, changes its description or its secret; a
@@ -536,7 +548,7 @@ pub async fn list_acls(State(shared): State<SharedRef>, RawQuery(q): RawQuery) -
         Ok(p) => p,
         Err(e) => return emqx::refuse(e),
     };
-    let items: Vec<AclView> = in_force(&shared).acls.iter().map(acl_view).collect();
+    let items: Vec<AclView> = acls_in_force(&shared).iter().map(acl_view).collect();
     let (data, meta) = emqx::page_of(items, &p);
     emqx::ok(AclsReply {
         code: code::OK,
@@ -561,7 +573,7 @@ pub async fn get_acl(
         Ok(n) => n,
         Err(e) => return emqx::refuse(e),
     };
-    match in_force(&shared).acls.iter().find(|a| a.name == name) {
+    match acls_in_force(&shared).iter().find(|a| a.name == name) {
         Some(a) => emqx::ok(AclReply {
             code: code::OK,
             data: acl_view(a),
