@@ -138,7 +138,12 @@ impl Broker {
         let tls_resolver = tls_resolver(&config)?;
         let bundle_stamp = config.auth.bundle.as_deref().map(crate::file_stamp::stamp);
         let hub = match &config.auth.bundle {
-            Some(path) => AuthHub::with_state(&config, auth::watch::load(path)?),
+            Some(path) => {
+                let (bytes, state) = auth::watch::load(path)?;
+                let hub = AuthHub::with_state(&config, state);
+                hub.remember(&bytes);
+                hub
+            }
             None => AuthHub::open(&config),
         };
         let metrics = Arc::new(Metrics::default());

@@ -180,3 +180,102 @@ async fn without_an_api_server_the_file_still_works_and_it_says_so_once() {
         .count();
     assert_eq!(warnings, 1, "said once:\n{log}");
 }
+
+/// One admin API call with the default credentials: (status, JSON body).
+async fn admin(b: &Broker, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = b.addr("admin");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the admin listener");
+    // admin:public, the loopback default.
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic YWRtaW46cHVibGlj\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("admin answer within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&all);
+    let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (status, serde_json::from_str(body).expect("a JSON body"))
+}
+
+#[tokio::test]
+async fn with_the_secret_watched_the_admin_api_lists_it_and_refuses_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    let _served = api.serve(listener);
+    // The Secret has a token the (lagging) mounted file does not.
+    api.put(&secret(&bundle(&[
+        ("alice", "alice-secret-0123456789"),
+        ("bob", "bob-secret-0123456789a"),
+    ])));
+    let only_alice = bundle(&[("alice", "alice-secret-0123456789")]);
+    let file = dir.path().join("bundle.json");
+    std::fs::write(&file, &only_alice).expect("bundle file");
+    let b = start(dir.path(), &file, &server);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let names = loop {
+        let (status, r) = admin(&b, "GET", "/api/v4/auth_username", "").await;
+        assert_eq!(status, 200, "{r}");
+        let names: Vec<String> = r["data"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|t| t["username"].as_str().map(str::to_owned))
+            .collect();
+        if names.len() == 2 || Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        names,
+        ["alice", "bob"],
+        "the Secret's bundle is listed\n{}",
+        b.log()
+    );
+
+    for (method, path, body) in [
+        ("POST", "/api/v4/auth_username", r#"{"username": "carol"}"#),
+        ("PUT", "/api/v4/auth_username/bob", r#"{"disabled": true}"#),
+        ("DELETE", "/api/v4/auth_username/bob", ""),
+        ("POST", "/api/v4/acl", r#"{"name": "a"}"#),
+    ] {
+        let (status, r) = admin(&b, method, path, body).await;
+        assert_eq!(
+            (status, r["code"].as_u64()),
+            (409, Some(111)),
+            "{method} {path}: {r}"
+        );
+        let msg = r["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("Token and ACL resources") && msg.contains(SECRET),
+            "{msg}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&file).expect("file"),
+        only_alice,
+        "file untouched"
+    );
+    // Bob, whom the refused DELETE named, still gets in.
+    Client::connect(opts(V5, &b, "bob-1", "bob", "bob-secret-0123456789a"))
+        .await
+        .disconnect()
+        .await;
+}

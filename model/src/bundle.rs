@@ -53,6 +53,10 @@ pub struct TokenEntry {
     pub name: String,
     /// Base64 of HMAC-SHA256(hash_key, secret).
     pub secret_hash: String,
+    /// For people reading the bundle or the admin API's token list; the
+    /// broker does not act on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     /// RFC 3339; the token stops working at this instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
@@ -83,6 +87,7 @@ impl std::fmt::Debug for TokenEntry {
         f.debug_struct("TokenEntry")
             .field("name", &self.name)
             .field("secret_hash", &"<redacted>")
+            .field("description", &self.description)
             .field("expires_at", &self.expires_at)
             .field("disabled", &self.disabled)
             .field("labels", &self.labels)
@@ -434,6 +439,7 @@ impl TokenEntry {
         TokenEntry {
             name: name.into(),
             secret_hash: key.hash_secret(secret),
+            description: None,
             expires_at: None,
             disabled: false,
             labels: BTreeMap::new(),

@@ -4,6 +4,7 @@
 
 pub mod acl;
 pub mod bundle;
+pub mod bundle_edit;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -33,10 +33,17 @@ use crate::session::Session;
 pub mod code {
     pub const OK: u32 = 0;
     pub const UNKNOWN: u32 = 102;
+    /// A token or ACL does not exist (EMQX: "user does not exist").
+    pub const NOT_FOUND: u32 = 105;
     pub const MISSING_PARAMETER: u32 = 107;
     pub const PARAMETER_ERROR: u32 = 108;
     pub const NOT_JSON: u32 = 109;
+    /// The bundle cannot be written on this broker (EMQX: "plugin is
+    /// closed", the nearest of its codes): operator-managed or none.
+    pub const READ_ONLY: u32 = 111;
     pub const CLIENT_OFFLINE: u32 = 112;
+    /// A token or ACL by that name exists (EMQX: "user already exists").
+    pub const EXISTS: u32 = 113;
     pub const ILLEGAL_TOPIC: u32 = 115;
 }
 
@@ -275,10 +282,10 @@ pub fn error(status: StatusCode, code: u32, message: impl Into<String>) -> Respo
 }
 
 /// A refusal: EMQX's return code and one sentence.
-type Refusal = (u32, String);
+pub(super) type Refusal = (u32, String);
 
 /// The answer to a refusal, with the HTTP status its code goes with.
-fn refuse((c, m): Refusal) -> Response {
+pub(super) fn refuse((c, m): Refusal) -> Response {
     error(status_of(c), c, m)
 }
 
@@ -294,7 +301,7 @@ fn offline(id: &str) -> Response {
     )
 }
 
-fn ok<T: Serialize>(body: T) -> Response {
+pub(super) fn ok<T: Serialize>(body: T) -> Response {
     (StatusCode::OK, Json(body)).into_response()
 }
 
@@ -351,18 +358,18 @@ fn sum(c: &[std::sync::atomic::AtomicU64; 3]) -> u64 {
 }
 
 /// The query string's pairs (later duplicates win).
-fn query(q: Option<&str>) -> BTreeMap<String, String> {
+pub(super) fn query(q: Option<&str>) -> BTreeMap<String, String> {
     form_urlencoded::parse(q.unwrap_or_default().as_bytes())
         .into_owned()
         .collect()
 }
 
-struct Page {
+pub(super) struct Page {
     page: u64,
     limit: u64,
 }
 
-fn paging(q: &BTreeMap<String, String>) -> Result<Page, Refusal> {
+pub(super) fn paging(q: &BTreeMap<String, String>) -> Result<Page, Refusal> {
     let num = |name: &str, default: u64| -> Result<u64, Refusal> {
         match q.get(name) {
             None => Ok(default),
@@ -382,7 +389,7 @@ fn paging(q: &BTreeMap<String, String>) -> Result<Page, Refusal> {
 }
 
 /// One page of `items` and its `meta`.
-fn page_of<T>(items: Vec<T>, p: &Page) -> (Vec<T>, Meta) {
+pub(super) fn page_of<T>(items: Vec<T>, p: &Page) -> (Vec<T>, Meta) {
     let count = items.len() as u64;
     let skip = (p.page - 1).saturating_mul(p.limit);
     let data: Vec<T> = items
@@ -452,7 +459,7 @@ fn client_path(p: Result<Path<String>, PathRejection>) -> Result<String, Refusal
 }
 
 /// The body as JSON: 109 when it is not.
-fn json_body(body: &Bytes) -> Result<Value, Refusal> {
+pub(super) fn json_body(body: &Bytes) -> Result<Value, Refusal> {
     serde_json::from_slice(body).map_err(|_| {
         (
             code::NOT_JSON,
@@ -869,6 +876,54 @@ pub async fn configs(State(shared): State<SharedRef>) -> Response {
         code: code::OK,
         data: super::nanomq::get_config(&shared),
     })
+}
+
+/// `PUT /api/v4/configs`: what the change did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigChangeData {
+    /// Fields now in force.
+    pub applied: Vec<String>,
+    /// Fields that differ from the running value and need a restart.
+    pub restart_required: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigChangeReply {
+    pub code: u32,
+    pub data: ConfigChangeData,
+}
+
+/// Sets configuration fields, named as `GET /api/v4/configs` shows them
+/// (the same decision as NanoMQ's req 12): what can change live is
+/// applied, the rest is listed as needing a restart, and an unknown field
+/// refuses the whole request.
+#[utoipa::path(put, path = "/api/v4/configs", tag = "emqx",
+    request_body(content = Object, description = "Fields to set, shaped as GET /api/v4/configs answers"),
+    responses(
+        (status = 200, description = "What was applied and what needs a restart", body = ConfigChangeReply),
+        (status = 400, description = "108 unknown field or not an object, 109 not JSON", body = ErrorReply),
+    ))]
+pub async fn set_configs(State(shared): State<SharedRef>, body: Bytes) -> Response {
+    let data = match json_body(&body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return bad(
+                code::PARAMETER_ERROR,
+                "the request body must be a JSON object.",
+            );
+        }
+        Err(e) => return refuse(e),
+    };
+    match super::configs::change(&shared, &data) {
+        Ok(c) => ok(ConfigChangeReply {
+            code: code::OK,
+            data: ConfigChangeData {
+                applied: c.applied,
+                restart_required: c.restart_required,
+            },
+        }),
+        Err(e) => bad(code::PARAMETER_ERROR, format!("{e}.")),
+    }
 }
 
 /// Publishes one request; `Err((code, sentence))` refuses it.

@@ -4,6 +4,8 @@
 //! the same listener for probes and scrapers; everything under `/api/`
 //! needs the admin credentials.
 
+pub mod auth_manage;
+pub mod configs;
 pub mod credentials;
 pub mod emqx;
 pub mod hivemq;
@@ -16,7 +18,7 @@ use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post, put};
 
 use crate::listen::SharedRef;
 use crate::listen::http::Peer;
@@ -60,6 +62,40 @@ pub fn table() -> Vec<(Method, &'static str, MethodRouter<SharedRef>)> {
         ),
         (Method::GET, "/api/v4/routes", get(emqx::routes)),
         (Method::GET, "/api/v4/configs", get(emqx::configs)),
+        (Method::PUT, "/api/v4/configs", put(emqx::set_configs)),
+        (
+            Method::GET,
+            "/api/v4/auth_username",
+            get(auth_manage::list_tokens),
+        ),
+        (
+            Method::POST,
+            "/api/v4/auth_username",
+            post(auth_manage::create_token),
+        ),
+        (
+            Method::GET,
+            "/api/v4/auth_username/{username}",
+            get(auth_manage::get_token),
+        ),
+        (
+            Method::PUT,
+            "/api/v4/auth_username/{username}",
+            put(auth_manage::update_token),
+        ),
+        (
+            Method::DELETE,
+            "/api/v4/auth_username/{username}",
+            delete(auth_manage::delete_token),
+        ),
+        (Method::GET, "/api/v4/acl", get(auth_manage::list_acls)),
+        (Method::POST, "/api/v4/acl", post(auth_manage::create_acl)),
+        (Method::GET, "/api/v4/acl/{name}", get(auth_manage::get_acl)),
+        (
+            Method::DELETE,
+            "/api/v4/acl/{name}",
+            delete(auth_manage::delete_acl),
+        ),
         (Method::POST, "/api/v4/mqtt/publish", post(emqx::publish)),
         (
             Method::POST,

@@ -194,75 +194,17 @@ pub fn get_config(shared: &Shared) -> Value {
     })
 }
 
-/// req 12: NanoMQ's fields we know are checked; nothing here changes live
-/// (the config is read at startup), so each known field that differs from
-/// the running value is reported as needing a restart and any unknown one
-/// refuses the request (108) with nothing applied.
+/// req 12: the decision is [`super::configs::change`], shared with EMQX's
+/// `PUT /api/v4/configs`; a refusal is NanoMQ's 108.
 fn set_config(shared: &Shared, data: &Map<String, Value>, seq: &Value, rep: u64) -> Response {
-    let current = get_config(shared);
-    let mut unknown = Vec::new();
-    let mut restart = Vec::new();
-    diff("", data, &current, &mut unknown, &mut restart);
-    if !unknown.is_empty() {
-        return bad(
-            code::PARAMETER_ERROR,
+    match super::configs::change(shared, data) {
+        Ok(c) => reply(
+            StatusCode::OK,
+            code::OK,
             Some(seq),
-            &format!(
-                "unknown configuration fields {}; nothing was applied",
-                unknown.join(", ")
-            ),
-        );
-    }
-    reply(
-        StatusCode::OK,
-        code::OK,
-        Some(seq),
-        Some(rep),
-        Some(json!({"applied": [], "restart_required": restart})),
-    )
-}
-
-/// NanoMQ fields we accept in req 12 without a counterpart (they tune
-/// NanoMQ's own threads or features we do not have): ignored, not refused.
-const IGNORED: &[&str] = &[
-    "num_taskq_thread",
-    "max_taskq_thread",
-    "parallel",
-    "qos_duration",
-    "daemon",
-    "bridge",
-    "tls.key",
-    "tls.cert",
-    "tls.cacert",
-    "tls.key_password",
-    "tls.keypass",
-    "http_server.password",
-    "http_server.auth_type",
-];
-
-fn diff(
-    prefix: &str,
-    new: &Map<String, Value>,
-    cur: &Value,
-    unknown: &mut Vec<String>,
-    restart: &mut Vec<String>,
-) {
-    for (k, v) in new {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        if IGNORED.contains(&path.as_str()) {
-            continue;
-        }
-        match (v, cur.get(k)) {
-            (_, None) => unknown.push(path),
-            (Value::Object(inner), Some(c @ Value::Object(_))) if path != "starling" => {
-                diff(&path, inner, c, unknown, restart)
-            }
-            (v, Some(c)) if v != c => restart.push(path),
-            _ => {}
-        }
+            Some(rep),
+            Some(json!({"applied": c.applied, "restart_required": c.restart_required})),
+        ),
+        Err(e) => bad(code::PARAMETER_ERROR, Some(seq), &e.to_string()),
     }
 }

@@ -13,7 +13,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{emqx, hivemq};
+use super::{auth_manage, emqx, hivemq};
 
 /// What a request without (103/104: wrong or missing) admin credentials
 /// gets, with HTTP 401.
@@ -110,6 +110,16 @@ fn serve() -> Response {
         emqx::client_subscriptions,
         emqx::routes,
         emqx::configs,
+        emqx::set_configs,
+        auth_manage::list_tokens,
+        auth_manage::create_token,
+        auth_manage::get_token,
+        auth_manage::update_token,
+        auth_manage::delete_token,
+        auth_manage::list_acls,
+        auth_manage::create_acl,
+        auth_manage::get_acl,
+        auth_manage::delete_acl,
         emqx::publish,
         emqx::publish_batch,
         emqx::subscribe,

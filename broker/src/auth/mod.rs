@@ -5,6 +5,7 @@
 //! it to connections.
 
 pub mod limiter;
+pub mod store;
 pub mod watch;
 
 use std::net::IpAddr;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
 use starling_model::acl::{AuthError, AuthState, Principal};
+use starling_model::bundle::AuthBundle;
 use starling_model::config::BrokerConfig;
 use tokio::sync::Notify;
 
@@ -44,6 +46,10 @@ pub struct AuthHub {
     /// The bundle Secret is being watched through the API server and is
     /// current: the mounted file, which lags, is then not read.
     api_live: AtomicBool,
+    /// Held across read, edit, write and apply of the bundle file by the
+    /// admin API, so two concurrent edits cannot both start from the same
+    /// file and lose one another's change.
+    pub edits: tokio::sync::Mutex<()>,
 }
 
 impl AuthHub {
@@ -63,6 +69,7 @@ impl AuthHub {
             changed: Notify::new(),
             last_bytes: Mutex::new(Vec::new()),
             api_live: AtomicBool::new(false),
+            edits: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -89,6 +96,18 @@ impl AuthHub {
         let mut last = self.last_bytes.lock().unwrap_or_else(|e| e.into_inner());
         last.clear();
         last.extend_from_slice(bytes);
+    }
+
+    /// The bundle in force as a document (for the admin API's lists);
+    /// `None` when the broker runs without one.
+    pub fn bundle_in_force(&self) -> Option<AuthBundle> {
+        let bytes = self.last_bytes.lock().unwrap_or_else(|e| e.into_inner());
+        if bytes.is_empty() {
+            return None;
+        }
+        // These bytes were put in force, so they parsed then; parse cannot
+        // fail now, and `None` is the honest answer if it ever did.
+        AuthBundle::parse(&bytes).ok()
     }
 
     /// The failure limiter, shared with the admin API's Basic check.

@@ -33,15 +33,18 @@ pub enum LoadError {
     },
 }
 
-pub fn load(path: &Path) -> Result<AuthState, LoadError> {
+/// The bundle file's bytes and their compiled state. The bytes are kept
+/// (`AuthHub::remember`) so the admin API can list what is in force.
+pub fn load(path: &Path) -> Result<(Vec<u8>, AuthState), LoadError> {
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    AuthState::load(&bytes).map_err(|source| LoadError::Invalid {
+    let state = AuthState::load(&bytes).map_err(|source| LoadError::Invalid {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    Ok((bytes, state))
 }
 
 /// Tells every connected client's task to re-check its token and
@@ -102,26 +105,32 @@ pub fn apply_bytes(shared: &Shared, bytes: &[u8], origin: &str) {
         return;
     }
     match AuthState::load(bytes) {
-        Ok(state) => {
-            let old = shared.auth.replace(state);
-            shared.auth.remember(bytes);
-            let new = shared.auth.current();
-            let revoked = new.revoked_since(&old, SystemTime::now());
-            metrics::inc(&shared.metrics.bundle_reloads);
-            tracing::info!(
-                origin,
-                tokens = new.token_count(),
-                acls = new.acl_count(),
-                revoked = ?revoked,
-                "auth bundle reloaded"
-            );
-            recheck_all(shared);
-        }
+        Ok(state) => put_in_force(shared, state, bytes, origin),
         Err(e) => {
             metrics::inc(&shared.metrics.bundle_errors);
             tracing::error!(origin, error = %e, "auth bundle rejected; keeping the one already in force");
         }
     }
+}
+
+/// Replaces the bundle in force with `state` (compiled from `bytes`) and
+/// re-checks every connection, so revoked tokens are cut off and changed
+/// ACLs bite. The admin API's bundle edits come through here too, so they
+/// act exactly like a reload of the file.
+pub fn put_in_force(shared: &Shared, state: AuthState, bytes: &[u8], origin: &str) {
+    let old = shared.auth.replace(state);
+    shared.auth.remember(bytes);
+    let new = shared.auth.current();
+    let revoked = new.revoked_since(&old, SystemTime::now());
+    metrics::inc(&shared.metrics.bundle_reloads);
+    tracing::info!(
+        origin,
+        tokens = new.token_count(),
+        acls = new.acl_count(),
+        revoked = ?revoked,
+        "auth bundle reloaded"
+    );
+    recheck_all(shared);
 }
 
 /// Sleeps until the next token expiry and then re-checks connections, so

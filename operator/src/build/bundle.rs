@@ -85,6 +85,7 @@ pub fn auth_bundle(
         entries.push(TokenEntry {
             name: t.name.clone(),
             secret_hash: hash,
+            description: None,
             expires_at: t.expires_at.clone(),
             disabled: t.disabled,
             labels: t.labels.clone(),
