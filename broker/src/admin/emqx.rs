@@ -1117,7 +1117,7 @@ pub fn subscribe_for(
     }
     st.subscriptions.insert(ByteString::from(key), opts);
     drop(st);
-    s.save();
+    s.store_subscription(key, &opts);
     if parsed.share_group.is_none() {
         let mut span = crate::store::TicketSpan::default();
         if opts.pub_states {
@@ -1149,7 +1149,7 @@ pub fn unsubscribe_for(s: &Session, shared: &Shared, raw: &str) -> bool {
     }
     drop(st);
     if had {
-        s.save();
+        s.unstore_subscription(key);
     }
     had
 }

@@ -67,6 +67,7 @@ impl Connection {
             let grant = self.principal.grant_subscribe(parsed.filter);
             if !grant.allowed() {
                 self.session.lock().subscriptions.remove(&raw);
+                self.session.unstore_subscription(&raw);
                 self.shared
                     .router
                     .unsubscribe(self.session.key, parsed.filter, parsed.share_group);
@@ -88,6 +89,8 @@ impl Connection {
                         parsed.share_group,
                         opts,
                     );
+                    drop(st);
+                    self.session.store_subscription(&raw, &opts);
                 }
             }
         }

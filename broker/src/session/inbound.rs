@@ -318,9 +318,6 @@ impl Connection {
                 }
             }
         }
-        // The SUBACK waits for the subscriptions to be stored.
-        let t = self.session.save();
-        self.gate.note(t);
         self.write_packet(&Packet::SubAck(SubAck {
             pkid: s.pkid,
             codes,
@@ -401,6 +398,9 @@ impl Connection {
         };
         st.subscriptions.insert(ByteString::from(key), opts);
         drop(st);
+        // The SUBACK waits for the subscription to be stored.
+        let t = self.session.store_subscription(key, &opts);
+        self.gate.note(t);
         let send_retained = parsed.share_group.is_none()
             && (opts.pub_states
                 || match f.retain_handling {
@@ -440,6 +440,10 @@ impl Connection {
                     .unsubscribe(self.session.key, p.filter, p.share_group);
             }
             drop(st);
+            if existed {
+                let t = self.session.unstore_subscription(raw);
+                self.gate.note(t);
+            }
             codes.push(if existed {
                 reason::SUCCESS
             } else {
@@ -449,8 +453,6 @@ impl Connection {
         if !self.version.is_v5() {
             codes.clear();
         }
-        let t = self.session.save();
-        self.gate.note(t);
         self.write_packet(&Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
             codes,

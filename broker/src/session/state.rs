@@ -240,12 +240,29 @@ impl Session {
                 let ago = Instant::now().saturating_duration_since(at);
                 now.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))
             }),
-            subscriptions: st
-                .subscriptions
-                .iter()
-                .map(|(f, o)| StoredSub::new(f, o))
-                .collect(),
             will: st.stored_will.as_deref().cloned(),
+        }
+    }
+
+    /// A subscription was added or changed (persisted sessions).
+    pub fn store_subscription(&self, filter: &str, opts: &SubOptions) -> Ticket {
+        match self.store() {
+            Some(store) => store.submit(Op::Subscribe {
+                session: self.client_id.clone(),
+                sub: StoredSub::new(filter, opts),
+            }),
+            None => 0,
+        }
+    }
+
+    /// A subscription was removed (persisted sessions).
+    pub fn unstore_subscription(&self, filter: &str) -> Ticket {
+        match self.store() {
+            Some(store) => store.submit(Op::Unsubscribe {
+                session: self.client_id.clone(),
+                filter: filter.to_owned(),
+            }),
+            None => 0,
         }
     }
 

@@ -34,7 +34,10 @@ const SESSIONS: u8 = 2;
 const PAYLOADS: u8 = 3;
 const QUEUE: u8 = 4;
 const QOS2: u8 = 5;
-const NAMES: [&str; 6] = ["retained", "lvc", "sessions", "payloads", "queue", "qos2"];
+const SUBS: u8 = 6;
+const NAMES: [&str; 7] = [
+    "retained", "lvc", "sessions", "payloads", "queue", "qos2", "subs",
+];
 
 /// How long the writer waits before reopening the store after a failed write.
 const REOPEN_EVERY: Duration = Duration::from_millis(500);
@@ -379,6 +382,7 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
                 RestoredSession {
                     id,
                     record,
+                    subscriptions: Vec::new(),
                     queue: Vec::new(),
                     incoming_qos2: Vec::new(),
                 },
@@ -390,6 +394,18 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
         unreadable(SESSIONS, &k, e.0)?;
     }
     let mut orphans: Vec<(u8, Vec<u8>)> = Vec::new();
+    let bad = each(SUBS, &mut |k, v| {
+        let (id, _) = records::split_key(k)?;
+        let sub = records::decode_sub(v)?;
+        match sessions.get_mut(id) {
+            Some(s) => s.subscriptions.push(sub),
+            None => orphans.push((SUBS, k.to_vec())),
+        }
+        Ok(())
+    })?;
+    for (k, e) in bad {
+        unreadable(SUBS, &k, e.0)?;
+    }
     let bad = each(QUEUE, &mut |k, v| {
         let (id, rest) = records::split_key(k)?;
         let seq: [u8; 8] = rest
@@ -573,8 +589,33 @@ fn commit(inner: &Inner, db: &Db, index: &mut Index, ops: Vec<Op>) -> fjall::Res
                 records::encode_session(&record),
                 false,
             ),
+            Op::Subscribe { session, sub } => fold.put(
+                SUBS,
+                records::sub_key(&session, &sub.filter),
+                records::encode_sub(&sub),
+                false,
+            ),
+            Op::Unsubscribe { session, filter } => {
+                fold.remove(SUBS, records::sub_key(&session, &filter));
+            }
             Op::EndSession { id } => {
                 fold.remove(SESSIONS, id.as_bytes().to_vec());
+                // Its subscriptions: those on disk, and those added in this
+                // batch (not on disk yet). Read here, once per ended session.
+                let prefix = records::session_prefix(&id);
+                for kv in db.ks[usize::from(SUBS)].prefix(&prefix) {
+                    let (k, _) = kv.into_inner()?;
+                    fold.remove(SUBS, k.to_vec());
+                }
+                let pending: Vec<Vec<u8>> = fold
+                    .changes
+                    .keys()
+                    .filter(|(ks, k)| *ks == SUBS && k.starts_with(&prefix))
+                    .map(|(_, k)| k.clone())
+                    .collect();
+                for k in pending {
+                    fold.remove(SUBS, k);
+                }
                 for (seq, payload) in index.queues.remove(&id).unwrap_or_default() {
                     fold.remove(QUEUE, records::queue_key(&id, seq));
                     if index.deref(payload) {
@@ -803,7 +844,6 @@ mod tests {
             owner: None,
             expiry_secs: 3600,
             disconnected_at_ms: None,
-            subscriptions: Vec::new(),
             will: None,
         })
     }
@@ -899,6 +939,61 @@ mod tests {
         assert_eq!(m.store_bytes_written.load(Ordering::Relaxed), before);
         assert!(idx.refs.is_empty() && idx.queues.values().all(HashMap::is_empty));
         s.close();
+    }
+
+    #[tokio::test]
+    async fn subscriptions_are_stored_one_by_one_and_go_with_their_session() {
+        use crate::router::SubOptions;
+        use crate::store::StoredSub;
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), false).unwrap();
+        let sub = |f: &str| StoredSub::new(f, &SubOptions::default());
+        for id in ["keep", "end"] {
+            s.submit(Op::Session {
+                id: Arc::from(id),
+                record: record(),
+            });
+            for f in ["a/#", "b/+", "c"] {
+                s.submit(Op::Subscribe {
+                    session: Arc::from(id),
+                    sub: sub(f),
+                });
+            }
+        }
+        let t = s.submit(Op::Unsubscribe {
+            session: Arc::from("keep"),
+            filter: "b/+".into(),
+        });
+        settle(&s, t).await;
+        // Ended in a later batch than its subscriptions, plus one added in
+        // the same batch as the end.
+        s.submit(Op::Subscribe {
+            session: Arc::from("end"),
+            sub: sub("d"),
+        });
+        let t = s.submit(Op::EndSession {
+            id: Arc::from("end"),
+        });
+        settle(&s, t).await;
+        s.close();
+        drop(s);
+        let s = open(dir.path(), false).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.sessions.len(), 1);
+        let mut filters: Vec<_> = snap.sessions[0]
+            .subscriptions
+            .iter()
+            .map(|x| x.filter.clone())
+            .collect();
+        filters.sort();
+        assert_eq!(filters, ["a/#", "c"]);
+        s.close();
+        drop(s);
+        let raw = Db::open(&dir.path().join("store")).unwrap();
+        let left = raw.ks[usize::from(SUBS)]
+            .prefix(records::session_prefix("end"))
+            .count();
+        assert_eq!(left, 0, "an ended session leaves no subscription behind");
     }
 
     #[test]

@@ -48,14 +48,18 @@ pub enum Op {
         topic: ByteString,
         msg: Option<Message>,
     },
-    /// A persistent session created or changed (subscriptions, expiry,
-    /// will, connected or not): the whole record, which is small.
+    /// A persistent session created or changed (expiry, will, connected or
+    /// not): the whole record, which is small.
     Session {
         id: Arc<str>,
         record: Arc<SessionRecord>,
     },
-    /// A session and everything queued for it is gone.
+    /// A session and everything it holds (subscriptions, queue) is gone.
     EndSession { id: Arc<str> },
+    /// A subscription of a persistent session added or changed.
+    Subscribe { session: Arc<str>, sub: StoredSub },
+    /// A subscription removed (by the filter the client used).
+    Unsubscribe { session: Arc<str>, filter: String },
     /// A QoS 1/2 message queued for a persistent session. The first
     /// session to queue a message carries its body (`msg`), which is
     /// stored once however many sessions queue it; until [`Op::Routed`]
@@ -167,6 +171,7 @@ pub struct Snapshot {
 pub struct RestoredSession {
     pub id: Arc<str>,
     pub record: SessionRecord,
+    pub subscriptions: Vec<StoredSub>,
     /// In queue order.
     pub queue: Vec<(u64, QueueEntry, Message)>,
     pub incoming_qos2: Vec<u16>,

@@ -22,14 +22,14 @@ use crate::router::{Message, SubIds, SubOptions};
 pub struct BadRecord(pub &'static str);
 
 /// A persistent session as stored: everything needed to rebuild it except
-/// its queue (own keyspace) and incoming QoS 2 ids.
+/// its subscriptions, queue and incoming QoS 2 ids, which have keyspaces of
+/// their own so that one SUBSCRIBE or acknowledgement writes one small record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub owner: Option<String>,
     pub expiry_secs: u64,
     /// Unix milliseconds when its client left; `None` while connected.
     pub disconnected_at_ms: Option<u64>,
-    pub subscriptions: Vec<StoredSub>,
     /// The connected client's will, published after a crash as after any
     /// connection lost without DISCONNECT.
     pub will: Option<StoredWill>,
@@ -192,6 +192,20 @@ pub fn decode_entry(b: &[u8]) -> Result<QueueEntry, BadRecord> {
     })
 }
 
+pub fn encode_sub(s: &StoredSub) -> Vec<u8> {
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+pub fn decode_sub(b: &[u8]) -> Result<StoredSub, BadRecord> {
+    serde_json::from_slice(b).map_err(|_| BadRecord("subscription record is not valid"))
+}
+
+pub fn sub_key(id: &str, filter: &str) -> Vec<u8> {
+    let mut k = session_prefix(id);
+    k.extend_from_slice(filter.as_bytes());
+    k
+}
+
 pub fn encode_session(r: &SessionRecord) -> Vec<u8> {
     // A record of plain fields: serialization cannot fail.
     serde_json::to_vec(r).unwrap_or_default()
@@ -325,23 +339,11 @@ mod tests {
     }
 
     #[test]
-    fn session_records_round_trip() {
+    fn session_and_subscription_records_round_trip() {
         let r = SessionRecord {
             owner: Some("dev".into()),
             expiry_secs: 3600,
             disconnected_at_ms: Some(5),
-            subscriptions: vec![StoredSub::new(
-                "$share/g/a/#",
-                &SubOptions {
-                    qos: QoS::ExactlyOnce,
-                    no_local: true,
-                    retain_as_published: true,
-                    retain_handling: 2,
-                    sub_id: 4,
-                    check_read: true,
-                    pub_states: false,
-                },
-            )],
             will: Some(StoredWill {
                 message: vec![1, 2],
                 delay_secs: 9,
@@ -349,6 +351,26 @@ mod tests {
         };
         assert_eq!(decode_session(&encode_session(&r)).unwrap(), r);
         assert!(decode_session(b"{").is_err());
-        assert_eq!(r.subscriptions[0].options().unwrap().qos, QoS::ExactlyOnce);
+        let sub = StoredSub::new(
+            "$share/g/a/#",
+            &SubOptions {
+                qos: QoS::ExactlyOnce,
+                no_local: true,
+                retain_as_published: true,
+                retain_handling: 2,
+                sub_id: 4,
+                check_read: true,
+                pub_states: false,
+            },
+        );
+        let back = decode_sub(&encode_sub(&sub)).unwrap();
+        assert_eq!(back, sub);
+        assert_eq!(back.options().unwrap().qos, QoS::ExactlyOnce);
+        let mut bad = sub.clone();
+        bad.qos = 3;
+        assert!(decode_sub(&encode_sub(&bad)).unwrap().options().is_err());
+        let key = sub_key("dev", "a/#");
+        let (id, filter) = split_key(&key).unwrap();
+        assert_eq!((id, filter), ("dev", &b"a/#"[..]));
     }
 }

@@ -60,7 +60,7 @@ pub fn restore(shared: &Arc<Shared>, snap: Snapshot) -> Restored {
             disconnected_at,
         );
         session.persist_in(&shared.router.store);
-        for sub in &rec.subscriptions {
+        for sub in &s.subscriptions {
             let (Ok(opts), Ok(p)) = (
                 sub.options(),
                 starling_model::topic::parse_subscription(&sub.filter),
