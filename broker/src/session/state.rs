@@ -15,7 +15,7 @@ use starling_model::acl::Principal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::{self, Metrics};
+use crate::metrics::{DropReason, Metrics};
 use crate::router::{Delivery, SubOptions};
 
 /// The wake-up line between publishers (and the registry) and the one
@@ -298,7 +298,7 @@ impl Session {
         let qos = d.qos as usize;
         let online = st.link.is_some();
         if !online && d.qos == QoS::AtMostOnce {
-            metrics::inc(&metrics.messages_dropped[qos]);
+            metrics.dropped(qos, DropReason::Offline);
             return Queued::Dropped;
         }
         let reliable = online && d.qos != QoS::AtMostOnce;
@@ -307,7 +307,7 @@ impl Session {
         if st.queue.len() >= st.limits.max_messages * allowance
             || st.queued_bytes + cost > st.limits.max_bytes * allowance
         {
-            metrics::inc(&metrics.messages_dropped[qos]);
+            metrics.dropped(qos, DropReason::QueueFull);
             return Queued::Dropped;
         }
         st.queued_bytes += cost;
