@@ -233,7 +233,7 @@ async fn observable_metrics_are_exported_over_otlp_http() -> anyhow::Result<()> 
                         found.push((
                             scope.map(str::to_owned),
                             attrs(&p.attributes).get("route").map(|r| r.to_string()),
-                            p.value.clone(),
+                            p.value,
                         ));
                     }
                 }
