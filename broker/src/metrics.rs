@@ -359,7 +359,10 @@ impl AdminMetrics {
 
     fn each_count(&self, emit: Emit) {
         let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        for ((route, method), r) in routes.iter() {
+        let mut sorted: Vec<_> = routes.iter().collect();
+        // A stable order makes scrapes diffable.
+        sorted.sort_by_key(|(k, _)| *k);
+        for ((route, method), r) in sorted {
             for (i, &n) in r.statuses.iter().enumerate() {
                 if n > 0 {
                     emit(
