@@ -171,4 +171,15 @@ mod tests {
             assert_eq!(cli.run.namespace.as_deref(), Some("iot"), "{args:?}");
         }
     }
+
+    #[test]
+    fn log_format_takes_text_or_json_before_or_after_run() {
+        let cli = Cli::try_parse_from(["starling-operator", "run", "--log-format", "json"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.run.log_format, LogFormat::Json);
+        let cli = Cli::try_parse_from(["starling-operator", "--log-format", "text"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.run.log_format, LogFormat::Text);
+        assert!(Cli::try_parse_from(["starling-operator", "--log-format", "yaml"]).is_err());
+    }
 }

@@ -72,6 +72,9 @@ pub async fn serve<T: Transport>(
     let mut open = shared.metrics.open_connection(listener);
     let why = serve_inner(&shared, t, peer, &mut open, &span).await;
     span.record("reason", why.as_ref());
+    // Closed before the connection stops counting: shutdown waits for the
+    // count to reach zero and then flushes the spans, this one included.
+    drop(span);
     drop(open);
 }
 
