@@ -70,7 +70,9 @@ fn cors(shared: &SharedRef) -> Option<CorsLayer> {
 }
 
 /// Counts every request of the http/https listeners by route and status,
-/// with its duration (for upgrades: until the 101).
+/// with its duration (for upgrades: until the 101). `/broker/` publishes and
+/// retrieves are also one span each; upgrades are not (an MQTT-over-WebSocket
+/// client gets its connection span instead).
 pub async fn track(State(shared): State<SharedRef>, req: Request, next: Next) -> Response {
     let path = req
         .extensions()
