@@ -16,6 +16,7 @@ pub mod http;
 pub mod listen;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -30,6 +30,15 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
+/// A client-supplied string cut to [`SHOWN_CHARS`] characters, for span
+/// fields (which every output escapes itself).
+pub fn cut(s: &str) -> &str {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 /// An optional client value for a log line.
 pub fn shown(v: Option<&str>) -> Shown<'_> {
     Shown(v.unwrap_or(""))

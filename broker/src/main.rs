@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use starling_broker::Broker;
 use starling_broker::settings::{self, Overrides};
-use tracing_subscriber::EnvFilter;
+use starling_telemetry::LogFormat;
 
 /// Starling MQTT broker.
 ///
@@ -20,6 +20,9 @@ use tracing_subscriber::EnvFilter;
 /// STARLING_<SECTION>_<KEY>, e.g. STARLING_MQTT_BIND=0.0.0.0:1883 or
 /// STARLING_LIMITS_MAX_CONNECTIONS=5000. Flags win over the environment,
 /// the environment over the file.
+///
+/// Logs go to stderr (RUST_LOG filters them). With OTEL_EXPORTER_OTLP_ENDPOINT
+/// set, traces and metrics are also exported over OTLP/HTTP.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -41,6 +44,9 @@ struct Cli {
     /// Serve the TLS listeners with a generated certificate (development).
     #[arg(long)]
     self_signed: bool,
+    /// Log line format on stderr.
+    #[arg(long, env = "STARLING_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -97,13 +103,6 @@ fn main() -> anyhow::Result<()> {
             *json,
         );
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let overrides = Overrides {
         config: cli.config.clone(),
         data_dir: cli.data_dir.clone(),
@@ -123,11 +122,34 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run(config))
+    rt.block_on(run(config, cli.log_format))
 }
 
-async fn run(config: starling_model::config::BrokerConfig) -> anyhow::Result<()> {
+async fn run(
+    config: starling_model::config::BrokerConfig,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let telemetry = starling_telemetry::init(starling_telemetry::Options {
+        service_name: "starling-broker",
+        default_filter: "info",
+        log_format,
+        metrics: true,
+    })
+    .context("setting up logs and OTLP export")?;
+    let result = serve(config, &telemetry).await;
+    // After the last connection closed: export the last spans and values.
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve(
+    config: starling_model::config::BrokerConfig,
+    telemetry: &starling_telemetry::Telemetry,
+) -> anyhow::Result<()> {
     let handle = Broker::start(config).await?;
+    if let Some(meter) = telemetry.meter() {
+        starling_broker::otel::register(&meter, handle.shared.clone());
+    }
     print!(
         "{}",
         starling_broker::banner::render(&handle.shared.config, &handle.listeners)

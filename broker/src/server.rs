@@ -45,6 +45,23 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The gauges read from the live state (sessions, queues, the
+    /// last-value cache) for a scrape or an OTLP export.
+    pub fn live_metrics(&self) -> crate::metrics::Live {
+        let mut g = crate::metrics::StateGauges::default();
+        for s in self.registry.all() {
+            let st = s.lock();
+            g.sessions += 1;
+            g.queued_messages += st.queue.len() as u64;
+            g.queued_bytes += st.queued_bytes as u64;
+            g.inflight += st.inflight.len() as u64;
+        }
+        crate::metrics::Live {
+            lvc: self.router.lvc.stats(),
+            state: g,
+        }
+    }
+
     pub fn new(config: BrokerConfig, auth: AuthHub) -> Arc<Shared> {
         Self::with_store(
             config,

@@ -3,8 +3,9 @@
 //!
 //! Layout: `crd/` the three kinds; `build/` pure functions from spec to
 //! desired objects; `tls/` certificate material; `reconcile/` one controller
-//! per kind (read → validate → build → apply → status); `telemetry`,
-//! `server` and `leader` the process around them.
+//! per kind (read → validate → build → apply → status); `server` and
+//! `leader` the process around them (logs, traces and metrics export come
+//! from the shared `starling-telemetry` crate).
 
 pub mod app;
 pub mod build;
@@ -15,5 +16,11 @@ pub mod metrics;
 pub mod reconcile;
 pub mod server;
 pub mod shutdown;
-pub mod telemetry;
 pub mod tls;
+
+/// `service.name` of exported spans unless `OTEL_SERVICE_NAME` or
+/// `OTEL_RESOURCE_ATTRIBUTES` say otherwise.
+pub const SERVICE_NAME: &str = "starling-operator";
+/// The log filter when `RUST_LOG` is unset (it also decides which spans are
+/// exported: reconcile spans are at INFO).
+pub const DEFAULT_LOG_FILTER: &str = "info,kube_runtime=warn,kube_client=warn";

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use starling_operator::shutdown::Shutdown;
-use starling_operator::{app, crd, telemetry};
+use starling_operator::{app, crd};
+use starling_telemetry::LogFormat;
 
 /// Kubernetes operator for Starling MQTT brokers: turns Broker, Token and ACL
 /// resources into running, secured brokers.
@@ -59,6 +60,15 @@ struct RunArgs {
     /// Identity in the Lease (default: the pod name, else the host name).
     #[arg(long, global = true, env = "POD_NAME")]
     identity: Option<String>,
+    /// Log line format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "STARLING_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,7 +98,14 @@ fn crdgen(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let telemetry = telemetry::init()?;
+    let telemetry = starling_telemetry::init(starling_telemetry::Options {
+        service_name: starling_operator::SERVICE_NAME,
+        default_filter: starling_operator::DEFAULT_LOG_FILTER,
+        log_format: args.log_format,
+        // Its metrics are scraped from /metrics only.
+        metrics: false,
+    })
+    .context("setting up logs and OTLP export")?;
     let result = operate(args).await;
     // After the controllers stopped: export the last spans.
     telemetry.shutdown().await;
@@ -153,5 +170,16 @@ mod tests {
             assert_eq!(cli.run.lease_name, "x", "{args:?}");
             assert_eq!(cli.run.namespace.as_deref(), Some("iot"), "{args:?}");
         }
+    }
+
+    #[test]
+    fn log_format_takes_text_or_json_before_or_after_run() {
+        let cli = Cli::try_parse_from(["starling-operator", "run", "--log-format", "json"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.run.log_format, LogFormat::Json);
+        let cli = Cli::try_parse_from(["starling-operator", "--log-format", "text"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.run.log_format, LogFormat::Text);
+        assert!(Cli::try_parse_from(["starling-operator", "--log-format", "yaml"]).is_err());
     }
 }

@@ -974,7 +974,9 @@ fn publish_one(shared: &Shared, v: Value) -> Result<Vec<String>, Refusal> {
         let mut scratch = Vec::new();
         let routed = shared.router.publish(msg, &mut scratch);
         if routed.retained_full {
-            metrics::inc(&shared.metrics.messages_dropped[qos as usize]);
+            shared
+                .metrics
+                .dropped(qos as usize, metrics::DropReason::RetainedFull);
             return Err((
                 code::UNKNOWN,
                 "the retained message store is full; the message was not published.".into(),

@@ -14,11 +14,13 @@ pub mod openapi;
 pub mod views;
 
 use axum::Router;
-use axum::extract::{Extension, Request, State};
+use axum::extract::{Extension, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodRouter, delete, get, post, put};
+
+use tracing::Instrument as _;
 
 use crate::listen::SharedRef;
 use crate::listen::http::Peer;
@@ -155,6 +157,67 @@ pub fn routes(shared: SharedRef) -> Router<SharedRef> {
             r.route(path, handler)
         })
         .layer(middleware::from_fn_with_state(shared, require_admin))
+}
+
+/// The route templates of the admin listener, as `'static` label values.
+fn templates() -> &'static [&'static str] {
+    static T: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut t: Vec<&'static str> = ["/healthz", "/readyz", "/metrics"]
+            .into_iter()
+            .chain(table().into_iter().map(|(_, path, _)| path))
+            .collect();
+        t.dedup();
+        t
+    })
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Counts and times every request of the admin listener by route template,
+/// method and status; admin API requests (`/api/`) are also one span each
+/// (health probes and scrapes are not: they would drown the traces).
+pub async fn observe(State(shared): State<SharedRef>, req: Request, next: Next) -> Response {
+    let matched = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let route = matched
+        .and_then(|p| templates().iter().copied().find(|t| *t == p))
+        .unwrap_or(metrics::UNMATCHED_ROUTE);
+    let method = method_label(req.method());
+    let start = std::time::Instant::now();
+    let resp = if req.uri().path().starts_with("/api/") {
+        let span = tracing::info_span!(
+            "admin request",
+            otel.name = %format_args!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = method,
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+        );
+        let resp = next.run(req).instrument(span.clone()).await;
+        span.record("http.response.status_code", resp.status().as_u16());
+        resp
+    } else {
+        next.run(req).await
+    };
+    shared
+        .metrics
+        .admin
+        .observe(route, method, resp.status().as_u16(), start.elapsed());
+    resp
 }
 
 /// HTTP Basic against the admin credentials; failures are counted and

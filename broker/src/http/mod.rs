@@ -21,6 +21,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument as _;
 
 pub use retrieve::{QOS_HEADER, RETAIN_HEADER, TOPIC_HEADER};
 
@@ -69,7 +70,9 @@ fn cors(shared: &SharedRef) -> Option<CorsLayer> {
 }
 
 /// Counts every request of the http/https listeners by route and status,
-/// with its duration (for upgrades: until the 101).
+/// with its duration (for upgrades: until the 101). `/broker/` publishes and
+/// retrieves are also one span each; upgrades are not (an MQTT-over-WebSocket
+/// client gets its connection span instead).
 pub async fn track(State(shared): State<SharedRef>, req: Request, next: Next) -> Response {
     let path = req
         .extensions()
@@ -85,7 +88,29 @@ pub async fn track(State(shared): State<SharedRef>, req: Request, next: Next) ->
         _ => HttpRoute::Stream,
     };
     let start = Instant::now();
-    let resp = next.run(req).await;
+    let template: Option<&'static str> = match path {
+        Some("/broker/{*topic}") => Some("/broker/{*topic}"),
+        Some("/broker/") => Some("/broker/"),
+        _ => None,
+    };
+    let resp = if let Some(template) = template
+        && matches!(route, HttpRoute::Publish | HttpRoute::Retrieve)
+    {
+        let method = req.method().clone();
+        let span = tracing::info_span!(
+            "http request",
+            otel.name = %format_args!("{method} {template}"),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = template,
+            http.response.status_code = tracing::field::Empty,
+        );
+        let resp = next.run(req).instrument(span.clone()).await;
+        span.record("http.response.status_code", resp.status().as_u16());
+        resp
+    } else {
+        next.run(req).await
+    };
     shared
         .metrics
         .http

@@ -25,7 +25,7 @@ use super::subscriber::await_room;
 use crate::listen::SharedRef;
 use crate::listen::http::Peer;
 use crate::logging::Shown;
-use crate::metrics;
+use crate::metrics::{self, DropReason};
 use crate::router::Message;
 use crate::server::Shared;
 
@@ -124,7 +124,9 @@ async fn route(
     let mut scratch = Vec::new();
     let routed = shared.router.publish(msg, &mut scratch);
     if routed.retained_full {
-        metrics::inc(&shared.metrics.messages_dropped[params.qos as usize]);
+        shared
+            .metrics
+            .dropped(params.qos as usize, DropReason::RetainedFull);
         return Err(ApiError::Unavailable(
             "the retained message store is full; the message was not published.".into(),
         ));

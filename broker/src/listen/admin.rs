@@ -1,9 +1,11 @@
 //! Admin listener: health, readiness and Prometheus metrics, open; the admin
-//! REST API (`crate::admin`) behind the admin credentials.
+//! REST API (`crate::admin`) behind the admin credentials. Every request is
+//! counted and timed by route template (`crate::admin::observe`).
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::header;
+use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
@@ -15,26 +17,17 @@ pub fn router(shared: SharedRef) -> Router {
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes(shared.clone()))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            crate::admin::observe,
+        ))
         .with_state(shared)
 }
 
 async fn metrics(State(shared): State<SharedRef>) -> impl IntoResponse {
+    let live = shared.live_metrics();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared
-            .metrics
-            .render(shared.router.lvc.stats(), state_gauges(&shared)),
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        shared.metrics.render(live.lvc, live.state),
     )
-}
-
-fn state_gauges(shared: &crate::server::Shared) -> crate::metrics::StateGauges {
-    let mut g = crate::metrics::StateGauges::default();
-    for s in shared.registry.all() {
-        let st = s.lock();
-        g.sessions += 1;
-        g.queued_messages += st.queue.len() as u64;
-        g.queued_bytes += st.queued_bytes as u64;
-        g.inflight += st.inflight.len() as u64;
-    }
-    g
 }

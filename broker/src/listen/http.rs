@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use super::slots::SlotCell;
 use super::{SharedRef, accept};
 use crate::listen::ws::WsTransport;
+use crate::metrics::Listener;
 use crate::session::connection;
 
 /// The client's address, attached to each HTTP connection's requests.
@@ -38,6 +39,7 @@ async fn mqtt_ws(
     State(shared): State<SharedRef>,
     Extension(Peer(peer)): Extension<Peer>,
     Extension(cell): Extension<SlotCell>,
+    Extension(listener): Extension<Listener>,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
     let max = shared.config.limits.max_packet_size as usize;
@@ -51,7 +53,7 @@ async fn mqtt_ws(
         .max_frame_size(max.saturating_add(16))
         .on_upgrade(move |socket| async move {
             let _slot = slot;
-            connection::serve(shared, WsTransport(socket), peer).await;
+            connection::serve(shared, WsTransport(socket), peer, listener).await;
         })
 }
 
@@ -71,11 +73,17 @@ pub async fn serve(
     limit: bool,
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
+    let kind = if acceptor.is_some() {
+        Listener::Https
+    } else {
+        Listener::Http
+    };
     let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
     accept::run(shared, listener, limit, move |stream, peer, slot| {
         let svc = TowerToHyperService::new(
             app.clone()
                 .layer(Extension(Peer(peer)))
+                .layer(Extension(kind))
                 .layer(Extension(SlotCell::new(slot))),
         );
         let acceptor = acceptor.clone();

@@ -8,6 +8,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{SharedRef, accept};
 use crate::listen::transport::{StreamTransport, TcpTransport};
+use crate::metrics::Listener;
 use crate::session::connection;
 
 pub async fn accept_loop(
@@ -26,7 +27,8 @@ pub async fn accept_loop(
             None => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    connection::serve(shared, TcpTransport::new(stream), peer).await;
+                    connection::serve(shared, TcpTransport::new(stream), peer, Listener::Mqtt)
+                        .await;
                 });
             }
             Some(acc) => {
@@ -34,7 +36,8 @@ pub async fn accept_loop(
                 tokio::spawn(async move {
                     let _slot = slot;
                     if let Some(tls) = accept::tls_handshake(&acc, stream, peer, timeout).await {
-                        connection::serve(shared, StreamTransport(tls), peer).await;
+                        connection::serve(shared, StreamTransport(tls), peer, Listener::Mqtts)
+                            .await;
                     }
                 });
             }

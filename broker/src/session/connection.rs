@@ -56,11 +56,41 @@ pub(super) enum End {
     Server(u8),
 }
 
-/// Serves one accepted connection until it ends.
-pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr) {
+/// Serves one accepted connection until it ends, as one `mqtt connection`
+/// span (created, recorded into and closed here; never entered, so the
+/// packet loop pays nothing for it).
+pub async fn serve<T: Transport>(
+    shared: Arc<Shared>,
+    t: T,
+    peer: SocketAddr,
+    listener: metrics::Listener,
+) {
+    let span = tracing::info_span!(
+        "mqtt connection",
+        otel.kind = "server",
+        listener = listener.label(),
+        peer = %peer,
+        client_id = tracing::field::Empty,
+        protocol = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    );
+    let mut open = shared.metrics.open_connection(listener);
+    let why = serve_inner(&shared, t, peer, &mut open, &span).await;
+    span.record("reason", why.as_ref());
+    // Closed before the connection stops counting: shutdown waits for the
+    // count to reach zero and then flushes the spans, this one included.
+    drop(span);
+    drop(open);
+}
+
+async fn serve_inner<T: Transport>(
+    shared: &Arc<Shared>,
+    mut t: T,
+    peer: SocketAddr,
+    open: &mut metrics::OpenConnection<'_>,
+    span: &tracing::Span,
+) -> std::borrow::Cow<'static, str> {
     let m = &shared.metrics;
-    metrics::inc(&m.connections_total);
-    metrics::inc(&m.connections_current);
     let mut rbuf = BytesMut::new();
     let limits = &shared.config.limits;
     // The client is unknown until CONNECT is decoded: keep what it may make
@@ -82,20 +112,26 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
                 let b = boxed;
                 *b
             };
-            let mut conn = match Box::pin(Connection::start(&shared, &mut t, c, peer)).await {
+            span.record(
+                "protocol",
+                metrics::PROTOCOLS[metrics::protocol_index(c.protocol)],
+            );
+            span.record("client_id", crate::logging::cut(&c.client_id));
+            let mut conn = match Box::pin(Connection::start(shared, &mut t, c, peer)).await {
                 Some(conn) => conn,
                 None => {
                     metrics::inc(&m.connections_refused);
                     // Linger so the client reads its CONNACK refusal.
                     t.close(true).await;
-                    metrics::dec(&m.connections_current);
-                    return;
+                    return "CONNECT refused".into();
                 }
             };
+            // An assigned id replaces the empty one the client sent.
+            span.record("client_id", crate::logging::cut(&conn.agreed.client_id));
+            open.connected(conn.version);
             let end = conn.run(&mut t, &mut rbuf).await;
             Box::pin(conn.finish(&mut t, end)).await;
-            metrics::dec(&m.connections_current);
-            return;
+            end.describe()
         }
         Ok(Err(ConnectError::Decode(DecodeError::UnsupportedProtocol))) => {
             // MQTT-3.1.2-2: answer an unknown level with return code 0x01.
@@ -104,6 +140,8 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
             let _ = t
                 .write_all(&[0x20, 0x02, 0x00, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION])
                 .await;
+            t.close(true).await;
+            "unsupported protocol version".into()
         }
         Ok(Err(ConnectError::Decode(DecodeError::PacketTooLarge { size, max }))) => {
             metrics::inc(&m.connections_refused);
@@ -111,8 +149,7 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
             tracing::debug!(%peer, size, max, "CONNECT over max_connect_packet_size; closing");
             // No lingering: that would read the oversized body after all.
             t.close(false).await;
-            metrics::dec(&m.connections_current);
-            return;
+            "CONNECT over max_connect_packet_size".into()
         }
         Ok(Err(e)) => {
             metrics::inc(&m.connections_refused);
@@ -120,14 +157,28 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T, peer: SocketAddr
                 metrics::inc(&m.protocol_errors);
                 tracing::debug!(%peer, error = %e, "refused connection before CONNECT");
             }
+            t.close(true).await;
+            e.to_string().into()
         }
         Err(_) => {
             metrics::inc(&m.connections_refused);
             tracing::debug!(%peer, "no CONNECT within the connect timeout");
+            t.close(true).await;
+            "no CONNECT within the connect timeout".into()
         }
     }
-    t.close(true).await;
-    metrics::dec(&m.connections_current);
+}
+
+impl End {
+    /// The span's `reason`.
+    fn describe(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            End::ClientDisconnect { will: false } => "client disconnected".into(),
+            End::ClientDisconnect { will: true } => "client disconnected with will".into(),
+            End::Lost => "connection lost".into(),
+            End::Server(code) => format!("closed by the broker (reason code 0x{code:02X})").into(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::connection::{Connection, End};
 use crate::logging::Shown;
-use crate::metrics::{self, Limit};
+use crate::metrics::{self, DropReason, Limit};
 use crate::router::{GroupsFull, Message, SubOptions};
 
 impl Connection {
@@ -187,12 +187,16 @@ impl Connection {
                 if matches!(e, TopicError::TooManyLevels { .. }) {
                     self.shared.metrics.limit_hit(Limit::TopicLevels);
                 }
-                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
+                self.shared
+                    .metrics
+                    .dropped(p.qos as usize, DropReason::InvalidTopic);
                 reason::TOPIC_NAME_INVALID
             }
             Ok(()) if !self.may_publish(&p.topic) => {
                 metrics::inc(&self.shared.metrics.acl_refusals);
-                metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
+                self.shared
+                    .metrics
+                    .dropped(p.qos as usize, DropReason::NotAuthorized);
                 tracing::debug!(peer = %self.peer, token = ?self.principal.name(), topic = %p.topic, "publish refused by ACL");
                 reason::NOT_AUTHORIZED
             }
@@ -201,7 +205,9 @@ impl Connection {
                 let routed = self.shared.router.publish(msg, &mut self.scratch);
                 self.gate.join(routed.span);
                 if routed.retained_full {
-                    metrics::inc(&self.shared.metrics.messages_dropped[p.qos as usize]);
+                    self.shared
+                        .metrics
+                        .dropped(p.qos as usize, DropReason::RetainedFull);
                 }
                 self.yield_soon |= routed.busy;
                 if let Some(s) = routed.congested {

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::connection::{Connection, WRITE_BATCH};
 use super::state::Inflight;
-use crate::metrics;
+use crate::metrics::{self, DropReason};
 use crate::router::Delivery;
 
 impl Connection {
@@ -74,7 +74,9 @@ impl Connection {
         let now = Instant::now();
         for (pkid, d) in batch.drain(..) {
             if d.msg.is_expired(now) {
-                metrics::inc(&self.shared.metrics.messages_dropped[d.qos as usize]);
+                self.shared
+                    .metrics
+                    .dropped(d.qos as usize, DropReason::Expired);
                 if pkid != 0 {
                     self.session.lock().take_inflight(pkid);
                 }
@@ -132,7 +134,9 @@ impl Connection {
             && codec::publish_encoded_len(&p, self.version) > max as usize
         {
             // MQTT-3.1.2-25: too large for the client: discard as if sent.
-            metrics::inc(&self.shared.metrics.messages_dropped[d.qos as usize]);
+            self.shared
+                .metrics
+                .dropped(d.qos as usize, DropReason::TooLarge);
             if alias.is_some() && !topic.is_empty() {
                 self.aliases_out.remove(&msg.topic);
             }

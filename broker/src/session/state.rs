@@ -15,7 +15,7 @@ use starling_model::acl::Principal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::{self, Metrics};
+use crate::metrics::{DropReason, Metrics};
 use crate::router::{Delivery, SubOptions};
 use crate::store::{
     Op, QueueEntry, Routing, SessionRecord, StateStore, StoredRef, StoredSub, StoredWill, Ticket,
@@ -435,7 +435,7 @@ impl Session {
         let qos = d.qos as usize;
         let online = st.link.is_some();
         if !online && d.qos == QoS::AtMostOnce {
-            metrics::inc(&metrics.messages_dropped[qos]);
+            metrics.dropped(qos, DropReason::Offline);
             return Queued::Dropped;
         }
         let reliable = online && d.qos != QoS::AtMostOnce;
@@ -444,7 +444,7 @@ impl Session {
         if st.queue.len() >= st.limits.max_messages * allowance
             || st.queued_bytes + cost > st.limits.max_bytes * allowance
         {
-            metrics::inc(&metrics.messages_dropped[qos]);
+            metrics.dropped(qos, DropReason::QueueFull);
             return Queued::Dropped;
         }
         if d.qos != QoS::AtMostOnce

@@ -70,7 +70,7 @@ impl BrokerBuilder {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_starling-broker"));
         // Nothing from the developer's environment may leak into the broker.
         for (k, _) in std::env::vars() {
-            if k.starts_with("STARLING_") {
+            if k.starts_with("STARLING_") || k.starts_with("OTEL_") {
                 cmd.env_remove(k);
             }
         }

@@ -537,8 +537,10 @@ pub struct TelemetrySpec {
     #[serde(default = "default_log")]
     #[schemars(length(min = 1))]
     pub log: String,
-    /// OTLP endpoint for traces and metrics (OTEL_EXPORTER_OTLP_ENDPOINT), e.g.
-    /// http://otel-collector.observability:4317. Default: none.
+    /// OTLP/HTTP (protobuf) endpoint for traces and metrics
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT), e.g.
+    /// http://otel-collector.observability:4318; gRPC is not spoken.
+    /// Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
 }

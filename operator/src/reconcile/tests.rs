@@ -999,3 +999,85 @@ async fn unwanted_certificates_are_not_looked_for_without_cert_manager() {
     let (st, reason, _) = condition(&b.status.unwrap().conditions, "Degraded");
     assert_eq!(st, ConditionStatus::False, "{reason}");
 }
+
+/// The real reconciler's span (not a hand-made one) reaches a collector
+/// through the shared telemetry setup the binary installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_reconcile_is_one_exported_span() {
+    use std::collections::HashMap;
+
+    use axum::body::Bytes as Body;
+    use axum::extract::State;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message as _;
+    use starling_telemetry::{LogFormat, OtlpConfig};
+    use tracing::instrument::WithSubscriber as _;
+
+    type Got = Arc<std::sync::Mutex<Vec<Body>>>;
+    let got = Got::default();
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(|State(got): State<Got>, body: Body| async move {
+                got.lock().unwrap().push(body);
+            }),
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let cfg = OtlpConfig::from_lookup(crate::SERVICE_NAME, |k| {
+        (k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| format!("{base}/v1/traces"))
+    })
+    .unwrap();
+    let (subscriber, telemetry) = starling_telemetry::subscriber(
+        tracing_subscriber::EnvFilter::new(crate::DEFAULT_LOG_FILTER),
+        LogFormat::Json,
+        Some(&cfg),
+        crate::SERVICE_NAME,
+    )
+    .unwrap();
+    let (fake, ctx) = setup();
+    let mut object = Acl::new(
+        "sensors",
+        AclSpec {
+            anonymous: false,
+            broker_ref: BrokerRef {
+                name: "missing".into(),
+            },
+            ..Default::default()
+        },
+    );
+    object.metadata.namespace = Some("iot".into());
+    let object = fake.put(&object);
+    acl::reconcile(Arc::new(object), ctx)
+        .with_subscriber(subscriber)
+        .await
+        .unwrap();
+    telemetry.force_flush().await.unwrap();
+    telemetry.shutdown().await;
+
+    let bodies = got.lock().unwrap().clone();
+    let spans: Vec<_> = bodies
+        .iter()
+        .map(|b| ExportTraceServiceRequest::decode(b.as_ref()).unwrap())
+        .flat_map(|r| r.resource_spans)
+        .flat_map(|rs| rs.scope_spans)
+        .flat_map(|ss| ss.spans)
+        .collect();
+    let reconciles: Vec<_> = spans.iter().filter(|s| s.name == "reconcile").collect();
+    assert_eq!(reconciles.len(), 1, "{spans:?}");
+    let attrs: HashMap<&str, &str> = reconciles[0]
+        .attributes
+        .iter()
+        .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(v) => Some((kv.key.as_str(), v.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attrs.get("kind"), Some(&"ACL"));
+    assert_eq!(attrs.get("name"), Some(&"sensors"));
+    assert_eq!(attrs.get("namespace"), Some(&"iot"));
+}
