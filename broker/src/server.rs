@@ -3,12 +3,12 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use starling_model::config::{BrokerConfig, ListenerConfig};
+use starling_model::config::{BrokerConfig, Limits, ListenerConfig};
 use starling_model::topic::{TopicError, TopicPolicy, check_levels};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -42,6 +42,10 @@ pub struct Shared {
     pub web_policy: TopicPolicy,
     topic_policy: Option<TopicPolicy>,
     client_seq: AtomicU64,
+    /// `[limits]` in force: the startup values until the admin API changes
+    /// them. Read where a limit is applied, so a change reaches what starts
+    /// after it (a connection keeps the limits it was agreed with).
+    limits: RwLock<Arc<Limits>>,
 }
 
 impl Shared {
@@ -89,14 +93,30 @@ impl Shared {
             topic_policy: (policy != TopicPolicy::default()).then_some(policy),
             web_policy: config.web.policy(),
             client_seq: AtomicU64::new(0),
+            limits: RwLock::new(Arc::new(config.limits.clone())),
             config,
         })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts new limits in force (validated by the caller). The retained
+    /// store's caps change at once; the rest apply where they are next read.
+    pub fn set_limits(&self, limits: Limits) {
+        self.router.set_retained_limits(&limits);
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(limits);
     }
 
     /// The level limit, then the configured MQTT topic policy (none by
     /// default, as the spec says).
     pub fn check_topic(&self, topic: &str) -> Result<(), TopicError> {
-        check_levels(topic, self.config.limits.max_topic_levels)?;
+        check_levels(topic, self.limits().max_topic_levels)?;
         match &self.topic_policy {
             Some(p) => p.check(topic),
             None => Ok(()),
@@ -106,7 +126,7 @@ impl Shared {
     /// The same for a subscription filter (wildcards allowed), without its
     /// `$share/<group>/` prefix.
     pub fn check_filter(&self, filter: &str) -> Result<(), TopicError> {
-        check_levels(filter, self.config.limits.max_topic_levels)?;
+        check_levels(filter, self.limits().max_topic_levels)?;
         match &self.topic_policy {
             Some(p) => p.check_filter(filter),
             None => Ok(()),

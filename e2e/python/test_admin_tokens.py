@@ -399,11 +399,55 @@ def test_put_configs_matches_nanomq_req_12(standalone):
     change = {"msq_len": cur["data"]["msq_len"] + 1, "num_taskq_thread": 4,
               "max_packet_size": cur["data"]["max_packet_size"]}
     status, r = api(adm, "PUT", "/api/v4/configs", change)
-    assert (status, r) == (200, {"code": 0, "data": {"applied": [], "restart_required": ["msq_len"]}})
+    # A limit applies live; an equal value is no change.
+    assert (status, r) == (200, {"code": 0, "data": {"applied": ["msq_len"], "restart_required": []}})
+    _, now = api(adm, "GET", "/api/v4/configs")
+    assert now["data"]["msq_len"] == cur["data"]["msq_len"] + 1
+    assert now["data"]["starling"]["limits"]["max_queued_messages"] == cur["data"]["msq_len"] + 1
+    change["msq_len"] += 1
+    change["allow_anonymous"] = not cur["data"]["allow_anonymous"]
     status, n = api(adm, "POST", "/api/v1", {"req": 12, "seq": 7, "data": change})
-    assert status == 200 and n["data"] == r["data"], "one decision, two front ends"
+    status2, r = api(adm, "PUT", "/api/v4/configs", {**change, "msq_len": change["msq_len"] + 1})
+    assert status == status2 == 200 and n["data"] == r["data"], "one decision, two front ends"
+    assert r["data"] == {"applied": ["msq_len"], "restart_required": ["allow_anonymous"]}
+    _, before = api(adm, "GET", "/api/v4/configs")
     status, r = api(adm, "PUT", "/api/v4/configs", {"msq_len": 1, "tls": {"nope": True}})
     assert (status, r["code"]) == (400, 108) and "tls.nope" in r["message"]
+    status, r = api(adm, "PUT", "/api/v4/configs", {"msq_len": "lots"})
+    assert (status, r["code"]) == (400, 108) and "nothing was applied" in r["message"]
+    status, r = api(adm, "PUT", "/api/v4/configs", {"starling": {"limits": {"max_topic_levels": 0}}})
+    assert (status, r["code"]) == (400, 108), "validated like the config file"
     _, after = api(adm, "GET", "/api/v4/configs")
-    assert after["data"] == cur["data"], "nothing changed"
+    assert after["data"] == before["data"], "nothing changed"
     still_served(b, keeper)
+
+
+def test_a_live_queue_cap_reaches_new_sessions(standalone):
+    """`msq_len` set over the API caps the queue of a session made after it."""
+    b, _, keeper = standalone
+    adm = b.listeners["admin"]
+    _, cur = api(adm, "GET", "/api/v4/configs")
+    try:
+        status, r = api(adm, "PUT", "/api/v4/configs", {"msq_len": 5})
+        assert status == 200 and r["data"]["applied"] == ["msq_len"]
+        topic = f"keep/{uid('cap')}"
+        cid = uid("capped")
+
+        def keeper_session() -> Client:
+            c = Client(b.mqtt, V5, client_id=cid, clean=False, session_expiry=600)
+            c.c.username_pw_set("keeper", KEEPER_SECRET)
+            return c.connect()
+
+        s = keeper_session()
+        s.subscribe(topic, qos=1)
+        s.disconnect()
+        p = token_client(b, "keeper", KEEPER_SECRET)
+        for i in range(20):
+            p.publish(topic, str(i), qos=1)
+        p.disconnect()
+        s = keeper_session()
+        got = [s.get()] + s.drain(0.5)
+        assert [m.payload for m in got] == [str(i).encode() for i in range(5)], "queued up to the new cap"
+        s.disconnect()
+    finally:
+        api(adm, "PUT", "/api/v4/configs", {"msq_len": cur["data"]["msq_len"]})

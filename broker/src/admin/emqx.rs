@@ -411,7 +411,7 @@ fn client_of(shared: &Shared, node: &str, c: ClientView) -> Client {
         .peer
         .as_deref()
         .and_then(|p| p.parse::<std::net::SocketAddr>().ok());
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     Client {
         node: node.to_owned(),
         clientid: c.client_id,
@@ -578,7 +578,7 @@ pub async fn stats(State(shared): State<SharedRef>) -> Response {
         }
     }
     let routes = routes_in_use(&shared).len() as u64;
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let stats: BTreeMap<String, u64> = [
         ("connections.count", load(&m.connections_current)),
         ("connections.total", load(&m.connections_total)),
@@ -1100,7 +1100,7 @@ pub fn subscribe_for(
         return Err(OnBehalf::Offline);
     }
     if !st.subscriptions.contains_key(key)
-        && st.subscriptions.len() >= shared.config.limits.max_subscriptions_per_session
+        && st.subscriptions.len() >= shared.limits().max_subscriptions_per_session
     {
         drop(st);
         shared.metrics.limit_hit(Limit::Subscriptions);

@@ -242,7 +242,7 @@ fn details(shared: &crate::server::Shared, c: ClientView) -> ClientDetails {
         .peer
         .as_deref()
         .and_then(|p| p.parse::<std::net::SocketAddr>().ok());
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let connection = c.connected.then(|| ConnectionDetails {
         keep_alive: c.keepalive,
         mqtt_version: if c.protocol == 5 {

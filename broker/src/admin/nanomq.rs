@@ -156,7 +156,10 @@ pub fn clients(shared: &Shared) -> Value {
 /// req 11: the configuration, under NanoMQ's names where one exists and our
 /// own (`starling`) for the rest. Secrets are never returned.
 pub fn get_config(shared: &Shared) -> Value {
-    let c = &shared.config;
+    // The limits in force, which the admin API may have changed.
+    let mut live = shared.config.clone();
+    live.limits = (*shared.limits()).clone();
+    let c = &live;
     let on =
         |l: &starling_model::config::ListenerConfig, tls: bool| l.runs(tls, c.has_certificate());
     let admin_port = c

@@ -86,7 +86,7 @@ fn admit(
         &topic,
         TopicKind::Name,
         &shared.web_policy,
-        shared.config.limits.max_topic_levels,
+        shared.limits().max_topic_levels,
     )?;
     shared
         .check_topic(&topic)

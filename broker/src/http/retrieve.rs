@@ -49,7 +49,7 @@ pub async fn retrieve(
         &filter,
         TopicKind::Filter,
         &shared.web_policy,
-        shared.config.limits.max_topic_levels,
+        shared.limits().max_topic_levels,
     )?;
     shared
         .check_filter(&filter)

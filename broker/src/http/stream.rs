@@ -109,7 +109,7 @@ fn admit(
         &filter,
         TopicKind::Filter,
         &shared.web_policy,
-        shared.config.limits.max_topic_levels,
+        shared.limits().max_topic_levels,
     )?;
     shared
         .check_filter(&filter)

@@ -40,7 +40,7 @@ impl WebSubscriber {
     ) -> WebSubscriber {
         let link = Arc::new(ConnLink::default());
         let key = shared.registry.join_web(link.clone());
-        let limits = &shared.config.limits;
+        let limits = shared.limits();
         let session = Arc::new(Session::owned(
             key,
             Arc::from("web"),

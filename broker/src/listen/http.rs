@@ -42,7 +42,7 @@ async fn mqtt_ws(
     Extension(listener): Extension<Listener>,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
-    let max = shared.config.limits.max_packet_size as usize;
+    let max = shared.limits().max_packet_size as usize;
     // The socket's slot moves with it into the WebSocket task.
     let slot = cell.take();
     ws.protocols(["mqtt", "mqttv3.1"])
@@ -78,7 +78,7 @@ pub async fn serve(
     } else {
         Listener::Http
     };
-    let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
+    let timeout = Duration::from_secs(shared.limits().connect_timeout);
     accept::run(shared, listener, limit, move |stream, peer, slot| {
         let svc = TowerToHyperService::new(
             app.clone()

@@ -62,7 +62,7 @@ pub struct Slot {
 /// Takes a slot for a socket from `ip`, or says which limit refused it
 /// (counted in `starling_limit_refusals_total`).
 pub fn take(shared: &Arc<Shared>, ip: IpAddr) -> Result<Slot, Refused> {
-    let limits = &shared.config.limits;
+    let limits = shared.limits();
     let c = &shared.sockets;
     let per_addr = limits.max_connections_per_address;
     // The total is checked and bumped without a lock: racing accepts can

@@ -17,7 +17,7 @@ pub async fn accept_loop(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
-    let timeout = Duration::from_secs(shared.config.limits.connect_timeout);
+    let timeout = Duration::from_secs(shared.limits().connect_timeout);
     let s = shared.clone();
     accept::run(shared, listener, true, move |stream, peer, slot| {
         let shared = s.clone();

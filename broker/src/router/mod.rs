@@ -79,6 +79,13 @@ impl Router {
         }
     }
 
+    pub fn set_retained_limits(&self, limits: &Limits) {
+        write(&self.retained).set_limits(RetainedLimits {
+            max_messages: limits.max_retained_messages,
+            max_bytes: limits.max_retained_bytes,
+        });
+    }
+
     /// Puts a stored retained message back at startup.
     pub fn restore_retained(&self, msg: &Message) {
         if write(&self.retained).apply(msg) == Retain::Stored {

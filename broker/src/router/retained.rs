@@ -77,6 +77,12 @@ fn cost(m: &Message) -> usize {
 }
 
 impl RetainedStore {
+    /// New caps; what is stored stays (a lower cap refuses new topics
+    /// until enough are cleared).
+    pub fn set_limits(&mut self, limits: RetainedLimits) {
+        self.limits = limits;
+    }
+
     pub fn new(limits: RetainedLimits) -> Self {
         RetainedStore {
             limits,

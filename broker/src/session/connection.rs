@@ -92,15 +92,20 @@ async fn serve_inner<T: Transport>(
 ) -> std::borrow::Cow<'static, str> {
     let m = &shared.metrics;
     let mut rbuf = BytesMut::new();
-    let limits = &shared.config.limits;
     // The client is unknown until CONNECT is decoded: keep what it may make
     // the broker buffer small.
-    let max_connect = limits.max_connect_packet_size.min(limits.max_packet_size) as usize;
+    let (max_connect, connect_timeout) = {
+        let l = shared.limits();
+        (
+            l.max_connect_packet_size.min(l.max_packet_size) as usize,
+            l.connect_timeout,
+        )
+    };
     // The connect, start and finish phases are boxed: a task's future is as
     // large as its largest state, and every idle connection pays for it;
     // only the steady-state loop (`run`) stays inline.
     let connect = Box::pin(timeout(
-        Duration::from_secs(limits.connect_timeout),
+        Duration::from_secs(connect_timeout),
         read_connect(&mut t, &mut rbuf, max_connect),
     ))
     .await;
@@ -247,6 +252,8 @@ pub(super) struct Connection {
     /// Store tickets the write buffer's acknowledgements depend on: it is
     /// written only once they are durable.
     pub(super) gate: TicketSpan,
+    /// The limits in force when the client connected.
+    pub(super) limits: Arc<starling_model::config::Limits>,
 }
 
 impl Connection {
@@ -258,7 +265,8 @@ impl Connection {
         peer: SocketAddr,
     ) -> Option<Connection> {
         let v = c.protocol;
-        let limits = &shared.config.limits;
+        // Agreed with this client now: kept for the whole connection.
+        let limits = shared.limits();
         let refuse = |code: u8| {
             Packet::ConnAck(codec::ConnAck {
                 session_present: false,
@@ -292,7 +300,7 @@ impl Connection {
                 return None;
             }
         };
-        let agreed = match handshake::negotiate(&c, limits, || shared.assign_client_id()) {
+        let agreed = match handshake::negotiate(&c, &limits, || shared.assign_client_id()) {
             Ok(a) => a,
             Err(handshake::Refused(code)) => {
                 let code = if v.is_v5() {
@@ -374,7 +382,7 @@ impl Connection {
         if !agreed.session_expiry.is_zero() {
             opened.session.persist_in(&shared.router.store);
         }
-        let ack = handshake::connack(v, &agreed, opened.present, limits);
+        let ack = handshake::connack(v, &agreed, opened.present, &limits);
         let mut conn = Connection {
             shared: shared.clone(),
             session: opened.session,
@@ -402,6 +410,7 @@ impl Connection {
             yield_soon: false,
             handled: 0,
             gate,
+            limits,
         };
         conn.session.set_reader(conn.principal.clone());
         conn.session.set_info(super::state::ClientInfo {
@@ -641,7 +650,7 @@ impl Connection {
 
     /// Decodes and handles every complete packet in `rbuf`.
     fn process(&mut self, rbuf: &mut BytesMut) -> Option<End> {
-        let max = self.shared.config.limits.max_packet_size as usize;
+        let max = self.limits.max_packet_size as usize;
         loop {
             match codec::decode(rbuf, self.version, max) {
                 Ok(Some(p)) => {

@@ -96,7 +96,7 @@ impl Connection {
                         return self
                             .protocol_error("session expiry set on DISCONNECT after 0 on CONNECT");
                     }
-                    let capped = e.min(self.shared.config.limits.max_session_expiry);
+                    let capped = e.min(self.limits.max_session_expiry);
                     self.agreed.session_expiry = Duration::from_secs(u64::from(capped));
                 }
                 return Some(End::ClientDisconnect {
@@ -125,7 +125,7 @@ impl Connection {
         metrics::inc(&self.session.messages_received);
         if self.version.is_v5() {
             if let Some(alias) = p.properties.topic_alias.take() {
-                if alias == 0 || alias > self.shared.config.limits.max_topic_aliases {
+                if alias == 0 || alias > self.limits.max_topic_aliases {
                     metrics::inc(&self.shared.metrics.protocol_errors);
                     return Some(End::Server(reason::TOPIC_ALIAS_INVALID));
                 }
@@ -172,7 +172,7 @@ impl Connection {
                 self.write_packet(&Packet::PubRec(PubResp::new(p.pkid, 0)));
                 return None;
             }
-            if st.incoming_qos2.len() >= usize::from(self.shared.config.limits.max_inflight) {
+            if st.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
                 drop(st);
                 metrics::inc(&self.shared.metrics.protocol_errors);
                 return Some(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
@@ -386,8 +386,7 @@ impl Connection {
             return Err(End::Server(reason::SESSION_TAKEN_OVER));
         }
         let existing = st.subscriptions.contains_key(key);
-        if !existing
-            && st.subscriptions.len() >= self.shared.config.limits.max_subscriptions_per_session
+        if !existing && st.subscriptions.len() >= self.shared.limits().max_subscriptions_per_session
         {
             drop(st);
             self.shared.metrics.limit_hit(Limit::Subscriptions);
