@@ -146,6 +146,7 @@ async fn serve(
     config: starling_model::config::BrokerConfig,
     telemetry: &starling_telemetry::Telemetry,
 ) -> anyhow::Result<()> {
+    starling_broker::otel::set_connection_spans(telemetry.is_tracing());
     let handle = Broker::start(config).await?;
     if let Some(meter) = telemetry.meter() {
         starling_broker::otel::register(&meter, handle.shared.clone());

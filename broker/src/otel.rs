@@ -3,12 +3,27 @@
 //! each export. Nothing is counted twice and the hot path is unchanged.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
 
 use crate::metrics::{FAMILIES, Family, Kind, Live};
 use crate::server::Shared;
+
+/// Whether each connection gets an `mqtt connection` span: only when spans
+/// are exported. A span lives as long as its connection, and its record in
+/// the subscriber costs every idle connection memory for nothing when no
+/// one collects it.
+static CONNECTION_SPANS: AtomicBool = AtomicBool::new(false);
+
+pub fn set_connection_spans(on: bool) {
+    CONNECTION_SPANS.store(on, Ordering::Relaxed);
+}
+
+pub fn connection_spans() -> bool {
+    CONNECTION_SPANS.load(Ordering::Relaxed)
+}
 
 /// Registers every counter and gauge on `meter`; the exporter calls back at
 /// its interval for as long as its provider lives.

@@ -198,6 +198,11 @@ impl Telemetry {
         self.tracer.is_some() || self.meter.is_some()
     }
 
+    /// True when spans are exported over OTLP.
+    pub fn is_tracing(&self) -> bool {
+        self.tracer.is_some()
+    }
+
     /// A meter whose instruments are exported over OTLP, when metrics are.
     pub fn meter(&self) -> Option<Meter> {
         self.meter.as_ref().map(|p| p.meter(self.scope))

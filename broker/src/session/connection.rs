@@ -57,23 +57,27 @@ pub(super) enum End {
 }
 
 /// Serves one accepted connection until it ends, as one `mqtt connection`
-/// span (created, recorded into and closed here; never entered, so the
-/// packet loop pays nothing for it).
+/// span when spans are exported (created, recorded into and closed here;
+/// never entered, so the packet loop pays nothing for it).
 pub async fn serve<T: Transport>(
     shared: Arc<Shared>,
     t: T,
     peer: SocketAddr,
     listener: metrics::Listener,
 ) {
-    let span = tracing::info_span!(
-        "mqtt connection",
-        otel.kind = "server",
-        listener = listener.label(),
-        peer = %peer,
-        client_id = tracing::field::Empty,
-        protocol = tracing::field::Empty,
-        reason = tracing::field::Empty,
-    );
+    let span = if crate::otel::connection_spans() {
+        tracing::info_span!(
+            "mqtt connection",
+            otel.kind = "server",
+            listener = listener.label(),
+            peer = %peer,
+            client_id = tracing::field::Empty,
+            protocol = tracing::field::Empty,
+            reason = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     let mut open = shared.metrics.open_connection(listener);
     let why = serve_inner(&shared, t, peer, &mut open, &span).await;
     span.record("reason", why.as_ref());
