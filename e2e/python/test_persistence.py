@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import paho.mqtt.client as mqtt
@@ -399,6 +400,15 @@ def test_full_disk_refuses_qos1_with_0x97_keeps_qos0_and_recovers(tmp_path):
         assert refused, "the broker never refused a QoS 1 publish on a full disk"
         assert metric(b, "starling_store_refusals_total") >= 1
         assert metric(b, "starling_store_write_errors_total") >= 1
+        # The HTTP interface says so too: a QoS 1 POST that could not be stored is a 503.
+        host, port = b.http
+        req = urllib.request.Request(f"http://{host}:{port}/broker/{topic}?qos=1", data=b"x" * 4096, method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            pytest.fail("a QoS 1 POST on a full disk was answered 200")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503, e.code
+            assert "disk is full or failing" in e.read().decode()
         # QoS 0 keeps flowing meanwhile.
         side = Client(b.mqtt, V5).connect()
         side.publish(f"{topic}/q0", b"still here", qos=0)

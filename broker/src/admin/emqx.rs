@@ -28,6 +28,7 @@ use crate::metrics::{self, Limit};
 use crate::router::{Message, SubOptions};
 use crate::server::Shared;
 use crate::session::Session;
+use crate::store::TicketSpan;
 
 /// EMQX's return codes used here.
 pub mod code {
@@ -926,8 +927,9 @@ pub async fn set_configs(State(shared): State<SharedRef>, body: Bytes) -> Respon
     }
 }
 
-/// Publishes one request; `Err((code, sentence))` refuses it.
-fn publish_one(shared: &Shared, v: Value) -> Result<Vec<String>, Refusal> {
+/// Publishes one request; `Err((code, sentence))` refuses it. The span is
+/// what the store must write before the publish is acknowledged.
+fn publish_one(shared: &Shared, v: Value) -> Result<TicketSpan, Refusal> {
     let r: PublishRequest = parse(v)?;
     let topics = topics_of(r.topic, r.topics)?;
     let qos = qos_of(r.qos)?;
@@ -960,6 +962,7 @@ fn publish_one(shared: &Shared, v: Value) -> Result<Vec<String>, Refusal> {
         }
     }
     let retain = r.retain.unwrap_or(false);
+    let mut span = TicketSpan::default();
     for t in &topics {
         metrics::inc(&shared.metrics.messages_in[qos as usize]);
         let msg = Message {
@@ -973,6 +976,7 @@ fn publish_one(shared: &Shared, v: Value) -> Result<Vec<String>, Refusal> {
         };
         let mut scratch = Vec::new();
         let routed = shared.router.publish(msg, &mut scratch);
+        span.join(routed.span);
         if routed.retained_full {
             shared
                 .metrics
@@ -983,7 +987,19 @@ fn publish_one(shared: &Shared, v: Value) -> Result<Vec<String>, Refusal> {
             ));
         }
     }
-    Ok(topics)
+    Ok(span)
+}
+
+/// As for a PUBACK: the answer waits until what the publish stored is durable.
+async fn stored(shared: &Shared, span: TicketSpan) -> Result<(), Refusal> {
+    if shared.router.store.durable(span).await.is_err() {
+        metrics::inc(&shared.metrics.store_refusals);
+        return Err((
+            code::UNKNOWN,
+            "the broker could not store the message because its disk is full or failing.".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn status_of(code: u32) -> StatusCode {
@@ -1007,8 +1023,12 @@ pub async fn publish(State(shared): State<SharedRef>, body: Bytes) -> Response {
         Ok(v) => v,
         Err(e) => return refuse(e),
     };
-    match publish_one(&shared, v) {
-        Ok(_) => ok(OkReply { code: code::OK }),
+    let outcome = match publish_one(&shared, v) {
+        Ok(span) => stored(&shared, span).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(()) => ok(OkReply { code: code::OK }),
         Err((c, m)) => error(status_of(c), c, m),
     }
 }
@@ -1025,13 +1045,17 @@ pub async fn publish_batch(State(shared): State<SharedRef>, body: Bytes) -> Resp
         Ok(i) => i,
         Err(e) => return refuse(e),
     };
-    let data = items
+    let mut all = TicketSpan::default();
+    let mut data: Vec<BatchItem> = items
         .into_iter()
         .map(|v| {
             let topic = v.get("topic").and_then(Value::as_str).map(str::to_owned);
             let clientid = v.get("clientid").and_then(Value::as_str).map(str::to_owned);
             let (code, message) = match publish_one(&shared, v) {
-                Ok(_) => (code::OK, None),
+                Ok(span) => {
+                    all.join(span);
+                    (code::OK, None)
+                }
                 Err((c, m)) => (c, Some(m)),
             };
             BatchItem {
@@ -1042,6 +1066,14 @@ pub async fn publish_batch(State(shared): State<SharedRef>, body: Bytes) -> Resp
             }
         })
         .collect();
+    // One wait for the whole batch; if the store failed, no item is
+    // reported as published (they share the batch's writes).
+    if let Err((c, m)) = stored(&shared, all).await {
+        for item in data.iter_mut().filter(|i| i.code == code::OK) {
+            item.code = c;
+            item.message = Some(m.clone());
+        }
+    }
     ok(BatchReply {
         code: code::OK,
         data,

@@ -13,6 +13,7 @@
 //! mode keeps written batches across a `kill -9`, which `os` durability
 //! promises.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -113,19 +114,16 @@ impl Fold {
     }
 
     fn remove(&mut self, ks: u8, key: Vec<u8>) {
-        match self.changes.get_mut(&(ks, key.clone())) {
-            Some(c) if c.fresh => {
-                self.changes.remove(&(ks, key));
+        match self.changes.entry((ks, key)) {
+            Entry::Occupied(e) if e.get().fresh => {
+                e.remove();
             }
-            Some(c) => c.value = None,
-            None => {
-                self.changes.insert(
-                    (ks, key),
-                    Change {
-                        value: None,
-                        fresh: false,
-                    },
-                );
+            Entry::Occupied(mut e) => e.get_mut().value = None,
+            Entry::Vacant(e) => {
+                e.insert(Change {
+                    value: None,
+                    fresh: false,
+                });
             }
         }
     }

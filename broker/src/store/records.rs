@@ -120,7 +120,8 @@ pub fn encode_message(m: &Message) -> Vec<u8> {
     let mut out = BytesMut::with_capacity(16 + m.topic.len() + m.payload.len());
     out.extend_from_slice(&expiry_ms.to_be_bytes());
     codec::encode_publish(&p, ProtocolVersion::V5, &mut out);
-    out.to_vec()
+    // Unique: the buffer becomes the Vec without a copy.
+    Vec::from(out)
 }
 
 /// Decodes [`encode_message`]'s bytes; `Ok(None)` if it has expired.
