@@ -40,6 +40,9 @@ const NAMES: [&str; 7] = [
     "retained", "lvc", "sessions", "payloads", "queue", "qos2", "subs",
 ];
 
+/// Largest in-memory table per keyspace before it is flushed to disk.
+const MEMTABLE_BYTES: u64 = 1024 * 1024;
+
 /// How long the writer waits before reopening the store after a failed write.
 const REOPEN_EVERY: Duration = Duration::from_millis(500);
 
@@ -57,9 +60,17 @@ impl Db {
             .worker_threads(1)
             .max_journaling_size(64 * 1024 * 1024)
             .open()?;
+        // fjall's default memtable is 64 MiB per keyspace, which would let
+        // the broker's memory grow by hundreds of MiB before a flush; what
+        // the store holds is bounded by the broker's caps and read only at
+        // startup, so small memtables cost little.
         let ks = NAMES
             .iter()
-            .map(|n| db.keyspace(n, KeyspaceCreateOptions::default))
+            .map(|n| {
+                db.keyspace(n, || {
+                    KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+                })
+            })
             .collect::<fjall::Result<Vec<_>>>()?;
         Ok(Db { db, ks })
     }
