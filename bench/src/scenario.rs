@@ -2329,6 +2329,60 @@ mod tests {
     }
 
     #[test]
+    fn admin_scenario_fits_the_fd_limit() {
+        let d = Durations {
+            throughput: 1.0,
+            latency: 1.0,
+            connect: 1.0,
+            http_clients: HTTP_CLIENTS,
+        };
+        let (v, notes) = all(&d, 20_000, &[]);
+        let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
+        assert!(matches!(h.spec, Spec::AdminLatency { idle: 10_000, .. }));
+        assert!(h.reference().is_some() && h.latency_sensitive());
+        assert!(!h.supports(crate::broker::Kind::Mosquitto));
+        assert!(!notes.iter().any(|n| n.starts_with("h-")));
+        let (v, notes) = all(&d, 4096, &[]);
+        let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
+        assert!(matches!(h.spec, Spec::AdminLatency { idle: 3000, .. }));
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with("h-admin-latency-q1 with 3000"))
+        );
+    }
+
+    #[test]
+    fn admin_cycle_and_checks() {
+        let addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        let c = admin_cycle(addr, 10_000, 7);
+        assert_eq!(c.len(), 11);
+        assert!(
+            c[9].0
+                .starts_with("GET /api/v4/clients?_page=10&_limit=1000 ")
+        );
+        assert_eq!(c[9].1.at_least, 1000);
+        let post = &c[10].0;
+        assert!(post.starts_with("POST /api/v1 ") && post.contains(ADMIN_AUTH));
+        assert!(post.ends_with("\r\nContent-Length: 17\r\n\r\n{\"req\":5,\"seq\":7}"));
+        assert_eq!(admin_cycle(addr, 1500, 1)[1].1.at_least, 500);
+
+        let check = |n| AdminCheck {
+            what: "GET",
+            key: b"\"clientid\":",
+            at_least: n,
+        };
+        let ok = b"HTTP/1.1 200 OK\r\n\r\n{\"code\":0,\"data\":[{\"clientid\":\"a\"},{\"clientid\":\"b\"}]}";
+        assert!(check(2).check(200, ok).is_ok());
+        assert!(check(3).check(200, ok).is_err());
+        assert!(check(1).check(401, ok).is_err());
+        let refused = b"HTTP/1.1 200 OK\r\n\r\n{\"code\":104,\"data\":[]}";
+        assert!(check(0).check(200, refused).is_err());
+        assert_eq!(count(b"ababa", b"aba"), 1);
+        assert_eq!(count(b"xyxyxy", b"xy"), 3);
+    }
+
+    #[test]
     fn growth_is_a_slope() {
         let flat: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 5.0)).collect();
         assert_eq!(growth(&flat), Some(0.0));
