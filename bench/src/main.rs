@@ -1038,6 +1038,9 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
     // The admin listing too lists --idle clients, not 10,000.
     for sc in scenarios.iter_mut() {
         if let scenario::Spec::AdminLatency { idle, .. } = &mut sc.spec {
+            sc.title = sc
+                .title
+                .replacen(&format!(" {idle} idle"), &format!(" {} idle", a.idle), 1);
             *idle = a.idle;
         }
     }
