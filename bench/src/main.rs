@@ -244,6 +244,10 @@ struct RunArgs {
     /// g-ws-fanout (only their main part runs here, no reference).
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// The broker's admin listener (Starling), for h-admin-latency-q1
+    /// (only its main part, with the admin load, runs here).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -491,6 +495,17 @@ fn summary_body(r: &Record) -> String {
             if let Some(c) = r.broker_cpu_us_per_msg {
                 s.push_str(&format!(", {} µs CPU/msg", f(c)));
             }
+            if let (Some(q), Some(l)) = (r.req_per_s.filter(|_| r.kind == "admin"), &r.admin_lat_us)
+            {
+                s.push_str(&format!(
+                    ", admin {} req/s (p50/p99 {}/{} µs, {} failed) with {} idle clients",
+                    f(q),
+                    f(l.p50),
+                    f(l.p99),
+                    r.requests_failed.unwrap_or(0),
+                    r.conns.unwrap_or(0)
+                ));
+            }
             if let Some(u) = r.undelivered.filter(|u| *u > 0) {
                 s.push_str(&format!(
                     ", {u} undelivered (drain {})",
@@ -624,6 +639,7 @@ async fn measure(
     let ctx = Ctx {
         addr: b.addr,
         http: b.http,
+        admin: b.admin,
         broker_pid: Some(b.pid),
         v,
         gen_cores: pin.gen_cores,
@@ -1006,6 +1022,7 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             "e-connect",
             "f-http",
             "g-ws-fanout",
+            "h-admin-latency-q1",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1018,6 +1035,15 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         nice: 0,
     };
     let (mut scenarios, _) = select(&load, nofile);
+    // The admin listing too lists --idle clients, not 10,000.
+    for sc in scenarios.iter_mut() {
+        if let scenario::Spec::AdminLatency { idle, .. } = &mut sc.spec {
+            sc.title = sc
+                .title
+                .replacen(&format!(" {idle} idle"), &format!(" {} idle", a.idle), 1);
+            *idle = a.idle;
+        }
+    }
     // Those with a reference measure twice (two processes): half the window
     // each keeps them at a few seconds.
     for sc in scenarios.iter_mut().filter(|sc| sc.reference().is_some()) {
@@ -1114,6 +1140,7 @@ async fn run_external(a: RunArgs, pin: &Pinning, nofile: u64) -> Result<()> {
     let ctx = Ctx {
         addr: a.addr,
         http: a.http,
+        admin: a.admin,
         broker_pid: a.pid,
         v,
         gen_cores: pin.gen_cores,

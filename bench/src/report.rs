@@ -122,6 +122,44 @@ fn metrics(kind: &str) -> Vec<(&'static str, Get, bool)> {
                 false,
             ),
         ],
+        "admin" => vec![
+            ("with admin load: latency p50 µs", p50, false),
+            ("with admin load: latency p99 µs", p99, false),
+            ("with admin load: latency p99.9 µs", p999, false),
+            (
+                "without: latency p50 µs",
+                |r| refd(r).and_then(|x| x.lat_us.as_ref()).map(|l| l.p50),
+                false,
+            ),
+            (
+                "without: latency p99 µs",
+                |r| refd(r).and_then(|x| x.lat_us.as_ref()).map(|l| l.p99),
+                false,
+            ),
+            (
+                "without: latency p99.9 µs",
+                |r| refd(r).and_then(|x| x.lat_us.as_ref()).map(|l| l.p999),
+                false,
+            ),
+            ("p99 with ÷ without admin load", |r| r.vs_reference, false),
+            ("admin requests / s", |r| r.req_per_s, true),
+            (
+                "admin request→response p99 µs",
+                |r| r.admin_lat_us.as_ref().map(|l| l.p99),
+                false,
+            ),
+            (
+                "broker CPU %, with admin load",
+                |r| r.broker_cpu_util.map(|u| u * 100.0),
+                false,
+            ),
+            (
+                "broker CPU %, without",
+                |r| refd(r).and_then(|x| x.broker_cpu_util).map(|u| u * 100.0),
+                false,
+            ),
+            ("loss %", loss, false),
+        ],
         _ => vec![],
     }
 }

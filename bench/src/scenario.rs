@@ -21,6 +21,8 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -66,6 +68,13 @@ pub enum Spec {
         rate: f64,
         payload: usize,
     },
+    /// `idle` MQTT connections held open, then the `c-latency-q1` load
+    /// (10 publishers × 1,000 msg/s → 1 subscriber, QoS 1, 64 B) while
+    /// `clients` keep-alive HTTP clients list every client through the
+    /// admin API back to back (`GET /api/v4/clients`, paged by 1,000, and
+    /// NanoMQ's `POST /api/v1` req 5). Reference (same run, fresh broker,
+    /// same idle connections and MQTT load): no admin requests.
+    AdminLatency { idle: usize, clients: usize },
 }
 
 /// Which measurement of a run: the scenario itself, or the reference some
@@ -97,6 +106,7 @@ impl Scenario {
             // Publisher, subscribers, and the connection that publishes
             // the retained readiness marker.
             Spec::WsFanout { subs, .. } => subs + 2,
+            Spec::AdminLatency { idle, .. } => idle + ADMIN_PUBS + 1,
         }
     }
 
@@ -104,7 +114,7 @@ impl Scenario {
     pub fn latency_sensitive(&self) -> bool {
         matches!(
             self.spec,
-            Spec::PubSub { rate: Some(_), .. } | Spec::WsFanout { .. }
+            Spec::PubSub { rate: Some(_), .. } | Spec::WsFanout { .. } | Spec::AdminLatency { .. }
         )
     }
 
@@ -112,7 +122,9 @@ impl Scenario {
     /// WebSocket topic streams are Starling's alone.
     pub fn supports(&self, broker: crate::broker::Kind) -> bool {
         match self.spec {
-            Spec::Http { .. } | Spec::WsFanout { .. } => broker == crate::broker::Kind::Starling,
+            Spec::Http { .. } | Spec::WsFanout { .. } | Spec::AdminLatency { .. } => {
+                broker == crate::broker::Kind::Starling
+            }
             _ => true,
         }
     }
@@ -122,6 +134,7 @@ impl Scenario {
         match self.spec {
             Spec::Http { .. } => Some("hyper anchor"),
             Spec::WsFanout { .. } => Some("MQTT subscribers"),
+            Spec::AdminLatency { .. } => Some("no admin load"),
             _ => None,
         }
     }
@@ -136,6 +149,7 @@ impl Scenario {
             Spec::Connect { .. } => "connect",
             Spec::Http { .. } => "http",
             Spec::WsFanout { .. } => "wsfanout",
+            Spec::AdminLatency { .. } => "admin",
         }
     }
 }
@@ -289,7 +303,47 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
         },
         secs: d.throughput,
     });
+    push_admin_latency(&mut v, &mut notes, d, nofile);
     (v, notes)
+}
+
+/// Idle connections of `h-admin-latency-q1` (issue 10: listing 10,000
+/// connected clients); fewer where `ulimit -n` does not allow them.
+pub const ADMIN_IDLE: usize = 10_000;
+/// Keep-alive HTTP clients of the admin load, each one request at a time.
+pub const ADMIN_CLIENTS: usize = 2;
+/// Clients per `GET /api/v4/clients` page.
+pub const ADMIN_PAGE: usize = 1000;
+/// Publishers of the `c-latency-q1` load.
+const ADMIN_PUBS: usize = 10;
+
+fn push_admin_latency(v: &mut Vec<Scenario>, notes: &mut Vec<String>, d: &Durations, nofile: u64) {
+    // As d-idle: the generator holds the connections, the broker as many
+    // plus a few; leave room for both and the MQTT load.
+    let fits = (nofile as usize).saturating_sub(500) / ADMIN_PAGE * ADMIN_PAGE;
+    let idle = ADMIN_IDLE.min(fits);
+    if idle == 0 {
+        notes.push(format!(
+            "h-admin-latency-q1 skipped: `ulimit -n` hard limit {nofile} leaves no room for idle connections"
+        ));
+        return;
+    }
+    if idle < ADMIN_IDLE {
+        notes.push(format!(
+            "h-admin-latency-q1 with {idle} idle clients instead of {ADMIN_IDLE}: `ulimit -n` hard limit {nofile}"
+        ));
+    }
+    v.push(Scenario {
+        id: "h-admin-latency-q1".into(),
+        title: format!(
+            "h. c-latency-q1 with {idle} idle clients, while {ADMIN_CLIENTS} HTTP clients list them (admin API) vs without"
+        ),
+        spec: Spec::AdminLatency {
+            idle,
+            clients: ADMIN_CLIENTS,
+        },
+        secs: d.latency,
+    });
 }
 
 /// Percentiles in microseconds.
@@ -393,6 +447,10 @@ pub struct Record {
     /// something else (`f-http`: `lat_us` is request → response).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_lat_us: Option<Lat>,
+    /// Admin API request → whole response (`h-admin-latency-q1`, over the
+    /// whole time the admin load ran; `req_per_s` is its rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_lat_us: Option<Lat>,
     /// Set on a reference measurement: what it is (`hyper anchor`, `MQTT
     /// subscribers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -441,6 +499,8 @@ pub struct Ctx {
     pub addr: SocketAddr,
     /// The HTTP listener (Starling's plain one, or the anchor's).
     pub http: Option<SocketAddr>,
+    /// Starling's admin listener (`h-admin-latency-q1`).
+    pub admin: Option<SocketAddr>,
     pub broker_pid: Option<u32>,
     pub v: Version,
     /// CPU cores the generator / broker can use (for the limit verdict).
@@ -773,6 +833,10 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 ws: part == Part::Main,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
+        }
+        Spec::AdminLatency { idle, clients } => {
+            let load = (part == Part::Main).then_some(*clients);
+            run_admin_latency(ctx, *idle, load, sc.secs, rec).await
         }
     }
 }
@@ -1738,6 +1802,395 @@ async fn run_http(ctx: &Ctx, p: &HttpParams, secs: f64, rec: &mut Record) -> Res
     Ok(())
 }
 
+// --- Admin API under load (h-admin-latency-q1) -------------------------------
+
+/// Open `n` idle MQTT connections (as `d-idle`: bounded concurrency, source
+/// addresses beyond 20,000, a reset connection retried twice). Failures are
+/// counted in `rec`; the connections are held by the caller.
+async fn open_idle(ctx: &Ctx, n: usize, rec: &mut Record) -> Vec<Conn> {
+    let tag = run_tag();
+    let (addr, v) = (ctx.addr, ctx.v);
+    let retries = Rc::new(Cell::new(0u64));
+    let res = bounded(n, 256, |i| {
+        let id = format!("sb-{tag}-i{i}");
+        let retries = retries.clone();
+        async move {
+            let mut attempt = 0;
+            loop {
+                let r = async {
+                    let s = tcp_from(addr, source_for(i)).await?;
+                    tokio::time::timeout(Duration::from_secs(20), Conn::open(s, v, &id, 300, 256))
+                        .await
+                        .context("no CONNACK within 20 s")?
+                }
+                .await;
+                attempt += 1;
+                match r {
+                    Err(_) if attempt < 3 => {
+                        retries.set(retries.get() + 1);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    r => return r,
+                }
+            }
+        }
+    })
+    .await;
+    if retries.get() > 0 {
+        rec.errors.push(format!(
+            "{} idle connection attempts retried",
+            retries.get()
+        ));
+    }
+    let mut conns = Vec::with_capacity(n);
+    for r in res {
+        match r {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                rec.conns_failed = Some(rec.conns_failed.unwrap_or(0) + 1);
+                if rec.errors.len() < 5 {
+                    rec.errors.push(format!("idle connection: {e:#}"));
+                }
+            }
+        }
+    }
+    conns
+}
+
+/// `idle` connections held, then the `c-latency-q1` load, with (`admin`:
+/// that many HTTP clients) or without the admin load running throughout.
+async fn run_admin_latency(
+    ctx: &Ctx,
+    idle: usize,
+    admin: Option<usize>,
+    secs: f64,
+    rec: &mut Record,
+) -> Result<()> {
+    let conns = open_idle(ctx, idle, rec).await;
+    rec.conns = Some(conns.len() as u64);
+    ensure!(
+        conns.len() * 10 >= idle * 9,
+        "only {} of {idle} idle connections opened",
+        conns.len()
+    );
+    let load = match admin {
+        Some(clients) => {
+            let addr = ctx
+                .admin
+                .context("no admin listener known (Starling's `listener admin` banner line)")?;
+            let load = AdminLoad::start(addr, clients, conns.len())?;
+            load.wait_first().await?;
+            Some(load)
+        }
+        None => None,
+    };
+    let p = PubSubParams {
+        pubs: ADMIN_PUBS,
+        subs: 1,
+        qos: 1,
+        payload: 64,
+        rate: Some(1000.0),
+        fan_in: true,
+        slow_sub: false,
+        ws: false,
+    };
+    let res = run_pubsub(ctx, &p, secs, rec).await;
+    if let Some(load) = load {
+        let t = load.finish().await?;
+        rec.req_per_s = Some(t.ok as f64 / t.secs.max(1e-9));
+        rec.requests_failed = Some(t.failed);
+        rec.admin_lat_us = Some(lat_from(&t.hist));
+        rec.errors.extend(t.errors);
+        ensure!(t.ok > 0, "no admin API request completed");
+    }
+    drop(conns);
+    res
+}
+
+/// `Authorization` of the admin listener's default credentials
+/// (`admin:public`, base64).
+const ADMIN_AUTH: &str = "Basic YWRtaW46cHVibGlj";
+
+/// What the admin load did, summed over its clients.
+struct AdminTally {
+    ok: u64,
+    failed: u64,
+    /// Seconds from the load's start to its stop.
+    secs: f64,
+    hist: Histogram<u64>,
+    errors: Vec<String>,
+}
+
+impl AdminTally {
+    fn new() -> Result<AdminTally> {
+        Ok(AdminTally {
+            ok: 0,
+            failed: 0,
+            secs: 0.0,
+            hist: Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
+            errors: Vec::new(),
+        })
+    }
+
+    fn error(&mut self, what: String) {
+        self.failed += 1;
+        if self.errors.len() < 5 {
+            self.errors.push(what);
+        }
+    }
+}
+
+/// The admin load: its own thread (its own runtime, SCHED_OTHER), so that
+/// reading and checking multi-megabyte responses never delays the
+/// generator's MQTT timestamps; on the generator's CPU, where the
+/// SCHED_FIFO generator preempts it.
+struct AdminLoad {
+    stop: Arc<AtomicBool>,
+    completed: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<Result<AdminTally>>,
+}
+
+impl AdminLoad {
+    fn start(addr: SocketAddr, clients: usize, expect: usize) -> Result<AdminLoad> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let completed = Arc::new(AtomicU64::new(0));
+        let (s, c) = (stop.clone(), completed.clone());
+        let thread = std::thread::Builder::new()
+            .name("admin-load".into())
+            .spawn(move || admin_thread(addr, clients.max(1), expect, &s, &c))
+            .context("start the admin load thread")?;
+        Ok(AdminLoad {
+            stop,
+            completed,
+            thread,
+        })
+    }
+
+    /// Until the first admin request has completed (the load is running).
+    async fn wait_first(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.completed.load(Ordering::Relaxed) == 0 {
+            ensure!(
+                !self.thread.is_finished(),
+                "the admin load stopped before its first request completed"
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "no admin request completed within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Stop after the requests in flight; the tally.
+    async fn finish(self) -> Result<AdminTally> {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !self.thread.is_finished() {
+            ensure!(
+                Instant::now() < deadline,
+                "the admin load did not stop within 40 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match self.thread.join() {
+            Ok(r) => r,
+            Err(_) => bail!("the admin load thread panicked"),
+        }
+    }
+}
+
+fn admin_thread(
+    addr: SocketAddr,
+    clients: usize,
+    expect: usize,
+    stop: &AtomicBool,
+    completed: &AtomicU64,
+) -> Result<AdminTally> {
+    // Threads inherit SCHED_FIFO from the generator's: not this one.
+    sys::set_fifo(None);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("admin load runtime")?;
+    rt.block_on(async {
+        let t0 = Instant::now();
+        let parts = futures_util::future::join_all(
+            (0..clients).map(|i| admin_client(addr, i, expect, stop, completed)),
+        )
+        .await;
+        let mut all = AdminTally::new()?;
+        all.secs = t0.elapsed().as_secs_f64();
+        for p in parts {
+            let p = p?;
+            all.ok += p.ok;
+            all.failed += p.failed;
+            all.hist.add(&p.hist).context("merge histograms")?;
+            for e in p.errors {
+                if all.errors.len() < 5 {
+                    all.errors.push(e);
+                }
+            }
+        }
+        Ok(all)
+    })
+}
+
+/// The requests of one listing cycle: every `GET /api/v4/clients` page of
+/// `expect` clients, then NanoMQ's req 5 (the whole list in one answer).
+fn admin_cycle(addr: SocketAddr, expect: usize, seq: u64) -> Vec<(String, AdminCheck)> {
+    let pages = expect.div_ceil(ADMIN_PAGE).max(1);
+    let mut v: Vec<(String, AdminCheck)> = (1..=pages)
+        .map(|page| {
+            let full = expect.min(page * ADMIN_PAGE) - (page - 1) * ADMIN_PAGE;
+            (
+                format!(
+                    "GET /api/v4/clients?_page={page}&_limit={ADMIN_PAGE} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {ADMIN_AUTH}\r\n\r\n"
+                ),
+                AdminCheck {
+                    what: "GET /api/v4/clients",
+                    key: b"\"clientid\":",
+                    at_least: full,
+                },
+            )
+        })
+        .collect();
+    let body = format!("{{\"req\":5,\"seq\":{seq}}}");
+    v.push((
+        format!(
+            "POST /api/v1 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {ADMIN_AUTH}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+        AdminCheck {
+            what: "POST /api/v1 req 5",
+            key: b"\"client_id\":",
+            at_least: expect,
+        },
+    ));
+    v
+}
+
+/// What an admin answer must hold: 200, `"code":0`, and at least
+/// `at_least` entries (occurrences of `key`).
+struct AdminCheck {
+    what: &'static str,
+    key: &'static [u8],
+    at_least: usize,
+}
+
+impl AdminCheck {
+    fn check(&self, status: u16, resp: &[u8]) -> Result<()> {
+        ensure!(status == 200, "{}: HTTP {status}", self.what);
+        let body = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| &resp[i + 4..])
+            .context("response without a header end")?;
+        ensure!(
+            body.windows(8).take(64).any(|w| w == b"\"code\":0"),
+            "{}: no \"code\":0 at the start of the answer",
+            self.what
+        );
+        let n = count(body, self.key);
+        ensure!(
+            n >= self.at_least,
+            "{}: {n} clients listed, expected at least {}",
+            self.what,
+            self.at_least
+        );
+        Ok(())
+    }
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    let (mut n, mut i) = (0, 0);
+    while let Some(p) = hay
+        .get(i..)
+        .and_then(|h| h.windows(needle.len()).position(|w| w == needle))
+    {
+        n += 1;
+        i += p + needle.len();
+    }
+    n
+}
+
+/// One keep-alive admin client: the listing cycle, back to back, until
+/// `stop`. A failed connection is reopened after 100 ms.
+async fn admin_client(
+    addr: SocketAddr,
+    id: usize,
+    expect: usize,
+    stop: &AtomicBool,
+    completed: &AtomicU64,
+) -> Result<AdminTally> {
+    use tokio::io::AsyncReadExt;
+    let mut t = AdminTally::new()?;
+    let base = Instant::now();
+    let mut rb = vec![0u8; 64 * 1024];
+    let mut seq = (id as u64) << 32;
+    let mut conn: Option<TcpStream> = None;
+    'outer: while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        for (req, check) in admin_cycle(addr, expect, seq) {
+            if stop.load(Ordering::Relaxed) {
+                break 'outer;
+            }
+            if conn.is_none() {
+                match tcp_from(addr, Ipv4Addr::LOCALHOST).await {
+                    Ok(s) => {
+                        s.set_nodelay(true).context("TCP_NODELAY")?;
+                        conn = Some(s);
+                    }
+                    Err(e) => {
+                        t.error(format!("admin client {id}: {e:#}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue 'outer;
+                    }
+                }
+            }
+            let Some(s) = conn.as_mut() else {
+                continue 'outer;
+            };
+            let t0 = base.elapsed();
+            let r = tokio::time::timeout(Duration::from_secs(30), async {
+                s.write_all(req.as_bytes()).await.context("send request")?;
+                let mut end = 0usize;
+                loop {
+                    if let Some((status, used)) = parse_response(&rb[..end])? {
+                        ensure!(used == end, "bytes after the response");
+                        return check.check(status, &rb[..end]);
+                    }
+                    if end == rb.len() {
+                        ensure!(rb.len() < 256 << 20, "admin response over 256 MiB");
+                        rb.resize(rb.len() * 2, 0);
+                    }
+                    let n = s.read(&mut rb[end..]).await.context("read response")?;
+                    ensure!(n > 0, "connection closed by the broker");
+                    end += n;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("no whole response within 30 s")));
+            match r {
+                Ok(()) => {
+                    t.ok += 1;
+                    completed.fetch_add(1, Ordering::Relaxed);
+                    let ns = (base.elapsed() - t0).as_nanos() as u64;
+                    t.hist.saturating_record(ns.max(1));
+                }
+                Err(e) => {
+                    t.error(format!("admin client {id}: {e:#}"));
+                    // The connection may hold half a response: a new one.
+                    conn = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    Ok(t)
+}
+
 /// A run against its reference: `f-http` requests/s ÷ the anchor's (↑),
 /// `g-ws-fanout` broker CPU per delivery WebSocket ÷ MQTT (↓).
 pub fn vs_reference(main: &Record, reference: &Record) -> Option<f64> {
@@ -1746,6 +2199,7 @@ pub fn vs_reference(main: &Record, reference: &Record) -> Option<f64> {
     }
     let (a, b) = match main.kind.as_str() {
         "http" => (main.req_per_s?, reference.req_per_s?),
+        "admin" => (main.lat_us.as_ref()?.p99, reference.lat_us.as_ref()?.p99),
         _ => (
             main.broker_cpu_us_per_msg?,
             reference.broker_cpu_us_per_msg?,
@@ -1773,6 +2227,18 @@ pub fn smoke_check(rec: &Record) -> Result<()> {
     }
     if rec.kind == "http" && rec.req_per_s.unwrap_or(0.0) <= 0.0 {
         bail!("no HTTP request answered 200");
+    }
+    if rec.kind == "admin" {
+        let failed = rec.requests_failed.unwrap_or(0);
+        if failed > 0 {
+            bail!(
+                "{failed} admin API request(s) failed: {}",
+                rec.errors.join("; ")
+            );
+        }
+        if rec.req_per_s.unwrap_or(0.0) <= 0.0 {
+            bail!("no admin API request completed");
+        }
     }
     match rec.kind.as_str() {
         "idle" => {
@@ -1860,6 +2326,60 @@ mod tests {
         let two = [&r[..], &r[..]].concat();
         assert_eq!(parse_response(&two).unwrap(), Some((200, r.len())));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn admin_scenario_fits_the_fd_limit() {
+        let d = Durations {
+            throughput: 1.0,
+            latency: 1.0,
+            connect: 1.0,
+            http_clients: HTTP_CLIENTS,
+        };
+        let (v, notes) = all(&d, 20_000, &[]);
+        let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
+        assert!(matches!(h.spec, Spec::AdminLatency { idle: 10_000, .. }));
+        assert!(h.reference().is_some() && h.latency_sensitive());
+        assert!(!h.supports(crate::broker::Kind::Mosquitto));
+        assert!(!notes.iter().any(|n| n.starts_with("h-")));
+        let (v, notes) = all(&d, 4096, &[]);
+        let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
+        assert!(matches!(h.spec, Spec::AdminLatency { idle: 3000, .. }));
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with("h-admin-latency-q1 with 3000"))
+        );
+    }
+
+    #[test]
+    fn admin_cycle_and_checks() {
+        let addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        let c = admin_cycle(addr, 10_000, 7);
+        assert_eq!(c.len(), 11);
+        assert!(
+            c[9].0
+                .starts_with("GET /api/v4/clients?_page=10&_limit=1000 ")
+        );
+        assert_eq!(c[9].1.at_least, 1000);
+        let post = &c[10].0;
+        assert!(post.starts_with("POST /api/v1 ") && post.contains(ADMIN_AUTH));
+        assert!(post.ends_with("\r\nContent-Length: 17\r\n\r\n{\"req\":5,\"seq\":7}"));
+        assert_eq!(admin_cycle(addr, 1500, 1)[1].1.at_least, 500);
+
+        let check = |n| AdminCheck {
+            what: "GET",
+            key: b"\"clientid\":",
+            at_least: n,
+        };
+        let ok = b"HTTP/1.1 200 OK\r\n\r\n{\"code\":0,\"data\":[{\"clientid\":\"a\"},{\"clientid\":\"b\"}]}";
+        assert!(check(2).check(200, ok).is_ok());
+        assert!(check(3).check(200, ok).is_err());
+        assert!(check(1).check(401, ok).is_err());
+        let refused = b"HTTP/1.1 200 OK\r\n\r\n{\"code\":104,\"data\":[]}";
+        assert!(check(0).check(200, refused).is_err());
+        assert_eq!(count(b"ababa", b"aba"), 1);
+        assert_eq!(count(b"xyxyxy", b"xy"), 3);
     }
 
     #[test]
