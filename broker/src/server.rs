@@ -271,7 +271,7 @@ impl Broker {
                 }
                 Kind::Admin => {
                     let app = listen::admin::router(s.clone());
-                    tasks.spawn(listen::http::serve(s, listener, None, app, false));
+                    serve_admin_apart(s, listener, app)?;
                 }
             }
         }
@@ -359,6 +359,40 @@ async fn listen_on(addr: &str) -> io::Result<TcpListener> {
     Err(last.unwrap_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
     }))
+}
+
+/// Runs the admin listener on a thread and runtime of its own. Listing
+/// every client is CPU work with no natural yield point; on the worker
+/// threads it would hold up MQTT (issue 10's admin-load benchmark measured
+/// a p99 thousands of times worse). Apart, the OS shares the CPU between
+/// the two, and the MQTT worker, mostly asleep, preempts the admin thread
+/// when a packet arrives. It stops with the broker's shutdown signal.
+fn serve_admin_apart(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    app: axum::Router,
+) -> anyhow::Result<()> {
+    let listener = listener
+        .into_std()
+        .context("admin listener: cannot hand the socket to its own thread")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("admin listener: cannot start its runtime")?;
+    std::thread::Builder::new()
+        .name("starling-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => listen::http::serve(shared, l, None, app, false).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the admin listener could not start on its thread")
+                    }
+                }
+            })
+        })
+        .context("admin listener: cannot start its thread")?;
+    Ok(())
 }
 
 /// Drops sessions whose expiry interval has passed since their client left.

@@ -669,21 +669,29 @@ pub async fn clients(State(shared): State<SharedRef>, RawQuery(q): RawQuery) -> 
         Err(e) => return refuse(e),
     };
     let node = node(&shared);
-    let items: Vec<Client> = views::sessions(&shared)
-        .iter()
-        .map(|s| views::client(s))
-        .filter(|c| {
-            let user = c.username.as_deref().unwrap_or_default();
-            q.get("clientid").is_none_or(|w| *w == c.client_id)
+    // Filtered on what the filters need, then only the requested page is
+    // turned into client views: a page of 1,000 out of 10,000 clients does
+    // a tenth of the work.
+    let filtered = q.contains_key("username") || q.contains_key("_like_username");
+    let matching: Vec<Arc<Session>> = views::sessions(&shared)
+        .into_iter()
+        .filter(|s| {
+            let id = views::client_id(s);
+            let user = if filtered { s.info().username } else { None };
+            let user = user.as_deref().unwrap_or_default();
+            q.get("clientid").is_none_or(|w| *w == id)
                 && q.get("username").is_none_or(|w| w == user)
                 && q.get("_like_clientid")
-                    .is_none_or(|w| c.client_id.contains(w.as_str()))
+                    .is_none_or(|w| id.contains(w.as_str()))
                 && q.get("_like_username")
                     .is_none_or(|w| user.contains(w.as_str()))
         })
-        .map(|c| client_of(&shared, &node, c))
         .collect();
-    let (data, meta) = page_of(items, &p);
+    let (page, meta) = page_of(matching, &p);
+    let data: Vec<Client> = page
+        .iter()
+        .map(|s| client_of(&shared, &node, views::client(s)))
+        .collect();
     ok(ClientsReply {
         code: code::OK,
         data,
