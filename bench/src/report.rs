@@ -283,6 +283,14 @@ fn mode(v: &[String]) -> String {
 
 /// The results section: main table with ratios, then what limited each run.
 pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String]) -> String {
+    // A broker that ran nothing (no selected scenario supports it) gets no
+    // column.
+    let ran: Vec<Kind> = brokers
+        .iter()
+        .copied()
+        .filter(|k| recs.iter().any(|r| r.broker == k.name()))
+        .collect();
+    let brokers = &ran[..];
     let mut order: Vec<(String, String, String)> = Vec::new();
     for r in recs {
         if !order.iter().any(|(id, _, _)| *id == r.scenario) {

@@ -876,11 +876,8 @@ async fn park_session(addr: SocketAddr, v: Version, id: String, filter: String) 
     // The broker closes once it has read the DISCONNECT: wait for that, so
     // the session is offline before anything is published.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match c.rb.fill(&c.stream).await {
-                Ok(_) => while c.rb.next_frame().ok().flatten().is_some() {},
-                Err(_) => break,
-            }
+        while c.rb.fill(&c.stream).await.is_ok() {
+            while c.rb.next_frame().ok().flatten().is_some() {}
         }
     })
     .await;
@@ -2485,6 +2482,8 @@ mod tests {
             latency: 1.0,
             connect: 1.0,
             http_clients: HTTP_CLIENTS,
+            restart_messages: 1000,
+            store_bytes_messages: 10,
         };
         let (v, notes) = all(&d, 20_000, &[10_000, 50_000]);
         assert!(v.iter().any(|s| s.id == "d-idle-10k"));
@@ -2505,6 +2504,19 @@ mod tests {
                 .supports(crate::broker::Kind::Mosquitto)
         );
         assert!(v.iter().any(|s| s.kind() == "overload"));
+        // Persistence: the memory-only Starling only where it compares,
+        // restart and store bytes need the store.
+        use crate::broker::Kind;
+        let by = |id: &str| v.iter().find(|s| s.id == id).unwrap();
+        let fanin = by("p-fanin-q1-persistent");
+        assert!(fanin.supports(Kind::Starling) && fanin.supports(Kind::StarlingMem));
+        assert!(fanin.supports(Kind::Mosquitto) && !fanin.supports(Kind::Rumqttd));
+        assert!(by("p-fanin-q1-offline").queue_caps().is_some());
+        for id in ["p-restart-1m", "p-fanout-1000-bytes"] {
+            assert!(by(id).supports(Kind::Starling));
+            assert!(!by(id).supports(Kind::StarlingMem) && !by(id).supports(Kind::Mosquitto));
+        }
+        assert!(!by("a-fanin-q1-64B").supports(Kind::StarlingMem));
     }
 
     #[test]
