@@ -5,7 +5,7 @@
 #                           rumqttd; installs mosquitto if missing, builds
 #                           everything in release, writes
 #                           bench/results/<timestamp>.jsonl and the table in
-#                           BENCHMARKS.md (about 15 minutes on 2 cores)
+#                           BENCHMARKS.md (about 20 minutes on 2 cores)
 #   bench/run.sh --smoke    a few seconds per scenario against Starling only
 #                           (CI): fails if a scenario delivers nothing or loses
 #                           QoS 1 messages (also across a kill -9 and restart
