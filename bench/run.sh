@@ -5,10 +5,11 @@
 #                           rumqttd; installs mosquitto if missing, builds
 #                           everything in release, writes
 #                           bench/results/<timestamp>.jsonl and the table in
-#                           BENCHMARKS.md (about 15 minutes on 2 cores)
+#                           BENCHMARKS.md (about 20 minutes on 2 cores)
 #   bench/run.sh --smoke    a few seconds per scenario against Starling only
 #                           (CI): fails if a scenario delivers nothing or loses
-#                           QoS 1 messages. Uses $BENCH_STARLING_BIN (or
+#                           QoS 1 messages (also across a kill -9 and restart
+#                           with queued messages). Uses $BENCH_STARLING_BIN (or
 #                           $STARLING_BIN) if set, otherwise builds and uses
 #                           the debug broker.
 #   bench/run.sh --soak [SECS]
@@ -25,6 +26,9 @@
 #   bench/run.sh --brokers mosquitto,rumqttd --secs 2
 #   bench/run.sh --only f-,g-      # HTTP and WebSocket streams: Starling only,
 #                                  # against their references (no peers needed)
+#   bench/run.sh --only p- --repeat 3
+#                                  # persistence (issue 13): Starling with its
+#                                  # store, Starling memory-only, mosquitto
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

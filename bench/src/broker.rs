@@ -10,19 +10,30 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Kind {
+    /// Starling with a data directory (durability `fsync`, its default).
     Starling,
+    /// The same binary without a data directory: memory-only. Only the
+    /// persistence scenarios (`p-`) run it, as the reference for what the
+    /// store costs.
+    StarlingMem,
     Mosquitto,
     Rumqttd,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Starling, Kind::Mosquitto, Kind::Rumqttd];
+    pub const ALL: [Kind; 4] = [
+        Kind::Starling,
+        Kind::StarlingMem,
+        Kind::Mosquitto,
+        Kind::Rumqttd,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Starling => "starling",
+            Kind::StarlingMem => "starling-mem",
             Kind::Mosquitto => "mosquitto",
             Kind::Rumqttd => "rumqttd",
         }
@@ -31,16 +42,25 @@ impl Kind {
     pub fn title(self) -> &'static str {
         match self {
             Kind::Starling => "Starling",
+            Kind::StarlingMem => "Starling memory-only",
             Kind::Mosquitto => "mosquitto",
             Kind::Rumqttd => "rumqttd",
         }
+    }
+
+    /// Starling, with or without a data directory (same binary, banner,
+    /// admin listener).
+    pub fn is_starling(self) -> bool {
+        matches!(self, Kind::Starling | Kind::StarlingMem)
     }
 
     pub fn parse(s: &str) -> Result<Kind> {
         Kind::ALL
             .into_iter()
             .find(|k| k.name() == s.trim().to_ascii_lowercase())
-            .with_context(|| format!("unknown broker {s:?} (starling, mosquitto, rumqttd)"))
+            .with_context(|| {
+                format!("unknown broker {s:?} (starling, starling-mem, mosquitto, rumqttd)")
+            })
     }
 }
 
@@ -63,6 +83,10 @@ pub struct StartOpts<'a> {
     /// Extra environment for the broker (Starling: further `STARLING_*`
     /// settings, e.g. the auth bundle of the soak test).
     pub env: Vec<(String, String)>,
+    /// Queue caps (messages, bytes) for every broker, when a scenario
+    /// queues more than the defaults ([`MAX_QUEUED_MESSAGES`],
+    /// [`MAX_QUEUED_BYTES`]) allow.
+    pub queue: Option<(usize, usize)>,
 }
 
 pub struct Broker {
@@ -76,6 +100,8 @@ pub struct Broker {
     pub http: Option<SocketAddr>,
     /// The `http-anchor` reference server, not an MQTT broker.
     anchor: bool,
+    /// From spawn to the `ready` banner line (Starling, the anchor).
+    pub ready_after: Option<Duration>,
     child: Child,
     pub dir: PathBuf,
 }
@@ -85,7 +111,8 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn mosquitto_conf(port: u16) -> String {
+fn mosquitto_conf(port: u16, queue: (usize, usize)) -> String {
+    let (max_queued_messages, max_queued_bytes) = queue;
     format!(
         "# Written by starling-bench for one benchmark run.\n\
          per_listener_settings false\n\
@@ -93,8 +120,8 @@ fn mosquitto_conf(port: u16) -> String {
          allow_anonymous true\n\
          persistence false\n\
          # Queues sized like Starling's defaults.\n\
-         max_queued_messages {MAX_QUEUED_MESSAGES}\n\
-         max_queued_bytes {MAX_QUEUED_BYTES}\n\
+         max_queued_messages {max_queued_messages}\n\
+         max_queued_bytes {max_queued_bytes}\n\
          max_inflight_messages {MAX_INFLIGHT}\n\
          max_connections -1\n\
          set_tcp_nodelay true\n\
@@ -103,6 +130,17 @@ fn mosquitto_conf(port: u16) -> String {
          log_type error\n\
          log_type warning\n"
     )
+}
+
+impl StartOpts<'_> {
+    /// How long a broker may take to say `ready`: longer when a scenario
+    /// queues enough for the restart to replay.
+    fn ready_timeout(&self) -> Duration {
+        match self.queue {
+            Some(_) => Duration::from_secs(120),
+            None => Duration::from_secs(30),
+        }
+    }
 }
 
 /// One MQTT connect + CONNACK round trip, bounded in time.
@@ -171,13 +209,22 @@ impl Broker {
             _ if anchor => {
                 cmd.args(["http-anchor", "--port", "0"]);
             }
-            Kind::Starling => {
-                let data = o.dir.join("data");
-                std::fs::create_dir_all(&data)?;
+            Kind::Starling | Kind::StarlingMem => {
+                if kind == Kind::Starling {
+                    // Kept across a restart on the same `o.dir` (p-restart).
+                    let data = o.dir.join("data");
+                    std::fs::create_dir_all(&data)
+                        .with_context(|| format!("create {}", data.display()))?;
+                    cmd.env("STARLING_DATA_DIR", &data)
+                        .env("STARLING_STORAGE_DURABILITY", "fsync");
+                }
+                if let Some((msgs, bytes)) = o.queue {
+                    cmd.env("STARLING_LIMITS_MAX_QUEUED_MESSAGES", msgs.to_string())
+                        .env("STARLING_LIMITS_MAX_QUEUED_BYTES", bytes.to_string());
+                }
                 cmd.env("STARLING_MQTT_BIND", format!("127.0.0.1:{port}"))
                     .env("STARLING_HTTP_BIND", "127.0.0.1:0")
                     .env("STARLING_ADMIN_BIND", "127.0.0.1:0")
-                    .env("STARLING_DATA_DIR", &data)
                     .env(
                         "STARLING_LIMITS_MAX_CONNECTIONS",
                         o.max_connections.to_string(),
@@ -190,7 +237,8 @@ impl Broker {
             }
             Kind::Mosquitto => {
                 let conf = o.dir.join("mosquitto.conf");
-                std::fs::write(&conf, mosquitto_conf(port))
+                let queue = o.queue.unwrap_or((MAX_QUEUED_MESSAGES, MAX_QUEUED_BYTES));
+                std::fs::write(&conf, mosquitto_conf(port, queue))
                     .with_context(|| format!("write {}", conf.display()))?;
                 cmd.arg("-c").arg(&conf);
             }
@@ -201,6 +249,7 @@ impl Broker {
         let stdout = std::fs::File::create(o.dir.join("stdout.log"))?;
         let stderr = std::fs::File::create(o.dir.join("stderr.log"))?;
         cmd.stdout(stdout).stderr(stderr);
+        let spawned = Instant::now();
         let child = cmd
             .spawn()
             .with_context(|| format!("start {} ({})", kind.name(), bin.display()))?;
@@ -211,11 +260,13 @@ impl Broker {
             admin: None,
             http: None,
             anchor,
+            ready_after: None,
             child,
             dir: o.dir.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        if let Err(e) = b.wait_ready(deadline).await {
+        // A restart with a large store replays it before `ready`.
+        let deadline = Instant::now() + o.ready_timeout();
+        if let Err(e) = b.wait_ready(spawned, deadline).await {
             let tail = b.log_tail();
             b.stop();
             bail!("{} did not become ready: {e:#}\n{tail}", b.name());
@@ -223,8 +274,8 @@ impl Broker {
         Ok(b)
     }
 
-    async fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
-        if self.kind == Kind::Starling || self.anchor {
+    async fn wait_ready(&mut self, spawned: Instant, deadline: Instant) -> Result<()> {
+        if self.kind.is_starling() || self.anchor {
             // Starling says when it serves: listener lines, then `ready`.
             loop {
                 self.check_alive()?;
@@ -242,6 +293,9 @@ impl Broker {
                     }
                     ready |= line.trim() == "ready";
                 }
+                if ready {
+                    self.ready_after = Some(spawned.elapsed());
+                }
                 if ready && self.anchor {
                     // No MQTT: its own listener is the address.
                     self.addr = self.http.context("no `listener http` line in the banner")?;
@@ -251,9 +305,10 @@ impl Broker {
                     break;
                 }
                 if Instant::now() > deadline {
-                    bail!("no `ready` line on stdout within 30 s");
+                    bail!("no `ready` line on stdout in time");
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Fine enough for the restart time of p-restart-1m.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         // Everyone: a real CONNECT/CONNACK round trip, retried (bounded).
@@ -296,6 +351,12 @@ impl Broker {
             }
         }
         s
+    }
+
+    /// SIGKILL at once, as a crash (p-restart): nothing is flushed.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then SIGKILL after 3 s.

@@ -94,6 +94,12 @@ struct LoadArgs {
     /// Keep-alive HTTP connections in f-http (one request outstanding each).
     #[arg(long, default_value_t = scenario::HTTP_CLIENTS)]
     http_clients: usize,
+    /// QoS 1 messages queued before the kill -9 of p-restart-1m.
+    #[arg(long, default_value_t = 1_000_000)]
+    restart_messages: u64,
+    /// Messages of p-fanout-1000-bytes (each queued for 1,000 sessions).
+    #[arg(long, default_value_t = 1000)]
+    store_bytes_messages: u64,
     /// Do not pin generator and broker to separate CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -114,7 +120,7 @@ struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "starling,mosquitto,rumqttd"
+        default_value = "starling,starling-mem,mosquitto,rumqttd"
     )]
     brokers: Vec<String>,
     #[arg(long, default_value = "target/release/starling-broker")]
@@ -159,6 +165,12 @@ struct SmokeArgs {
     /// Idle connections in the smoke.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
+    /// Messages queued before the kill -9 of p-restart (smoke: a short one).
+    #[arg(long, default_value_t = 20_000)]
+    restart_messages: u64,
+    /// Messages of p-fanout-1000-bytes in the smoke.
+    #[arg(long, default_value_t = 20)]
+    store_bytes_messages: u64,
     /// JSON lines output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -245,7 +257,8 @@ struct RunArgs {
     #[arg(long)]
     http: Option<SocketAddr>,
     /// The broker's admin listener (Starling), for h-admin-latency-q1
-    /// (only its main part, with the admin load, runs here).
+    /// (only its main part, with the admin load, runs here) and
+    /// p-fanout-1000-bytes (`/metrics`).
     #[arg(long)]
     admin: Option<SocketAddr>,
 }
@@ -397,6 +410,8 @@ fn select(load: &LoadArgs, nofile: u64) -> (Vec<Scenario>, Vec<String>) {
         latency: load.latency_secs,
         connect: load.connect_secs,
         http_clients: load.http_clients,
+        restart_messages: load.restart_messages,
+        store_bytes_messages: load.store_bytes_messages,
     };
     let (all, mut notes) = scenario::all(&d, nofile, &load.idle);
     let keep =
@@ -459,6 +474,37 @@ fn summary_body(r: &Record) -> String {
             f(r.conn_per_s.unwrap_or(0.0)),
             f(r.lat_us.as_ref().map(|l| l.p99).unwrap_or(0.0)),
             r.conns_failed.unwrap_or(0)
+        )),
+        "queue" | "restart" => {
+            s.push_str(&format!(
+                "{} msg/s PUBACKed into the offline session ({} in all), {} µs CPU/msg",
+                f(r.pub_per_s.unwrap_or(0.0)),
+                r.published.unwrap_or(0),
+                f(r.broker_cpu_us_per_msg.unwrap_or(0.0)),
+            ));
+            if let Some(ms) = r.restart_ready_ms {
+                s.push_str(&format!("; restart → ready {} ms", f(ms)));
+            }
+            s.push_str(&format!(
+                "; {} delivered after {} (drain {}), {} msg/s, loss {:.3}%, {} out of order",
+                r.delivered.unwrap_or(0),
+                r.restart_drained_ms
+                    .map(|ms| format!("{} ms", f(ms)))
+                    .unwrap_or_else(|| "?".into()),
+                r.drain.as_deref().unwrap_or("?"),
+                f(r.msg_per_s.unwrap_or(0.0)),
+                r.lost_pct.unwrap_or(0.0),
+                r.out_of_order.unwrap_or(0)
+            ));
+        }
+        "storebytes" => s.push_str(&format!(
+            "{} msgs PUBACKed ({} msg/s), store {} B/msg = {}× payload ({} B per session), disk {} B/msg",
+            r.published.unwrap_or(0),
+            f(r.pub_per_s.unwrap_or(0.0)),
+            f(r.store_bytes_per_msg.unwrap_or(0.0)),
+            f(r.store_bytes_vs_payload.unwrap_or(0.0)),
+            f(r.store_bytes_per_session.unwrap_or(0.0)),
+            f(r.disk_bytes_per_msg.unwrap_or(0.0)),
         )),
         "http" => {
             let l = r.lat_us.clone().unwrap_or_default();
@@ -620,6 +666,7 @@ async fn measure(
         max_connections: sc.connections() + 1000,
         dir: dir.clone(),
         env: Vec::new(),
+        queue: sc.queue_caps(),
     };
     let started = if anchor {
         Broker::start_anchor(&opts).await
@@ -652,7 +699,16 @@ async fn measure(
     };
     let limit = Duration::from_secs_f64(sc.secs + 120.0);
     let rt = fifo.is_some() && sys::set_fifo(Some(FIFO_PRIO));
-    let res = tokio::time::timeout(limit, scenario::run_scenario(&ctx, sc, part, &mut rec)).await;
+    let res = if matches!(sc.spec, scenario::Spec::Restart { .. }) {
+        // It kills and restarts the broker itself.
+        tokio::time::timeout(
+            limit,
+            scenario::run_restart(&ctx, sc, &mut rec, &mut b, &opts),
+        )
+        .await
+    } else {
+        tokio::time::timeout(limit, scenario::run_scenario(&ctx, sc, part, &mut rec)).await
+    };
     if rt {
         sys::set_fifo(None);
     }
@@ -682,7 +738,7 @@ async fn measure(
 
 fn bin_for(a: &CompareArgs, k: Kind) -> Result<PathBuf> {
     let p = match k {
-        Kind::Starling => &a.starling_bin,
+        Kind::Starling | Kind::StarlingMem => &a.starling_bin,
         Kind::Mosquitto => &a.mosquitto_bin,
         Kind::Rumqttd => &a.rumqttd_bin,
     };
@@ -754,11 +810,41 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             None
         });
     }
+    // Starling's alone for what only it has (the memory-only Starling runs
+    // only the persistence comparisons by design, so it does not count).
+    let peers = |sc: &&Scenario| {
+        kinds
+            .iter()
+            .any(|k| matches!(k, Kind::Mosquitto | Kind::Rumqttd) && !sc.supports(*k))
+    };
     let only_starling: Vec<&str> = scenarios
         .iter()
-        .filter(|sc| kinds.iter().any(|k| !sc.supports(*k)))
+        .filter(peers)
+        .filter(|sc| matches!(sc.kind(), "http" | "wsfanout"))
         .map(|sc| sc.id.as_str())
         .collect();
+    let only_store: Vec<&str> = scenarios
+        .iter()
+        .filter(|sc| matches!(sc.kind(), "restart" | "storebytes"))
+        .map(|sc| sc.id.as_str())
+        .collect();
+    if !only_store.is_empty() {
+        notes.push(format!(
+            "{}: Starling with its store only (a restart after kill -9 keeps nothing in mosquitto's memory-only default, and only Starling has the store's byte counter)",
+            only_store.join(", ")
+        ));
+    }
+    let persistent: Vec<&str> = scenarios
+        .iter()
+        .filter(|sc| sc.supports(Kind::StarlingMem))
+        .map(|sc| sc.id.as_str())
+        .collect();
+    if !persistent.is_empty() && kinds.contains(&Kind::Rumqttd) {
+        notes.push(format!(
+            "{}: Starling (data directory, durability fsync), Starling memory-only (no data directory) and mosquitto (persistence false, its default); not rumqttd",
+            persistent.join(", ")
+        ));
+    }
     if !only_starling.is_empty() {
         notes.push(format!(
             "{}: Starling only (n/a for mosquitto and rumqttd, which have no HTTP publish interface and no WebSocket topic streams); each Starling run also measures its reference in the same run (f-http: the `http-anchor` hyper server; g-ws-fanout: 100 MQTT subscribers), alternating which goes first",
@@ -781,6 +867,9 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
                 bin.display(),
                 shell("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "?".into())
             ),
+            Kind::StarlingMem => {
+                "Starling memory-only: the same binary without a data directory".into()
+            }
             Kind::Mosquitto => format!(
                 "mosquitto {} (Debian package)",
                 broker::mosquitto_version(bin)
@@ -851,8 +940,10 @@ async fn compare(a: CompareArgs, pin: &Pinning, nofile: u64) -> Result<()> {
                 let ver = match k {
                     Kind::Mosquitto => broker::mosquitto_version(bin),
                     Kind::Rumqttd => "0.20.0".into(),
-                    Kind::Starling => shell("git", &["rev-parse", "--short", "HEAD"])
-                        .unwrap_or_else(|| "?".into()),
+                    Kind::Starling | Kind::StarlingMem => {
+                        shell("git", &["rev-parse", "--short", "HEAD"])
+                            .unwrap_or_else(|| "?".into())
+                    }
                 };
                 let mut rec = one_run(&env, *k, bin, sc, rep, &ver).await;
                 rec.mqtt = a.load.mqtt.clone();
@@ -1023,6 +1114,7 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             "f-http",
             "g-ws-fanout",
             "h-admin-latency-q1",
+            "p-",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1030,6 +1122,8 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         window: 64,
         batch: 32,
         http_clients: scenario::HTTP_CLIENTS,
+        restart_messages: a.restart_messages,
+        store_bytes_messages: a.store_bytes_messages,
         no_pin: false,
         no_fifo: true,
         nice: 0,

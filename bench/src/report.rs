@@ -51,6 +51,60 @@ fn metrics(kind: &str) -> Vec<(&'static str, Get, bool)> {
             ("delivered msg/s", deliv, true),
             ("loss %", loss, false),
         ],
+        "queue" => vec![
+            (
+                "PUBACKed msg/s into the offline session",
+                |r| r.pub_per_s,
+                true,
+            ),
+            ("broker CPU µs / PUBACKed msg", cpu, false),
+            (
+                "loss % (PUBACKed, not delivered after reconnect)",
+                loss,
+                false,
+            ),
+            ("delivered msg/s after reconnect", deliv, true),
+            ("broker peak RSS MiB", peak, false),
+        ],
+        "restart" => vec![
+            (
+                "messages queued (PUBACKed) before kill -9",
+                |r| r.published.map(|p| p as f64),
+                true,
+            ),
+            ("PUBACKed msg/s while queueing", |r| r.pub_per_s, true),
+            ("restart: spawn → `ready` ms", |r| r.restart_ready_ms, false),
+            (
+                "restart: spawn → all delivered ms",
+                |r| r.restart_drained_ms,
+                false,
+            ),
+            ("loss % after the restart", loss, false),
+            ("broker peak RSS MiB after the restart", peak, false),
+        ],
+        "storebytes" => vec![
+            (
+                "store bytes written / message ÷ payload",
+                |r| r.store_bytes_vs_payload,
+                false,
+            ),
+            (
+                "store bytes written / message",
+                |r| r.store_bytes_per_msg,
+                false,
+            ),
+            (
+                "store bytes / message / session (beyond one payload)",
+                |r| r.store_bytes_per_session,
+                false,
+            ),
+            (
+                "disk write bytes / message",
+                |r| r.disk_bytes_per_msg,
+                false,
+            ),
+            ("PUBACKed msg/s", |r| r.pub_per_s, true),
+        ],
         "idle" => vec![
             ("broker RSS bytes / connection", |r| r.rss_per_conn, false),
             (
@@ -267,6 +321,14 @@ fn mode(v: &[String]) -> String {
 
 /// The results section: main table with ratios, then what limited each run.
 pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String]) -> String {
+    // A broker that ran nothing (no selected scenario supports it) gets no
+    // column.
+    let ran: Vec<Kind> = brokers
+        .iter()
+        .copied()
+        .filter(|k| recs.iter().any(|r| r.broker == k.name()))
+        .collect();
+    let brokers = &ran[..];
     let mut order: Vec<(String, String, String)> = Vec::new();
     for r in recs {
         if !order.iter().any(|(id, _, _)| *id == r.scenario) {
@@ -291,8 +353,13 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
             let _ = write!(s, " {} ÷ mosquitto |", k.title());
         }
     }
+    // What the store costs: Starling with it ÷ without.
+    let store = brokers.contains(&Kind::Starling) && brokers.contains(&Kind::StarlingMem);
+    if store {
+        let _ = write!(s, " Starling ÷ Starling memory-only |");
+    }
     s.push('\n');
-    let ncols = 2 + brokers.len() + if mosq { brokers.len() - 1 } else { 0 };
+    let ncols = 2 + brokers.len() + if mosq { brokers.len() - 1 } else { 0 } + usize::from(store);
     s.push_str(&"|---".repeat(ncols));
     s.push_str("|\n");
     for (id, title, kind) in &order {
@@ -324,6 +391,14 @@ pub fn markdown(recs: &[Record], brokers: &[Kind], header: &str, notes: &[String
                     let r = mi.map(|m| ratio(&cells[j], &cells[m])).unwrap_or_default();
                     let _ = write!(s, " {r} |");
                 }
+            }
+            if store {
+                let at = |want: Kind| brokers.iter().position(|k| *k == want);
+                let r = match (at(Kind::Starling), at(Kind::StarlingMem)) {
+                    (Some(d), Some(m)) => ratio(&cells[d], &cells[m]),
+                    _ => "—".into(),
+                };
+                let _ = write!(s, " {r} |");
             }
             s.push('\n');
         }

@@ -46,6 +46,31 @@ pub enum Spec {
         /// Subscribers read at most 64 KiB per 10 ms (~6 MB/s): an
         /// overload in which the broker must hold its memory.
         slow_sub: bool,
+        /// Subscribers are persistent sessions (3.1.1 clean session 0, 5:
+        /// clean start 0 with a session expiry), so that a broker with a
+        /// store writes every QoS 1 delivery.
+        persistent: bool,
+    },
+    /// `pubs` publishers at an unlimited rate, QoS 1, into one persistent
+    /// session that is offline during the window (everything is queued,
+    /// to the store where there is one); then the session reconnects and
+    /// must receive every message that was PUBACKed.
+    Queue { pubs: usize, payload: usize },
+    /// `messages` QoS 1 messages (from `pubs` publishers) queued into one
+    /// offline persistent session, then `kill -9`, restart on the same data
+    /// directory, reconnect: restart time and loss. Starling with a store only.
+    Restart {
+        pubs: usize,
+        messages: u64,
+        payload: usize,
+    },
+    /// 1 publisher → `sessions` offline persistent sessions, QoS 1,
+    /// `messages` messages: the store's written bytes per message. Starling
+    /// with a store only.
+    StoreBytes {
+        sessions: usize,
+        messages: u64,
+        payload: usize,
     },
     /// Open `conns` connections, hold them idle, measure the broker's RSS.
     Idle { conns: usize },
@@ -100,6 +125,8 @@ impl Scenario {
     pub fn connections(&self) -> usize {
         match self.spec {
             Spec::PubSub { pubs, subs, .. } => pubs + subs,
+            Spec::Queue { pubs, .. } | Spec::Restart { pubs, .. } => pubs + 1,
+            Spec::StoreBytes { sessions, .. } => sessions + 1,
             Spec::Idle { conns } => conns,
             Spec::Connect { workers } => workers,
             Spec::Http { clients, .. } => clients + 1,
@@ -119,13 +146,36 @@ impl Scenario {
     }
 
     /// Whether `broker` has what the scenario needs: the HTTP interface and
-    /// WebSocket topic streams are Starling's alone.
+    /// WebSocket topic streams are Starling's alone; a restart that keeps
+    /// the queue and the store's byte counter need Starling's store. The
+    /// memory-only Starling runs only the persistence scenarios that have
+    /// something to compare (the reference for what the store costs), and
+    /// rumqttd none of them.
     pub fn supports(&self, broker: crate::broker::Kind) -> bool {
+        use crate::broker::Kind;
         match self.spec {
             Spec::Http { .. } | Spec::WsFanout { .. } | Spec::AdminLatency { .. } => {
-                broker == crate::broker::Kind::Starling
+                broker == Kind::Starling
             }
-            _ => true,
+            Spec::Restart { .. } | Spec::StoreBytes { .. } => broker == Kind::Starling,
+            Spec::PubSub {
+                persistent: true, ..
+            }
+            | Spec::Queue { .. } => broker != Kind::Rumqttd,
+            _ => broker != Kind::StarlingMem,
+        }
+    }
+
+    /// Queue caps (messages, bytes) the scenario needs above the brokers'
+    /// defaults, so that nothing it queues is dropped legitimately.
+    pub fn queue_caps(&self) -> Option<(usize, usize)> {
+        match self.spec {
+            // Both fit mosquitto's int parsing as well.
+            Spec::Queue { .. } | Spec::Restart { .. } => Some((20_000_000, 2_000_000_000)),
+            Spec::StoreBytes { messages, .. } => {
+                Some(((messages as usize).max(1000) * 2, 1_000_000_000))
+            }
+            _ => None,
         }
     }
 
@@ -142,6 +192,9 @@ impl Scenario {
     pub fn kind(&self) -> &'static str {
         match &self.spec {
             Spec::PubSub { slow_sub: true, .. } => "overload",
+            Spec::Queue { .. } => "queue",
+            Spec::Restart { .. } => "restart",
+            Spec::StoreBytes { .. } => "storebytes",
             Spec::PubSub { rate: None, .. } => "throughput",
             Spec::PubSub { fan_in: true, .. } => "latency",
             Spec::PubSub { .. } => "fixed",
@@ -165,6 +218,10 @@ pub struct Durations {
     pub connect: f64,
     /// Keep-alive connections of `f-http` (default [`HTTP_CLIENTS`]).
     pub http_clients: usize,
+    /// Messages queued before the restart of `p-restart-1m`.
+    pub restart_messages: u64,
+    /// Messages of `p-fanout-1000-bytes`.
+    pub store_bytes_messages: u64,
 }
 
 /// The full list (a–e), with the idle connection counts that fit `nofile`.
@@ -185,6 +242,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
                     rate: None,
                     fan_in: true,
                     slow_sub: false,
+                    persistent: false,
                 },
                 secs: d.throughput,
             });
@@ -209,6 +267,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
                     rate,
                     fan_in: false,
                     slow_sub: false,
+                    persistent: false,
                 },
                 secs: d.throughput,
             });
@@ -226,6 +285,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
                 rate: Some(1000.0),
                 fan_in: true,
                 slow_sub: false,
+                persistent: false,
             },
             secs: d.latency,
         });
@@ -247,6 +307,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
                 rate: None,
                 fan_in: false,
                 slow_sub: true,
+                persistent: false,
             },
             secs: d.throughput * 1.5,
         });
@@ -304,6 +365,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
         secs: d.throughput,
     });
     push_admin_latency(&mut v, &mut notes, d, nofile);
+    persistence(d, &mut v);
     (v, notes)
 }
 
@@ -343,6 +405,64 @@ fn push_admin_latency(v: &mut Vec<Scenario>, notes: &mut Vec<String>, d: &Durati
             clients: ADMIN_CLIENTS,
         },
         secs: d.latency,
+    });
+}
+
+/// The persistence scenarios of issue 13 (`p-`).
+fn persistence(d: &Durations, v: &mut Vec<Scenario>) {
+    v.push(Scenario {
+        id: "p-fanin-q1-persistent".into(),
+        title: "p. fan-in 8→1 (wildcard) into a persistent session, QoS 1, 64B, unlimited".into(),
+        spec: Spec::PubSub {
+            pubs: 8,
+            subs: 1,
+            qos: 1,
+            payload: 64,
+            rate: None,
+            fan_in: true,
+            slow_sub: false,
+            persistent: true,
+        },
+        secs: d.throughput,
+    });
+    v.push(Scenario {
+        id: "p-fanin-q1-offline".into(),
+        title: "p. fan-in 8→1 into an offline persistent session (pure queueing), QoS 1, 64B, unlimited"
+            .into(),
+        spec: Spec::Queue {
+            pubs: 8,
+            payload: 64,
+        },
+        secs: d.throughput,
+    });
+    let n = d.restart_messages;
+    v.push(Scenario {
+        id: "p-restart-1m".into(),
+        title: format!(
+            "p. restart after kill -9 with {} QoS 1 messages (64B) queued for an offline session",
+            crate::report::fmt_num(n as f64)
+        ),
+        spec: Spec::Restart {
+            pubs: 8,
+            messages: n,
+            payload: 64,
+        },
+        // Publishing, restart and delivery are bounded by their own
+        // deadlines; this is the window the run's overall limit adds to.
+        secs: 60.0,
+    });
+    v.push(Scenario {
+        id: "p-fanout-1000-bytes".into(),
+        title: format!(
+            "p. fan-out 1→1000 offline persistent sessions, QoS 1, 1KiB, {} messages: store bytes",
+            d.store_bytes_messages
+        ),
+        spec: Spec::StoreBytes {
+            sessions: 1000,
+            messages: d.store_bytes_messages,
+            payload: 1024,
+        },
+        secs: 30.0,
     });
 }
 
@@ -463,6 +583,29 @@ pub struct Record {
     /// CPU per delivery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_reference: Option<f64>,
+    /// p-restart: from the restart's spawn to the `ready` banner line, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_ready_ms: Option<f64>,
+    /// p-restart: from the restart's spawn to the last queued message at
+    /// the reconnected subscriber; p-fanin-q1-offline: from its reconnect
+    /// to the last message. Milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_drained_ms: Option<f64>,
+    /// p-fanout-bytes: the store's written key and value bytes per
+    /// published message (`starling_store_written_bytes_total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_bytes_per_msg: Option<f64>,
+    /// … ÷ the payload size (1 = the payload once, nothing else).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_bytes_vs_payload: Option<f64>,
+    /// … minus one payload, ÷ the number of sessions: each session's own
+    /// entry per message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_bytes_per_session: Option<f64>,
+    /// The broker's writes to disk per message (`/proc/<pid>/io`
+    /// write_bytes: journal, flushes, compaction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_per_msg: Option<f64>,
     pub broker_cpu_s: Option<f64>,
     /// Broker CPU time / wall time (1.0 = one core busy).
     pub broker_cpu_util: Option<f64>,
@@ -499,7 +642,8 @@ pub struct Ctx {
     pub addr: SocketAddr,
     /// The HTTP listener (Starling's plain one, or the anchor's).
     pub http: Option<SocketAddr>,
-    /// Starling's admin listener (`h-admin-latency-q1`).
+    /// Starling's admin listener, from its banner (`h-admin-latency-q1`,
+    /// and `/metrics` for `p-fanout-1000-bytes`).
     pub admin: Option<SocketAddr>,
     pub broker_pid: Option<u32>,
     pub v: Version,
@@ -753,6 +897,461 @@ async fn open(ctx_addr: SocketAddr, v: Version, id: String, rbuf: usize) -> Resu
         .with_context(|| format!("{id}: connect"))
 }
 
+/// A persistent session (3.1.1: clean session 0; 5: clean start 0 and a
+/// one-hour session expiry); also returns CONNACK's Session Present.
+async fn open_persistent(
+    addr: SocketAddr,
+    v: Version,
+    id: &str,
+    rbuf: usize,
+) -> Result<(Conn, bool)> {
+    let s = tcp_from(addr, Ipv4Addr::LOCALHOST).await?;
+    let o = mqtt::ConnectOpts {
+        client_id: id.as_bytes(),
+        keepalive: 300,
+        clean: false,
+        session_expiry: Some(3600),
+        ..Default::default()
+    };
+    tokio::time::timeout(Duration::from_secs(15), Conn::open_with(s, v, &o, rbuf))
+        .await
+        .with_context(|| format!("{id}: no CONNACK within 15 s"))?
+        .with_context(|| format!("{id}: connect"))
+}
+
+/// A persistent session that subscribes `filter` at QoS 1 and leaves
+/// (DISCONNECT, close): from then on the broker queues for it.
+async fn park_session(addr: SocketAddr, v: Version, id: String, filter: String) -> Result<()> {
+    let (mut c, _) = open_persistent(addr, v, &id, 4096).await?;
+    tokio::time::timeout(Duration::from_secs(15), c.subscribe(1, &filter, 1))
+        .await
+        .with_context(|| format!("{id}: no SUBACK within 15 s"))??;
+    let mut out = Vec::with_capacity(2);
+    mqtt::disconnect(&mut out);
+    c.stream
+        .write_all(&out)
+        .await
+        .with_context(|| format!("{id}: send DISCONNECT"))?;
+    // The broker closes once it has read the DISCONNECT: wait for that, so
+    // the session is offline before anything is published.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while c.rb.fill(&c.stream).await.is_ok() {
+            while c.rb.next_frame().ok().flatten().is_some() {}
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// One QoS 1 publisher per topic, each with [`publisher`], counting into
+/// `sh`; `limit`: messages per publisher.
+async fn spawn_publishers(
+    ctx: &Ctx,
+    tasks: &mut JoinSet<()>,
+    sh: &Rc<Shared>,
+    tag: &str,
+    topics: Vec<String>,
+    payload: usize,
+    limit: Option<u64>,
+) -> Result<()> {
+    let (addr, v) = (ctx.addr, ctx.v);
+    let n = topics.len();
+    let pubs = bounded(n, 128, |i| {
+        open(addr, v, format!("sb-{tag}-p{i}"), mqtt::READ_SIZE)
+    })
+    .await
+    .into_iter()
+    .collect::<Result<Vec<Conn>>>()
+    .context("publishers")?;
+    for (i, (c, topic)) in pubs.into_iter().zip(topics).enumerate() {
+        let cfg = PubCfg {
+            id: i as u32,
+            topic: topic.into_bytes(),
+            qos: 1,
+            payload,
+            rate: None,
+            window: ctx.window,
+            batch: ctx.batch,
+            limit,
+        };
+        let sh = sh.clone();
+        tasks.spawn_local(async move {
+            if let Err(e) = publisher(c, &cfg, &sh).await
+                && !sh.stopping()
+            {
+                sh.error(format!("publisher {}: {e:#}", cfg.id));
+            }
+            sh.pubs_done.set(sh.pubs_done.get() + 1);
+        });
+    }
+    Ok(())
+}
+
+/// Wait until every publisher is done (all PUBACKs in), bounded.
+async fn await_publishers(sh: &Shared, n: usize, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while sh.pubs_done.get() < n {
+        ensure!(
+            Instant::now() < deadline,
+            "publishers not done {} s after the window ({} of {} sent messages PUBACKed)",
+            limit.as_secs(),
+            sh.published.get(),
+            sh.sent.get()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Reconnect the persistent session `id` (Session Present required), read
+/// until `want` messages have arrived, nothing arrived for `quiet`, or
+/// `limit` passed; returns how the drain ended and how long it took.
+async fn collect_queue(
+    addr: SocketAddr,
+    v: Version,
+    id: &str,
+    sh: &Rc<Shared>,
+    npubs: usize,
+    want: u64,
+    (quiet, limit): (Duration, Duration),
+) -> Result<(&'static str, Duration)> {
+    let t = Instant::now();
+    let (c, present) = open_persistent(addr, v, id, mqtt::READ_SIZE).await?;
+    ensure!(
+        present,
+        "{id}: the broker did not keep the session (CONNACK Session Present 0)"
+    );
+    let task = {
+        let sh = sh.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = subscriber(c, &sh, npubs, false).await
+                && !sh.stopping()
+            {
+                sh.error(format!("reconnected subscriber: {e:#}"));
+            }
+        })
+    };
+    let deadline = t + limit;
+    let (mut last, mut quiet_since) = (u64::MAX, Instant::now());
+    let how = loop {
+        let got = sh.delivered.get();
+        if got >= want {
+            break "complete";
+        }
+        if got != last {
+            last = got;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > quiet {
+            break "stalled";
+        }
+        if Instant::now() > deadline {
+            break "deadline";
+        }
+        if task.is_finished() {
+            break "subscriber ended";
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let took = t.elapsed();
+    sh.phase.set(Phase::Stop);
+    task.abort();
+    let _ = task.await;
+    Ok((how, took))
+}
+
+/// Loss fields for `published` acknowledged messages into one session.
+fn queue_loss(sh: &Shared, rec: &mut Record, drain: &str) {
+    let published = sh.published.get();
+    let delivered = sh.delivered.get();
+    let gaps = sh.gaps.get();
+    rec.published = Some(published);
+    rec.unacked = Some(sh.sent.get() - published);
+    rec.expected = Some(published);
+    rec.delivered = Some(delivered);
+    rec.gaps = Some(gaps);
+    rec.undelivered = Some(published.saturating_sub(delivered + gaps));
+    let lost = published.saturating_sub(delivered);
+    rec.lost = Some(lost);
+    rec.lost_pct = Some(if published > 0 {
+        100.0 * lost as f64 / published as f64
+    } else {
+        0.0
+    });
+    rec.out_of_order = Some(sh.out_of_order.get());
+    rec.drain = Some(drain.into());
+    if sh.malformed.get() > 0 {
+        sh.error(format!(
+            "{} deliveries without a valid benchmark header",
+            sh.malformed.get()
+        ));
+    }
+    rec.errors.extend(sh.errors.borrow().iter().cloned());
+}
+
+/// `p-fanin-q1-offline`: publishers into an offline persistent session for
+/// the window (PUBACKed msg/s = what the store takes), then the session
+/// comes back for everything.
+async fn run_queue(
+    ctx: &Ctx,
+    pubs: usize,
+    payload: usize,
+    secs: f64,
+    rec: &mut Record,
+) -> Result<()> {
+    let sh = Shared::new()?;
+    let tag = run_tag();
+    let filter = format!("bench/{tag}/in/+");
+    let sub_id = format!("sb-{tag}-q");
+    rec.qos = Some(1);
+    rec.payload = Some(payload);
+    rec.publishers = Some(pubs);
+    rec.subscribers = Some(1);
+    park_session(ctx.addr, ctx.v, sub_id.clone(), filter)
+        .await
+        .context("offline persistent subscriber")?;
+    let mut tasks = JoinSet::new();
+    let topics = (0..pubs).map(|i| format!("bench/{tag}/in/{i}")).collect();
+    spawn_publishers(ctx, &mut tasks, &sh, &tag, topics, payload, None).await?;
+    let warm = (secs / 5.0).clamp(0.2, 1.0);
+    tokio::time::sleep(Duration::from_secs_f64(warm)).await;
+    let m0 = meter(ctx);
+    let p0 = sh.published.get();
+    sh.phase.set(Phase::Measure);
+    let mut samples = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    loop {
+        if let Some(m) = ctx.broker_pid.and_then(|p| sys::proc_mem(p).ok()) {
+            samples.push((m0.t.elapsed().as_secs_f64(), m.rss as f64 / 1048576.0));
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+    }
+    sh.phase.set(Phase::Drain);
+    let m1 = meter(ctx);
+    let p1 = sh.published.get();
+    rec.rss_window_max_mib = samples.iter().map(|s| s.1).reduce(f64::max);
+    rec.rss_growth_mib_s = growth(&samples);
+    let wall = account(ctx, &m0, &m1, rec);
+    let acked = p1 - p0;
+    rec.pub_per_s = Some(acked as f64 / wall);
+    if let Some(c) = rec.broker_cpu_s {
+        rec.broker_cpu_us_per_msg = (acked > 0).then(|| c * 1e6 / acked as f64);
+    }
+    rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, None);
+    await_publishers(&sh, pubs, Duration::from_secs(30)).await?;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let want = sh.published.get();
+    let (how, took) = collect_queue(
+        ctx.addr,
+        ctx.v,
+        &sub_id,
+        &sh,
+        pubs,
+        want,
+        (Duration::from_secs(3), Duration::from_secs(90)),
+    )
+    .await?;
+    rec.msg_per_s = Some(sh.delivered.get() as f64 / took.as_secs_f64().max(1e-9));
+    rec.restart_drained_ms = Some(took.as_secs_f64() * 1e3);
+    queue_loss(&sh, rec, how);
+    Ok(())
+}
+
+/// `p-fanout-1000-bytes`: `sessions` offline persistent sessions on one
+/// topic, `messages` QoS 1 messages from one publisher; the store's
+/// written bytes (admin `/metrics`) and the broker's disk writes
+/// (`/proc/<pid>/io`) per message.
+async fn run_store_bytes(
+    ctx: &Ctx,
+    sessions: usize,
+    messages: u64,
+    payload: usize,
+    rec: &mut Record,
+) -> Result<()> {
+    let admin = ctx
+        .admin
+        .context("no admin listener known (Starling's `listener admin` banner line)")?;
+    let sh = Shared::new()?;
+    let tag = run_tag();
+    let topic = format!("bench/{tag}/out");
+    rec.qos = Some(1);
+    rec.payload = Some(payload);
+    rec.publishers = Some(1);
+    rec.subscribers = Some(sessions);
+    let (addr, v) = (ctx.addr, ctx.v);
+    bounded(sessions, 128, |i| {
+        park_session(addr, v, format!("sb-{tag}-s{i}"), topic.clone())
+    })
+    .await
+    .into_iter()
+    .collect::<Result<Vec<()>>>()
+    .context("offline persistent sessions")?;
+    // The session records are written by now (SUBACK and DISCONNECT seen);
+    // let a last commit pass so that they are not counted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b0 = store_written_bytes(admin).await?;
+    let io0 = ctx.broker_pid.and_then(sys::proc_write_bytes);
+    let m0 = meter(ctx);
+    sh.phase.set(Phase::Measure);
+    let mut tasks = JoinSet::new();
+    let topics = vec![topic.clone()];
+    spawn_publishers(ctx, &mut tasks, &sh, &tag, topics, payload, Some(messages)).await?;
+    await_publishers(&sh, 1, Duration::from_secs(120)).await?;
+    let m1 = meter(ctx);
+    let b1 = store_written_bytes(admin).await?;
+    let io1 = ctx.broker_pid.and_then(sys::proc_write_bytes);
+    sh.phase.set(Phase::Stop);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let wall = account(ctx, &m0, &m1, rec);
+    let published = sh.published.get();
+    rec.published = Some(published);
+    rec.unacked = Some(sh.sent.get() - published);
+    rec.pub_per_s = Some(published as f64 / wall);
+    if let Some(c) = rec.broker_cpu_s {
+        rec.broker_cpu_us_per_msg = (published > 0).then(|| c * 1e6 / published as f64);
+    }
+    ensure!(published > 0, "no message PUBACKed");
+    let per_msg = (b1 - b0) / published as f64;
+    rec.store_bytes_per_msg = Some(per_msg);
+    rec.store_bytes_vs_payload = Some(per_msg / payload as f64);
+    rec.store_bytes_per_session = Some((per_msg - payload as f64) / sessions as f64);
+    if let (Some(a), Some(b)) = (io0, io1) {
+        rec.disk_bytes_per_msg = Some(b.saturating_sub(a) as f64 / published as f64);
+    }
+    rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, None);
+    rec.errors.extend(sh.errors.borrow().iter().cloned());
+    Ok(())
+}
+
+/// `starling_store_written_bytes_total` from Starling's admin `/metrics`.
+async fn store_written_bytes(admin: SocketAddr) -> Result<f64> {
+    let body = http_get(admin, "/metrics").await?;
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix("starling_store_written_bytes_total")
+                .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                .and_then(|rest| rest.rsplit(' ').next())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .context("no starling_store_written_bytes_total in /metrics (a broker without a store?)")
+}
+
+/// A GET with `Connection: close`; the body (any status but 200 is an error).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let fut = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.context("send request")?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.context("read response")?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .context("response without a header end")?;
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        ensure!(status == "200", "GET {path}: status {status}");
+        anyhow::Ok(body.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .with_context(|| format!("GET {path} timed out"))?
+}
+
+/// `p-restart-1m`: `messages` QoS 1 messages into an offline persistent
+/// session of a broker with a store, `kill -9`, restart on the same data
+/// directory (`opts.dir`), reconnect: the time to `ready` and to the last
+/// message, and that every PUBACKed message arrived.
+pub async fn run_restart(
+    ctx: &Ctx,
+    sc: &Scenario,
+    rec: &mut Record,
+    b: &mut crate::broker::Broker,
+    opts: &crate::broker::StartOpts<'_>,
+) -> Result<()> {
+    let Spec::Restart {
+        pubs,
+        messages,
+        payload,
+    } = sc.spec
+    else {
+        bail!("{} is not a restart scenario", sc.id);
+    };
+    let payload = payload.max(PAYLOAD_HEADER);
+    rec.scenario = sc.id.clone();
+    rec.title = sc.title.clone();
+    rec.kind = sc.kind().into();
+    rec.mqtt = match ctx.v {
+        Version::V311 => "3.1.1".into(),
+        Version::V5 => "5".into(),
+    };
+    rec.qos = Some(1);
+    rec.payload = Some(payload);
+    rec.publishers = Some(pubs);
+    rec.subscribers = Some(1);
+    let sh = Shared::new()?;
+    let tag = run_tag();
+    let filter = format!("bench/{tag}/in/+");
+    let sub_id = format!("sb-{tag}-r");
+    park_session(ctx.addr, ctx.v, sub_id.clone(), filter)
+        .await
+        .context("offline persistent subscriber")?;
+    let per_pub = messages.div_ceil(pubs.max(1) as u64);
+    let mut tasks = JoinSet::new();
+    let topics = (0..pubs).map(|i| format!("bench/{tag}/in/{i}")).collect();
+    let m0 = meter(ctx);
+    sh.phase.set(Phase::Measure);
+    spawn_publishers(ctx, &mut tasks, &sh, &tag, topics, payload, Some(per_pub)).await?;
+    await_publishers(&sh, pubs, Duration::from_secs(300)).await?;
+    let m1 = meter(ctx);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let wall = account(ctx, &m0, &m1, rec);
+    let published = sh.published.get();
+    rec.pub_per_s = Some(published as f64 / wall);
+    if let Some(c) = rec.broker_cpu_s {
+        rec.broker_cpu_us_per_msg = (published > 0).then(|| c * 1e6 / published as f64);
+    }
+    rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, None);
+    if let Ok(m) = sys::proc_mem(b.pid) {
+        rec.rss_window_max_mib = Some(m.hwm as f64 / 1048576.0);
+    }
+    ensure!(
+        published == sh.sent.get(),
+        "{} of {} messages PUBACKed before the kill",
+        published,
+        sh.sent.get()
+    );
+    // The crash: everything PUBACKed must be on disk now.
+    b.kill9();
+    let t_spawn = Instant::now();
+    *b = crate::broker::Broker::start(b.kind, opts)
+        .await
+        .context("restart on the same data directory")?;
+    rec.restart_ready_ms = b.ready_after.map(|d| d.as_secs_f64() * 1e3);
+    let (how, took) = collect_queue(
+        b.addr,
+        ctx.v,
+        &sub_id,
+        &sh,
+        pubs,
+        published,
+        (Duration::from_secs(5), Duration::from_secs(120)),
+    )
+    .await?;
+    rec.restart_drained_ms = Some(t_spawn.elapsed().as_secs_f64() * 1e3);
+    rec.msg_per_s = Some(sh.delivered.get() as f64 / took.as_secs_f64().max(1e-9));
+    queue_loss(&sh, rec, how);
+    Ok(())
+}
+
 fn run_tag() -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -789,6 +1388,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
             rate,
             fan_in,
             slow_sub,
+            persistent,
         } => {
             let p = PubSubParams {
                 pubs: *pubs,
@@ -798,6 +1398,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 rate: *rate,
                 fan_in: *fan_in,
                 slow_sub: *slow_sub,
+                persistent: *persistent,
                 ws: false,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
@@ -830,6 +1431,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 rate: Some(*rate),
                 fan_in: false,
                 slow_sub: false,
+                persistent: false,
                 ws: part == Part::Main,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
@@ -837,6 +1439,26 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
         Spec::AdminLatency { idle, clients } => {
             let load = (part == Part::Main).then_some(*clients);
             run_admin_latency(ctx, *idle, load, sc.secs, rec).await
+        }
+        Spec::Queue { pubs, payload } => {
+            run_queue(ctx, *pubs, (*payload).max(PAYLOAD_HEADER), sc.secs, rec).await
+        }
+        Spec::Restart { .. } => {
+            bail!("p-restart needs the broker itself (run by `compare` and `smoke` only)")
+        }
+        Spec::StoreBytes {
+            sessions,
+            messages,
+            payload,
+        } => {
+            run_store_bytes(
+                ctx,
+                *sessions,
+                *messages,
+                (*payload).max(PAYLOAD_HEADER),
+                rec,
+            )
+            .await
         }
     }
 }
@@ -849,6 +1471,7 @@ struct PubSubParams {
     rate: Option<f64>,
     fan_in: bool,
     slow_sub: bool,
+    persistent: bool,
     /// Subscribers are WebSocket topic streams on the HTTP listener
     /// instead of MQTT sessions.
     ws: bool,
@@ -891,11 +1514,16 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             .collect::<Result<Vec<SubConn>>>()
             .context("WebSocket stream subscribers")?
     } else {
+        let persistent = p.persistent;
         bounded(p.subs, 128, |i| {
             let filter = filter.clone();
             let id = format!("sb-{tag}-s{i}");
             async move {
-                let mut c = open(addr, v, id, mqtt::READ_SIZE).await?;
+                let mut c = if persistent {
+                    open_persistent(addr, v, &id, mqtt::READ_SIZE).await?.0
+                } else {
+                    open(addr, v, id, mqtt::READ_SIZE).await?
+                };
                 tokio::time::timeout(Duration::from_secs(15), c.subscribe(1, &filter, qos))
                     .await
                     .context("no SUBACK within 15 s")??;
@@ -941,6 +1569,7 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             rate: p.rate,
             window: ctx.window,
             batch: ctx.batch,
+            limit: None,
         };
         let sh = sh.clone();
         tasks.spawn_local(async move {
@@ -1064,8 +1693,14 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
 async fn subscriber(mut c: Conn, sh: &Shared, npubs: usize, slow: bool) -> Result<()> {
     let mut next = vec![0u64; npubs];
     let mut out = Vec::with_capacity(4096);
+    // A session that reconnects may get its queue in the CONNACK's read:
+    // those frames are in the buffer already.
+    let mut buffered = true;
     loop {
-        c.rb.fill(&c.stream).await?;
+        if !buffered {
+            c.rb.fill(&c.stream).await?;
+        }
+        buffered = false;
         let now = sh.now_ns();
         let measuring = sh.phase.get() == Phase::Measure;
         let (mut new, mut ooo, mut bad, mut gaps) = (0u64, 0u64, 0u64, 0u64);
@@ -1128,6 +1763,8 @@ struct PubCfg {
     rate: Option<f64>,
     window: usize,
     batch: usize,
+    /// Stop after this many messages (None: until the window ends).
+    limit: Option<u64>,
 }
 
 /// Count PUBACKs in the read buffer.
@@ -1152,12 +1789,15 @@ async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
     });
     let t0 = Instant::now();
     let per_write = cfg.batch.min((mqtt::READ_SIZE / (cfg.payload + 32)).max(1));
-    while sh.phase.get() < Phase::Drain {
+    while sh.phase.get() < Phase::Drain && cfg.limit.is_none_or(|l| seq < l) {
         let mut n = match cfg.rate {
             None => per_write,
             Some(r) => ((t0.elapsed().as_secs_f64() * r) as u64).saturating_sub(seq) as usize,
         }
         .min(4096);
+        if let Some(l) = cfg.limit {
+            n = n.min((l - seq) as usize);
+        }
         if cfg.qos > 0 {
             n = n.min(cfg.window.saturating_sub((seq - acked) as usize));
         }
@@ -1893,6 +2533,7 @@ async fn run_admin_latency(
         fan_in: true,
         slow_sub: false,
         ws: false,
+        persistent: false,
     };
     let res = run_pubsub(ctx, &p, secs, rec).await;
     if let Some(load) = load {
@@ -2255,6 +2896,18 @@ pub fn smoke_check(rec: &Record) -> Result<()> {
                 bail!("connect: no connection completed");
             }
         }
+        "storebytes" => {
+            if rec.published.unwrap_or(0) == 0 || rec.unacked.unwrap_or(0) > 0 {
+                bail!(
+                    "{} messages PUBACKed, {} not acknowledged",
+                    rec.published.unwrap_or(0),
+                    rec.unacked.unwrap_or(0)
+                );
+            }
+            if rec.store_bytes_per_msg.unwrap_or(0.0) <= 0.0 {
+                bail!("the store wrote nothing for the queued messages");
+            }
+        }
         _ => {
             if rec.delivered.unwrap_or(0) == 0 || rec.msg_per_s.unwrap_or(0.0) <= 0.0 {
                 bail!("delivered nothing");
@@ -2295,6 +2948,8 @@ mod tests {
             latency: 1.0,
             connect: 1.0,
             http_clients: HTTP_CLIENTS,
+            restart_messages: 1000,
+            store_bytes_messages: 10,
         };
         let (v, notes) = all(&d, 20_000, &[10_000, 50_000]);
         assert!(v.iter().any(|s| s.id == "d-idle-10k"));
@@ -2315,6 +2970,19 @@ mod tests {
                 .supports(crate::broker::Kind::Mosquitto)
         );
         assert!(v.iter().any(|s| s.kind() == "overload"));
+        // Persistence: the memory-only Starling only where it compares,
+        // restart and store bytes need the store.
+        use crate::broker::Kind;
+        let by = |id: &str| v.iter().find(|s| s.id == id).unwrap();
+        let fanin = by("p-fanin-q1-persistent");
+        assert!(fanin.supports(Kind::Starling) && fanin.supports(Kind::StarlingMem));
+        assert!(fanin.supports(Kind::Mosquitto) && !fanin.supports(Kind::Rumqttd));
+        assert!(by("p-fanin-q1-offline").queue_caps().is_some());
+        for id in ["p-restart-1m", "p-fanout-1000-bytes"] {
+            assert!(by(id).supports(Kind::Starling));
+            assert!(!by(id).supports(Kind::StarlingMem) && !by(id).supports(Kind::Mosquitto));
+        }
+        assert!(!by("a-fanin-q1-64B").supports(Kind::StarlingMem));
     }
 
     #[test]

@@ -1248,6 +1248,7 @@ async fn run_in(o: &Opts, work: &Path) -> Result<()> {
         max_connections: 1000,
         dir: work.join("broker"),
         env,
+        queue: None,
     };
     let mut broker = Broker::start(Kind::Starling, &opts).await?;
     let admin = broker

@@ -75,6 +75,15 @@ pub fn proc_mem(pid: u32) -> Result<Mem> {
     Ok(m)
 }
 
+/// Bytes the process caused to be written to storage (`write_bytes` of
+/// `/proc/<pid>/io`, all threads; needs the right to read it).
+pub fn proc_write_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// (busy, total) jiffies: index 0 the whole machine, index i + 1 CPU i.
 pub fn machine_cpu() -> Option<Vec<(u64, u64)>> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
