@@ -3003,6 +3003,8 @@ mod tests {
             latency: 1.0,
             connect: 1.0,
             http_clients: HTTP_CLIENTS,
+            restart_messages: 1000,
+            store_bytes_messages: 10,
         };
         let (v, notes) = all(&d, 20_000, &[]);
         let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
