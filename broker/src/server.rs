@@ -382,6 +382,7 @@ fn serve_admin_apart(
     std::thread::Builder::new()
         .name("starling-admin".into())
         .spawn(move || {
+            below_client_traffic();
             rt.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(l) => listen::http::serve(shared, l, None, app, false).await,
@@ -393,6 +394,31 @@ fn serve_admin_apart(
         })
         .context("admin listener: cannot start its thread")?;
     Ok(())
+}
+
+/// Puts the calling (admin) thread below the threads serving clients:
+/// normal scheduling, even if the broker was started with a real-time
+/// policy (`chrt`), which every thread inherits and under which a busy
+/// admin thread would never give the CPU back; and nice 10, so that under
+/// normal scheduling too a client's packet preempts a listing at once.
+/// Best effort: a refusal leaves the thread as it was.
+fn below_client_traffic() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain system calls on the calling thread (id 0) with a
+        // valid, initialised sched_param; no memory is shared with the kernel
+        // beyond the call.
+        let (policy, nice) = unsafe {
+            (
+                libc::sched_setscheduler(0, libc::SCHED_OTHER, &param),
+                libc::setpriority(libc::PRIO_PROCESS, 0, 10),
+            )
+        };
+        if policy != 0 || nice != 0 {
+            tracing::debug!("the admin thread's priority could not be lowered");
+        }
+    }
 }
 
 /// Drops sessions whose expiry interval has passed since their client left.
