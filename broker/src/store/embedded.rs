@@ -425,13 +425,23 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
             .try_into()
             .map_err(|_| BadRecord("invalid queue key"))?;
         let seq = u64::from_be_bytes(seq);
-        let entry = records::decode_entry(v)?;
-        let (Some(s), Some(m)) = (sessions.get_mut(id), payloads.get(&entry.payload)) else {
+        let (entry, inline) = records::decode_entry_with(v)?;
+        let inline = match inline {
+            Some(b) => Some(records::decode_message(b, now)?),
+            None => None,
+        };
+        let m = match &inline {
+            Some(m) => m.as_ref(),
+            None => payloads.get(&entry.payload),
+        };
+        let (Some(s), Some(m)) = (sessions.get_mut(id), m) else {
             // Its session ended or expired, or the message expired.
             orphans.push((QUEUE, k.to_vec()));
             return Ok(());
         };
-        *index.refs.entry(entry.payload).or_default() += 1;
+        if inline.is_none() {
+            *index.refs.entry(entry.payload).or_default() += 1;
+        }
         index
             .queues
             .entry(s.id.clone())
@@ -574,8 +584,19 @@ fn reopen(inner: &Inner) -> Option<(Db, Index)> {
     }
 }
 
+/// A message body first stored in this batch, held back until its routing
+/// is over: if exactly one QoS 1 entry refers to it then, it is written
+/// inside that entry (one record instead of two, which is the common case
+/// of fan-in to one persistent session).
+struct FreshPayload {
+    bytes: Vec<u8>,
+    /// The first entry that refers to it.
+    first: Option<(Arc<str>, u64, super::QueueEntry)>,
+}
+
 fn commit(inner: &Inner, db: &Db, index: &mut Index, ops: Vec<Op>) -> fjall::Result<()> {
     let mut fold = Fold::default();
+    let mut fresh: HashMap<u64, FreshPayload> = HashMap::default();
     for op in ops {
         match op {
             Op::Retain { topic, msg } => match msg {
@@ -648,11 +669,12 @@ fn commit(inner: &Inner, db: &Db, index: &mut Index, ops: Vec<Op>) -> fjall::Res
                 if let Some(m) = msg
                     && !index.refs.contains_key(&entry.payload)
                 {
-                    fold.put(
-                        PAYLOADS,
-                        entry.payload.to_be_bytes().to_vec(),
-                        records::encode_message(&m),
-                        true,
+                    fresh.insert(
+                        entry.payload,
+                        FreshPayload {
+                            bytes: records::encode_message(&m),
+                            first: Some((session.clone(), seq, entry.clone())),
+                        },
                     );
                     // One reference for the routing still under way.
                     index.refs.insert(entry.payload, 1);
@@ -675,7 +697,9 @@ fn commit(inner: &Inner, db: &Db, index: &mut Index, ops: Vec<Op>) -> fjall::Res
                     .insert(seq, entry.payload);
             }
             Op::Routed { payload } => {
-                if index.deref(payload) {
+                if let Some(f) = fresh.remove(&payload) {
+                    settle_fresh(&mut fold, index, payload, f);
+                } else if index.deref(payload) {
                     fold.remove(PAYLOADS, payload.to_be_bytes().to_vec());
                 }
             }
@@ -732,6 +756,10 @@ fn commit(inner: &Inner, db: &Db, index: &mut Index, ops: Vec<Op>) -> fjall::Res
             }
         }
     }
+    // Bodies whose routing ends in a later batch: written on their own.
+    for (id, f) in fresh {
+        fold.put(PAYLOADS, id.to_be_bytes().to_vec(), f.bytes, true);
+    }
     if fold.changes.is_empty() {
         return Ok(());
     }
@@ -751,6 +779,41 @@ fn commit(inner: &Inner, db: &Db, index: &mut Index, ops: Vec<Op>) -> fjall::Res
     batch.commit()?;
     metrics::add(&inner.metrics.store_bytes_written, bytes);
     Ok(())
+}
+
+/// Routing of a body stored in this batch is over: nothing refers to it any
+/// more (nothing to write), one QoS 1 entry does (the body goes inside it),
+/// or several do (the body is written once, for all of them).
+fn settle_fresh(fold: &mut Fold, index: &mut Index, payload: u64, f: FreshPayload) {
+    let refs = index.refs.get(&payload).copied().unwrap_or(0);
+    let single = match (&f.first, refs) {
+        (Some((session, seq, entry)), 2) if entry.qos == starling_codec::QoS::AtLeastOnce => index
+            .queues
+            .get(session)
+            .is_some_and(|q| q.get(seq) == Some(&payload))
+            .then_some((session, *seq, entry)),
+        _ => None,
+    };
+    match single {
+        _ if refs <= 1 => {
+            index.refs.remove(&payload);
+        }
+        Some((session, seq, entry)) => {
+            // Held by the entry alone: no payload record, no reference count
+            // (its dequeue finds none to drop).
+            fold.put(
+                QUEUE,
+                records::queue_key(session, seq),
+                records::encode_entry_with(entry, Some(&f.bytes)),
+                true,
+            );
+            index.refs.remove(&payload);
+        }
+        None => {
+            fold.put(PAYLOADS, payload.to_be_bytes().to_vec(), f.bytes, true);
+            index.deref(payload);
+        }
+    }
 }
 
 impl StateStore for Embedded {
@@ -921,6 +984,53 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(snap.max_payload_id, id);
+        s.close();
+    }
+
+    #[tokio::test]
+    async fn a_message_for_one_session_is_stored_inside_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), false).unwrap();
+        let id = s.payload_id();
+        s.submit(Op::Session {
+            id: Arc::from("one"),
+            record: record(),
+        });
+        s.submit(Op::Enqueue {
+            session: Arc::from("one"),
+            seq: 7,
+            entry: entry(id),
+            msg: Some(msg("a/b", b"inline body")),
+        });
+        let t = s.submit(Op::Routed { payload: id });
+        settle(&s, t).await;
+        s.close();
+        drop(s);
+        {
+            let raw = Db::open(&dir.path().join("store")).unwrap();
+            assert_eq!(
+                raw.ks[usize::from(PAYLOADS)].iter().count(),
+                0,
+                "no payload record"
+            );
+            assert_eq!(raw.ks[usize::from(QUEUE)].iter().count(), 1);
+        }
+        let s = open(dir.path(), false).unwrap();
+        let snap = s.load().unwrap();
+        let q = &snap.sessions[0].queue;
+        assert_eq!((q.len(), q[0].0), (1, 7));
+        assert_eq!(&q[0].2.payload[..], b"inline body");
+        // Acknowledged after the restart: gone, and nothing else to drop.
+        let t = s.submit(Op::Dequeue {
+            session: Arc::from("one"),
+            seq: 7,
+            payload: id,
+        });
+        settle(&s, t).await;
+        s.close();
+        drop(s);
+        let s = open(dir.path(), false).unwrap();
+        assert!(s.load().unwrap().sessions[0].queue.is_empty());
         s.close();
     }
 

@@ -153,24 +153,39 @@ pub fn decode_message(b: &[u8], now_wall_ms: u64) -> Result<Option<Message>, Bad
     }))
 }
 
-/// Queue entry: payload id, QoS, flags (1 retain, 2 released), packet id,
-/// subscription identifiers.
+/// Queue entry: payload id, QoS, flags (1 retain, 2 released, 4 the
+/// message follows inline), packet id, subscription identifiers.
 pub fn encode_entry(e: &QueueEntry) -> Vec<u8> {
+    encode_entry_with(e, None)
+}
+
+/// The same, with the message ([`encode_message`]'s bytes) inline: for a
+/// message only this entry refers to, one record instead of two.
+pub fn encode_entry_with(e: &QueueEntry, inline: Option<&[u8]>) -> Vec<u8> {
     let ids = e.sub_ids.as_slice();
-    let mut out = Vec::with_capacity(14 + 4 * ids.len());
+    let extra = inline.map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(14 + 4 * ids.len() + extra);
     out.extend_from_slice(&e.payload.to_be_bytes());
     out.push(e.qos as u8);
-    out.push(u8::from(e.retain) | (u8::from(e.released) << 1));
+    out.push(u8::from(e.retain) | (u8::from(e.released) << 1) | (u8::from(inline.is_some()) << 2));
     out.extend_from_slice(&e.pkid.to_be_bytes());
     let n = u16::try_from(ids.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&n.to_be_bytes());
     for id in ids.iter().take(usize::from(n)) {
         out.extend_from_slice(&id.to_be_bytes());
     }
+    if let Some(m) = inline {
+        out.extend_from_slice(m);
+    }
     out
 }
 
 pub fn decode_entry(b: &[u8]) -> Result<QueueEntry, BadRecord> {
+    decode_entry_with(b).map(|(e, _)| e)
+}
+
+/// A queue entry and, if it carries one, its inline message bytes.
+pub fn decode_entry_with(b: &[u8]) -> Result<(QueueEntry, Option<&[u8]>), BadRecord> {
     let short = BadRecord("queue record too short");
     let (head, mut rest) = b.split_at_checked(14).ok_or(short.clone())?;
     let mut p = [0u8; 8];
@@ -183,14 +198,22 @@ pub fn decode_entry(b: &[u8]) -> Result<QueueEntry, BadRecord> {
         sub_ids.push(u32::from_be_bytes([id[0], id[1], id[2], id[3]]));
         rest = r;
     }
-    Ok(QueueEntry {
+    let inline = if flags & 4 != 0 {
+        Some(rest)
+    } else if rest.is_empty() {
+        None
+    } else {
+        return Err(BadRecord("queue record has trailing bytes"));
+    };
+    let e = QueueEntry {
         payload: u64::from_be_bytes(p),
         qos: qos(head[8])?,
         retain: flags & 1 != 0,
         released: flags & 2 != 0,
         pkid: u16::from_be_bytes([head[10], head[11]]),
         sub_ids,
-    })
+    };
+    Ok((e, inline))
 }
 
 pub fn encode_sub(s: &StoredSub) -> Vec<u8> {
@@ -321,7 +344,19 @@ mod tests {
             released: true,
         };
         assert_eq!(decode_entry(&encode_entry(&e)).unwrap(), e);
+        let with = encode_entry_with(&e, Some(b"message"));
+        assert_eq!(
+            decode_entry_with(&with).unwrap(),
+            (e.clone(), Some(&b"message"[..]))
+        );
+        assert_eq!(decode_entry_with(&encode_entry(&e)).unwrap().1, None);
         let b = encode_entry(&e);
+        let mut trailing = b.clone();
+        trailing.push(0);
+        assert!(
+            decode_entry(&trailing).is_err(),
+            "bytes without the inline flag"
+        );
         assert!(decode_entry(&b[..b.len() - 1]).is_err());
         let mut bad = b.clone();
         bad[8] = 3;
