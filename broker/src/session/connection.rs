@@ -115,18 +115,20 @@ async fn serve_inner<T: Transport>(
     .await;
     match connect {
         Ok(Ok(boxed)) => {
-            // Unboxed in its own statement so the box is freed now, not when
-            // this arm ends (which is when the connection does).
-            let c = {
-                let b = boxed;
-                *b
-            };
             span.record(
                 "protocol",
-                metrics::PROTOCOLS[metrics::protocol_index(c.protocol)],
+                metrics::PROTOCOLS[metrics::protocol_index(boxed.protocol)],
             );
-            span.record("client_id", crate::logging::cut(&c.client_id));
-            let mut conn = match Box::pin(Connection::start(shared, &mut t, c, peer)).await {
+            span.record("client_id", crate::logging::cut(&boxed.client_id));
+            // The CONNECT is unboxed inside the boxed start: as a local of
+            // this function it would take its size in every connection's
+            // task for the connection's whole life.
+            let tr = &mut t;
+            let start = async move {
+                let c = *boxed;
+                Connection::start(shared, tr, c, peer).await
+            };
+            let mut conn = match Box::pin(start).await {
                 Some(conn) => conn,
                 None => {
                     metrics::inc(&m.connections_refused);
@@ -500,7 +502,8 @@ impl Connection {
             }
             if !self.gate.is_empty()
                 && self.shared.router.store.backlog() > STORE_BACKLOG
-                && let Some(end) = self.settle(WRITE_STALL).await
+                && !self.gate_settled()
+                && let Some(end) = Box::pin(self.settle(WRITE_STALL)).await
             {
                 return end;
             }
@@ -568,7 +571,11 @@ impl Connection {
     /// the stall times out. Abandoning the write is fine then: the
     /// connection is ending.
     async fn flush<T: Transport>(&mut self, t: &mut T) -> Option<End> {
-        if let Some(end) = self.settle(WRITE_STALL).await {
+        // Boxed, and only when there is something to wait for: the wait
+        // would otherwise be part of every idle connection's task.
+        if !self.gate_settled()
+            && let Some(end) = Box::pin(self.settle(WRITE_STALL)).await
+        {
             return Some(end);
         }
         let n = self.wbuf.len();
@@ -622,9 +629,6 @@ impl Connection {
     async fn settle(&mut self, within: Duration) -> Option<End> {
         let gate = std::mem::take(&mut self.gate);
         let store = &self.shared.router.store;
-        if gate.is_empty() || store.is_durable(gate.last) && store.healthy() {
-            return None;
-        }
         match timeout(within, store.durable(gate)).await {
             Ok(Ok(())) => None,
             outcome => {
@@ -637,6 +641,17 @@ impl Connection {
                 Some(End::Server(reason::QUOTA_EXCEEDED))
             }
         }
+    }
+
+    /// Nothing buffered waits for the store (the common case: no store,
+    /// or its writes already durable). Clears the gate when so.
+    fn gate_settled(&mut self) -> bool {
+        let store = &self.shared.router.store;
+        let settled = self.gate.is_empty() || store.is_durable(self.gate.last) && store.healthy();
+        if settled {
+            self.gate = TicketSpan::default();
+        }
+        settled
     }
 
     /// The will as stored with a persistent session's record.
@@ -704,7 +719,8 @@ impl Connection {
         }
         if !self.wbuf.is_empty() && !matches!(end, End::Lost) {
             // Acknowledgements the store has not written are not sent.
-            if self.settle(CLOSE_WRITE_DEADLINE).await.is_some()
+            if !self.gate_settled()
+                && Box::pin(self.settle(CLOSE_WRITE_DEADLINE)).await.is_some()
                 && self.version.is_v5()
                 && matches!(end, End::Server(_))
             {
