@@ -113,10 +113,11 @@ impl Shared {
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(limits);
     }
 
-    /// The level limit, then the configured MQTT topic policy (none by
-    /// default, as the spec says).
-    pub fn check_topic(&self, topic: &str) -> Result<(), TopicError> {
-        check_levels(topic, self.limits().max_topic_levels)?;
+    /// The level limit of `limits` (a connection's own, so the packet path
+    /// reads no shared state), then the configured MQTT topic policy (none
+    /// by default, as the spec says).
+    pub fn check_topic(&self, topic: &str, limits: &Limits) -> Result<(), TopicError> {
+        check_levels(topic, limits.max_topic_levels)?;
         match &self.topic_policy {
             Some(p) => p.check(topic),
             None => Ok(()),
@@ -125,8 +126,8 @@ impl Shared {
 
     /// The same for a subscription filter (wildcards allowed), without its
     /// `$share/<group>/` prefix.
-    pub fn check_filter(&self, filter: &str) -> Result<(), TopicError> {
-        check_levels(filter, self.limits().max_topic_levels)?;
+    pub fn check_filter(&self, filter: &str, limits: &Limits) -> Result<(), TopicError> {
+        check_levels(filter, limits.max_topic_levels)?;
         match &self.topic_policy {
             Some(p) => p.check_filter(filter),
             None => Ok(()),

@@ -961,7 +961,8 @@ fn publish_one(shared: &Shared, v: Value) -> Result<TicketSpan, Refusal> {
         }
     };
     for t in &topics {
-        if let Err(e) = starling_model::topic::validate_name(t).and_then(|_| shared.check_topic(t))
+        if let Err(e) = starling_model::topic::validate_name(t)
+            .and_then(|_| shared.check_topic(t, &shared.limits()))
         {
             return Err((
                 code::ILLEGAL_TOPIC,
@@ -1123,7 +1124,7 @@ pub fn subscribe_for(
     let (parsed, topic_opts) = starling_model::topic::parse_with_options(raw)
         .map_err(|e| OnBehalf::Invalid(format!("the topic filter {raw:?} is invalid: {e}.")))?;
     shared
-        .check_filter(parsed.filter)
+        .check_filter(parsed.filter, &shared.limits())
         .map_err(|e| OnBehalf::Invalid(format!("the topic filter {raw:?} is invalid: {e}.")))?;
     let key = &raw[..raw.find('?').unwrap_or(raw.len())];
     let opts = SubOptions {

@@ -89,7 +89,7 @@ fn admit(
         shared.limits().max_topic_levels,
     )?;
     shared
-        .check_topic(&topic)
+        .check_topic(&topic, &shared.limits())
         .map_err(|e| ApiError::bad("topic_policy", format!("{e}.")))?;
     let params =
         request::parse_params(uri.query(), POST_OPTIONS, Duration::from_secs(web.max_wait))?;

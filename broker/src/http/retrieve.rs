@@ -52,7 +52,7 @@ pub async fn retrieve(
         shared.limits().max_topic_levels,
     )?;
     shared
-        .check_filter(&filter)
+        .check_filter(&filter, &shared.limits())
         .map_err(|e| ApiError::bad("topic_policy", format!("{e}.")))?;
     let params =
         request::parse_params(uri.query(), GET_OPTIONS, Duration::from_secs(web.max_wait))?;

@@ -112,7 +112,7 @@ fn admit(
         shared.limits().max_topic_levels,
     )?;
     shared
-        .check_filter(&filter)
+        .check_filter(&filter, &shared.limits())
         .map_err(|e| ApiError::bad("topic_policy", format!("{e}.")))?;
     let params = request::parse_params(
         uri.query(),

@@ -251,28 +251,40 @@ impl Router {
             if opts.check_read && !session.may_read(&msg.topic) {
                 return ControlFlow::Continue(());
             }
-            let mut sub_ids = SubIds::None;
-            sub_ids.push(opts.sub_id);
-            let d = Delivery {
-                qos: opts.qos.min(msg.qos),
-                retain: true,
-                sub_ids,
-                msg: msg.clone(),
-                stored: None,
-            };
-            let mut routing = Routing::default();
-            let outcome = session.enqueue_within_cap(d, &self.metrics, &mut routing);
-            self.routed(&mut routing);
-            span.join(routing.span);
-            match outcome {
-                Queued::Yes | Queued::Busy => {
-                    queued += 1;
-                    ControlFlow::Continue(())
-                }
-                Queued::Congested | Queued::Dropped => ControlFlow::Break(()),
-            }
+            let more = self.queue_initial(session, msg, true, opts, span);
+            queued += usize::from(more.is_continue());
+            more
         });
         queued
+    }
+
+    /// Queues one message a new subscription gets first (a retained one, or
+    /// a last value), within the session's cap: `Break` once it is full.
+    fn queue_initial(
+        &self,
+        session: &Session,
+        msg: &Message,
+        retain: bool,
+        opts: &SubOptions,
+        span: &mut TicketSpan,
+    ) -> ControlFlow<()> {
+        let mut sub_ids = SubIds::None;
+        sub_ids.push(opts.sub_id);
+        let d = Delivery {
+            qos: opts.qos.min(msg.qos),
+            retain,
+            sub_ids,
+            msg: msg.clone(),
+            stored: None,
+        };
+        let mut routing = Routing::default();
+        let outcome = session.enqueue_within_cap(d, &self.metrics, &mut routing);
+        self.routed(&mut routing);
+        span.join(routing.span);
+        match outcome {
+            Queued::Yes | Queued::Busy => ControlFlow::Continue(()),
+            Queued::Congested | Queued::Dropped => ControlFlow::Break(()),
+        }
     }
 
     /// `?pubStates=1`: queues the last value of every topic matching
@@ -291,26 +303,9 @@ impl Router {
             if opts.check_read && !session.may_read(&v.msg.topic) {
                 return ControlFlow::Continue(());
             }
-            let mut sub_ids = SubIds::None;
-            sub_ids.push(opts.sub_id);
-            let d = Delivery {
-                qos: opts.qos.min(v.msg.qos),
-                retain: false,
-                sub_ids,
-                msg: v.msg.clone(),
-                stored: None,
-            };
-            let mut routing = Routing::default();
-            let outcome = session.enqueue_within_cap(d, &self.metrics, &mut routing);
-            self.routed(&mut routing);
-            span.join(routing.span);
-            match outcome {
-                Queued::Yes | Queued::Busy => {
-                    queued += 1;
-                    ControlFlow::Continue(())
-                }
-                Queued::Congested | Queued::Dropped => ControlFlow::Break(()),
-            }
+            let more = self.queue_initial(session, &v.msg, false, opts, span);
+            queued += usize::from(more.is_continue());
+            more
         });
         queued
     }

@@ -320,7 +320,7 @@ impl Connection {
             }
         };
         if let Some(w) = &c.will
-            && shared.check_topic(&w.topic).is_err()
+            && shared.check_topic(&w.topic, &limits).is_err()
         {
             let code = if v.is_v5() {
                 reason::TOPIC_NAME_INVALID

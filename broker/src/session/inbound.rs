@@ -182,7 +182,7 @@ impl Connection {
             let t = self.session.qos2_stored(p.pkid, true);
             self.gate.note(t);
         }
-        let code = match self.shared.check_topic(&p.topic) {
+        let code = match self.shared.check_topic(&p.topic, &self.limits) {
             Err(e) => {
                 if matches!(e, TopicError::TooManyLevels { .. }) {
                     self.shared.metrics.limit_hit(Limit::TopicLevels);
@@ -352,7 +352,7 @@ impl Connection {
         // `a/b` and `a/b?pubStates=1` are the same subscription.
         let key_len = f.filter.find('?').unwrap_or(f.filter.len());
         let key = &f.filter[..key_len];
-        if let Err(e) = self.shared.check_filter(parsed.filter) {
+        if let Err(e) = self.shared.check_filter(parsed.filter, &self.limits) {
             if matches!(e, TopicError::TooManyLevels { .. }) {
                 self.shared.metrics.limit_hit(Limit::TopicLevels);
             }

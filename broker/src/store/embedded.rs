@@ -318,12 +318,14 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
     };
     // Unreadable records stop the start, unless recovering: then they are
     // counted, dropped and logged.
-    let mut unreadable = |ks: u8, key: &[u8], why: &str| -> Result<(), StoreError> {
-        if !recover {
-            return Err(corrupt(ks, why));
+    let mut unreadable = |ks: u8, bad: Vec<(Vec<u8>, BadRecord)>| -> Result<(), StoreError> {
+        for (key, why) in bad {
+            if !recover {
+                return Err(corrupt(ks, why.0));
+            }
+            snap.unreadable += 1;
+            drop_keys.push((ks, key));
         }
-        snap.unreadable += 1;
-        drop_keys.push((ks, key.to_vec()));
         Ok(())
     };
     let each = |ks: u8, f: Visit<'_>| {
@@ -353,13 +355,9 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
         })
     };
     let bad = decode_msgs(RETAINED, &mut snap.retained, &mut expired)?;
-    for (k, e) in bad {
-        unreadable(RETAINED, &k, e.0)?;
-    }
+    unreadable(RETAINED, bad)?;
     let bad = decode_msgs(LVC, &mut snap.last_values, &mut expired)?;
-    for (k, e) in bad {
-        unreadable(LVC, &k, e.0)?;
-    }
+    unreadable(LVC, bad)?;
     let mut payloads: HashMap<u64, crate::router::Message> = HashMap::default();
     let mut dead_payloads: HashSet<u64> = HashSet::default();
     let bad = each(PAYLOADS, &mut |k, v| {
@@ -376,9 +374,7 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
         }
         Ok(())
     })?;
-    for (k, e) in bad {
-        unreadable(PAYLOADS, &k, e.0)?;
-    }
+    unreadable(PAYLOADS, bad)?;
     let mut sessions: HashMap<Arc<str>, RestoredSession> = HashMap::default();
     let bad = each(SESSIONS, &mut |k, v| {
         let id = std::str::from_utf8(k).map_err(|_| BadRecord("invalid session key"))?;
@@ -403,9 +399,7 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
         }
         Ok(())
     })?;
-    for (k, e) in bad {
-        unreadable(SESSIONS, &k, e.0)?;
-    }
+    unreadable(SESSIONS, bad)?;
     let mut orphans: Vec<(u8, Vec<u8>)> = Vec::new();
     let bad = each(SUBS, &mut |k, v| {
         let (id, _) = records::split_key(k)?;
@@ -416,9 +410,7 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
         }
         Ok(())
     })?;
-    for (k, e) in bad {
-        unreadable(SUBS, &k, e.0)?;
-    }
+    unreadable(SUBS, bad)?;
     let bad = each(QUEUE, &mut |k, v| {
         let (id, rest) = records::split_key(k)?;
         let seq: [u8; 8] = rest
@@ -450,9 +442,7 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
         s.queue.push((seq, entry, m.clone()));
         Ok(())
     })?;
-    for (k, e) in bad {
-        unreadable(QUEUE, &k, e.0)?;
-    }
+    unreadable(QUEUE, bad)?;
     let bad = each(QOS2, &mut |k, _| {
         let (id, rest) = records::split_key(k)?;
         let pkid: [u8; 2] = rest
@@ -468,9 +458,7 @@ fn read_all(db: &Db, path: &Path, recover: bool) -> Result<(Snapshot, Index), St
         }
         Ok(())
     })?;
-    for (k, e) in bad {
-        unreadable(QOS2, &k, e.0)?;
-    }
+    unreadable(QOS2, bad)?;
     // Payloads nobody refers to any more (their sessions ended or the
     // message expired) go too.
     let unused: Vec<u64> = payloads
