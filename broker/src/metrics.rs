@@ -8,8 +8,8 @@
 //! can neither drift nor count twice.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -113,28 +113,30 @@ pub struct ListenerMetrics {
 /// An open connection, counted from accept to drop (every way out of a
 /// connection task releases it, so the gauges cannot leak).
 #[must_use]
-pub struct OpenConnection<'a> {
-    metrics: &'a Metrics,
+pub struct OpenConnection {
+    /// Owned, not borrowed: a parked connection carries its guard outside
+    /// any task (see `session::park`).
+    metrics: Arc<Metrics>,
     listener: Listener,
     client: Option<usize>,
 }
 
 impl Metrics {
     /// Counts a connection accepted on `listener` until the guard drops.
-    pub fn open_connection(&self, listener: Listener) -> OpenConnection<'_> {
+    pub fn open_connection(self: &Arc<Self>, listener: Listener) -> OpenConnection {
         inc(&self.connections_total);
         inc(&self.connections_current);
         inc(&self.listeners.accepted[listener as usize]);
         inc(&self.listeners.open[listener as usize]);
         OpenConnection {
-            metrics: self,
+            metrics: self.clone(),
             listener,
             client: None,
         }
     }
 }
 
-impl OpenConnection<'_> {
+impl OpenConnection {
     /// The connection's CONNECT was accepted with protocol `version`.
     pub fn connected(&mut self, version: starling_codec::ProtocolVersion) {
         let p = protocol_index(version);
@@ -145,7 +147,7 @@ impl OpenConnection<'_> {
     }
 }
 
-impl Drop for OpenConnection<'_> {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
         let l = &self.metrics.listeners;
         if let Some(p) = self.client {
@@ -403,6 +405,8 @@ pub struct StateGauges {
     pub queued_bytes: u64,
     /// QoS 1/2 messages sent and not yet acknowledged.
     pub inflight: u64,
+    /// Idle connections parked without a task.
+    pub parked: u64,
 }
 
 /// What a scrape reads from the live state besides the counters.
@@ -726,6 +730,8 @@ pub static FAMILIES: &[Family] = &[
         |m, l, e| one(e, l.state.queued_messages)),
     family!(live "starling_queued_bytes", Gauge, "Topic and payload bytes waiting in session queues.",
         |m, l, e| one(e, l.state.queued_bytes)),
+    family!(live "starling_connections_parked", Gauge, "Idle plain-TCP connections parked without a task (also counted in starling_connections).",
+        |m, l, e| one(e, l.state.parked)),
     family!(live "starling_inflight_messages", Gauge, "QoS 1/2 messages sent to clients and not yet acknowledged.",
         |m, l, e| one(e, l.state.inflight)),
     family!(
@@ -917,7 +923,7 @@ mod tests {
 
     #[test]
     fn exposition_names_labels_and_values() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
         m.dropped(1, DropReason::QueueFull);
         m.dropped(0, DropReason::Expired);
         inc(&m.messages_in[2]);

@@ -21,6 +21,7 @@ use crate::logging::LogBudget;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::session::Registry;
+use crate::session::park::Parker;
 use crate::store::{self, StateStore, memory::MemoryStore};
 use crate::tls;
 
@@ -38,6 +39,8 @@ pub struct Shared {
     pub refusal_log: LogBudget,
     /// Open sockets per source address on the client listeners.
     pub sockets: SocketCounter,
+    /// Idle plain-TCP connections held without a task.
+    pub parker: Arc<Parker>,
     /// `[web]`'s topic limits for `/broker/` and stream paths, built once.
     pub web_policy: TopicPolicy,
     topic_policy: Option<TopicPolicy>,
@@ -60,6 +63,7 @@ impl Shared {
             g.queued_bytes += st.queued_bytes as u64;
             g.inflight += st.inflight.len() as u64;
         }
+        g.parked = self.parker.len() as u64;
         crate::metrics::Live {
             lvc: self.router.lvc.stats(),
             state: g,
@@ -90,6 +94,7 @@ impl Shared {
             shutdown: watch::channel(false).0,
             refusal_log: LogBudget::new(10),
             sockets: SocketCounter::default(),
+            parker: Arc::default(),
             topic_policy: (policy != TopicPolicy::default()).then_some(policy),
             web_policy: config.web.policy(),
             client_seq: AtomicU64::new(0),
@@ -277,6 +282,7 @@ impl Broker {
             }
         }
         tasks.spawn(reap_sessions(shared.clone()));
+        tasks.spawn(shared.parker.clone().run(shared.shutdown.subscribe()));
         if shared.router.store.persists() {
             tasks.spawn(save_last_values(shared.clone()));
         }

@@ -51,9 +51,8 @@ async fn mqtt_ws(
         .read_buffer_size(16 * 1024)
         .max_message_size(max.saturating_add(16))
         .max_frame_size(max.saturating_add(16))
-        .on_upgrade(move |socket| async move {
-            let _slot = slot;
-            connection::serve(shared, WsTransport(socket), peer, listener).await;
+        .on_upgrade(move |socket| {
+            connection::serve(shared, WsTransport(socket), peer, listener, slot)
         })
 }
 

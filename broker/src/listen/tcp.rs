@@ -25,19 +25,20 @@ pub async fn accept_loop(
         // sized for the TLS state it will never have.
         match &acceptor {
             None => {
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    connection::serve(shared, TcpTransport::new(stream), peer, Listener::Mqtt)
-                        .await;
-                });
+                tokio::spawn(connection::serve(
+                    shared,
+                    TcpTransport::new(stream),
+                    peer,
+                    Listener::Mqtt,
+                    slot,
+                ));
             }
             Some(acc) => {
                 let acc = acc.clone();
                 tokio::spawn(async move {
-                    let _slot = slot;
                     if let Some(tls) = accept::tls_handshake(&acc, stream, peer, timeout).await {
-                        connection::serve(shared, StreamTransport(tls), peer, Listener::Mqtts)
-                            .await;
+                        let t = StreamTransport(tls);
+                        connection::serve(shared, t, peer, Listener::Mqtts, slot).await;
                     }
                 });
             }

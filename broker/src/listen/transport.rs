@@ -14,6 +14,12 @@ use tokio::net::TcpStream;
 pub const READ_CHUNK: usize = 64 * 1024;
 
 pub trait Transport: Send + 'static {
+    /// An idle connection over this transport may be parked outside a task
+    /// (`session::park`). Plain TCP only: the parker watches the socket's
+    /// readiness, and TLS or WebSocket can hold decoded bytes the socket
+    /// knows nothing about.
+    const PARKS: bool = false;
+
     /// Appends what is available to `buf`; `Ok(0)` means the peer closed.
     /// Must be cancel-safe: it is raced against other events.
     fn read_into(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
@@ -75,9 +81,27 @@ impl TcpTransport {
             busy: false,
         }
     }
+
+    /// The socket, for the parker to watch while no task reads it.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Whether input (or EOF, or an error) is waiting, without reading it.
+    /// A "no" also clears the readiness the last read left behind, so the
+    /// parker is woken by new input only, not by what was already read.
+    pub fn has_input(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+        let peek = self.stream.try_io(tokio::io::Interest::READABLE, || {
+            socket2::SockRef::from(&self.stream).peek(&mut byte)
+        });
+        !matches!(peek, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 impl Transport for TcpTransport {
+    const PARKS: bool = true;
+
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
             self.stream.readable().await?;

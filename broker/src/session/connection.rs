@@ -1,7 +1,6 @@
 //! One client connection: CONNECT, then a loop that reads packets, acts on
 //! them and writes everything owed to the client in one batch per wake-up.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +13,11 @@ use starling_codec::{
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::handshake::{self, Agreed};
+use super::lazy_map::LazyMap;
+use super::park::PARK_AFTER;
 use super::registry::{OpenError, OpenRequest};
 use super::state::{ConnLink, QueueLimits, Session};
+use crate::listen::slots::Slot;
 use crate::listen::transport::Transport;
 use crate::logging::{Shown, shown};
 use crate::metrics::{self, Limit};
@@ -58,12 +60,14 @@ pub(super) enum End {
 
 /// Serves one accepted connection until it ends, as one `mqtt connection`
 /// span when spans are exported (created, recorded into and closed here;
-/// never entered, so the packet loop pays nothing for it).
+/// never entered, so the packet loop pays nothing for it). `slot` is the
+/// socket's admission, held as long as the socket is.
 pub async fn serve<T: Transport>(
     shared: Arc<Shared>,
-    t: T,
+    mut t: T,
     peer: SocketAddr,
     listener: metrics::Listener,
+    slot: Option<Slot>,
 ) {
     let span = if crate::otel::connection_spans() {
         tracing::info_span!(
@@ -79,23 +83,107 @@ pub async fn serve<T: Transport>(
         tracing::Span::none()
     };
     let mut open = shared.metrics.open_connection(listener);
-    let why = serve_inner(&shared, t, peer, &mut open, &span).await;
-    span.record("reason", why.as_ref());
-    // Closed before the connection stops counting: shutdown waits for the
-    // count to reach zero and then flushes the spans, this one included.
-    drop(span);
-    drop(open);
+    let mut rbuf = BytesMut::new();
+    match connect(&shared, &mut t, &mut rbuf, peer, &span).await {
+        Ok(conn) => {
+            open.connected(conn.version);
+            let live = Box::new(Live {
+                conn,
+                t,
+                rbuf,
+                // Boxed: without an exporter there is no span, and a parked
+                // connection should not carry an empty one.
+                span: (!span.is_none()).then(|| Box::new(span)),
+                _open: open,
+                _slot: slot,
+            });
+            drive(live).await;
+        }
+        Err(why) => {
+            span.record("reason", why.as_ref());
+            // Closed before the connection stops counting: shutdown waits
+            // for the count to reach zero and then flushes the spans.
+            drop(span);
+            drop(open);
+        }
+    }
 }
 
-async fn serve_inner<T: Transport>(
+/// A connected client between wake-ups: everything its task needs, and
+/// what the parker holds while it has no task. Fields drop in order: the
+/// span closes before the connection stops counting (shutdown waits for
+/// the count to reach zero and then flushes the spans).
+pub(super) struct Live<T> {
+    conn: Connection,
+    t: T,
+    rbuf: BytesMut,
+    span: Option<Box<tracing::Span>>,
+    _open: metrics::OpenConnection,
+    _slot: Option<Slot>,
+}
+
+impl<T: Transport> Live<T> {
+    pub(super) fn link(&self) -> &Arc<ConnLink> {
+        &self.conn.link
+    }
+
+    pub(super) fn transport(&self) -> &T {
+        &self.t
+    }
+
+    /// When the client's keep-alive lapses without a packet from it.
+    pub(super) fn keepalive_deadline(&self) -> Option<Instant> {
+        let ka = self.conn.keepalive();
+        (!ka.is_zero()).then(|| self.conn.last_rx + ka)
+    }
+}
+
+/// Runs a connected client's packet loop until the connection ends, or
+/// until it has been quiet long enough to be parked (then this task ends
+/// and the parker starts a new one when the client needs it again).
+pub(super) async fn drive<T: Transport>(mut live: Box<Live<T>>) {
+    loop {
+        let Live { conn, t, rbuf, .. } = &mut *live;
+        match conn.run(t, rbuf).await {
+            Some(end) => {
+                Box::pin(conn.finish(t, end)).await;
+                if let Some(span) = &live.span {
+                    span.record("reason", end.describe().as_ref());
+                }
+                return;
+            }
+            None => match offer_to_parker(live) {
+                None => return,
+                Some(back) => live = back,
+            },
+        }
+    }
+}
+
+/// Parks `live` if its transport can be parked (plain TCP); hands it back
+/// otherwise.
+fn offer_to_parker<T: Transport>(live: Box<Live<T>>) -> Option<Box<Live<T>>> {
+    let mut cell = Some(live);
+    if let Some(tcp) = (&mut cell as &mut dyn std::any::Any)
+        .downcast_mut::<Option<Box<Live<crate::listen::transport::TcpTransport>>>>()
+        && let Some(l) = tcp.take()
+    {
+        let shared = l.conn.shared.clone();
+        shared.parker.park(l);
+    }
+    cell
+}
+
+/// Reads the CONNECT, decides on it and sends the CONNACK: the connected
+/// client, or why there is none (the span's `reason`).
+async fn connect<T: Transport>(
     shared: &Arc<Shared>,
-    mut t: T,
+    t: &mut T,
+    rbuf: &mut BytesMut,
     peer: SocketAddr,
-    open: &mut metrics::OpenConnection<'_>,
     span: &tracing::Span,
-) -> std::borrow::Cow<'static, str> {
+) -> Result<Connection, std::borrow::Cow<'static, str>> {
     let m = &shared.metrics;
-    let mut rbuf = BytesMut::new();
     // The client is unknown until CONNECT is decoded: keep what it may make
     // the broker buffer small.
     let (max_connect, connect_timeout) = {
@@ -105,12 +193,11 @@ async fn serve_inner<T: Transport>(
             l.connect_timeout,
         )
     };
-    // The connect, start and finish phases are boxed: a task's future is as
-    // large as its largest state, and every idle connection pays for it;
-    // only the steady-state loop (`run`) stays inline.
+    // The connect and start phases are boxed: a task's future is as large
+    // as its largest state, and every connection's task pays for it.
     let connect = Box::pin(timeout(
         Duration::from_secs(connect_timeout),
-        read_connect(&mut t, &mut rbuf, max_connect),
+        read_connect(t, rbuf, max_connect),
     ))
     .await;
     match connect {
@@ -121,28 +208,25 @@ async fn serve_inner<T: Transport>(
             );
             span.record("client_id", crate::logging::cut(&boxed.client_id));
             // The CONNECT is unboxed inside the boxed start: as a local of
-            // this function it would take its size in every connection's
-            // task for the connection's whole life.
-            let tr = &mut t;
+            // the task's future it would take its size in every task.
+            let tr = &mut *t;
             let start = async move {
                 let c = *boxed;
                 Connection::start(shared, tr, c, peer).await
             };
-            let mut conn = match Box::pin(start).await {
-                Some(conn) => conn,
+            match Box::pin(start).await {
+                Some(conn) => {
+                    // An assigned id replaces the empty one the client sent.
+                    span.record("client_id", crate::logging::cut(&conn.agreed.client_id));
+                    Ok(conn)
+                }
                 None => {
                     metrics::inc(&m.connections_refused);
                     // Linger so the client reads its CONNACK refusal.
                     t.close(true).await;
-                    return "CONNECT refused".into();
+                    Err("CONNECT refused".into())
                 }
-            };
-            // An assigned id replaces the empty one the client sent.
-            span.record("client_id", crate::logging::cut(&conn.agreed.client_id));
-            open.connected(conn.version);
-            let end = conn.run(&mut t, &mut rbuf).await;
-            Box::pin(conn.finish(&mut t, end)).await;
-            end.describe()
+            }
         }
         Ok(Err(ConnectError::Decode(DecodeError::UnsupportedProtocol))) => {
             // MQTT-3.1.2-2: answer an unknown level with return code 0x01.
@@ -152,7 +236,7 @@ async fn serve_inner<T: Transport>(
                 .write_all(&[0x20, 0x02, 0x00, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION])
                 .await;
             t.close(true).await;
-            "unsupported protocol version".into()
+            Err("unsupported protocol version".into())
         }
         Ok(Err(ConnectError::Decode(DecodeError::PacketTooLarge { size, max }))) => {
             metrics::inc(&m.connections_refused);
@@ -160,7 +244,7 @@ async fn serve_inner<T: Transport>(
             tracing::debug!(%peer, size, max, "CONNECT over max_connect_packet_size; closing");
             // No lingering: that would read the oversized body after all.
             t.close(false).await;
-            "CONNECT over max_connect_packet_size".into()
+            Err("CONNECT over max_connect_packet_size".into())
         }
         Ok(Err(e)) => {
             metrics::inc(&m.connections_refused);
@@ -169,13 +253,13 @@ async fn serve_inner<T: Transport>(
                 tracing::debug!(%peer, error = %e, "refused connection before CONNECT");
             }
             t.close(true).await;
-            e.to_string().into()
+            Err(e.to_string().into())
         }
         Err(_) => {
             metrics::inc(&m.connections_refused);
             tracing::debug!(%peer, "no CONNECT within the connect timeout");
             t.close(true).await;
-            "no CONNECT within the connect timeout".into()
+            Err("no CONNECT within the connect timeout".into())
         }
     }
 }
@@ -234,14 +318,14 @@ pub(super) struct Connection {
     pub(super) principal: Arc<Principal>,
     /// Publish decisions per topic for the principal above; cleared when
     /// the principal is refreshed after a bundle change.
-    pub(super) acl_cache: HashMap<ByteString, bool>,
+    pub(super) acl_cache: LazyMap<ByteString, bool>,
     pub(super) peer: SocketAddr,
     pub(super) wbuf: BytesMut,
     pub(super) last_rx: Instant,
     /// Inbound topic aliases (client → broker).
-    pub(super) aliases_in: HashMap<u16, ByteString>,
+    pub(super) aliases_in: LazyMap<u16, ByteString>,
     /// Outbound topic aliases (broker → client).
-    pub(super) aliases_out: HashMap<ByteString, u16>,
+    pub(super) aliases_out: LazyMap<ByteString, u16>,
     /// Reused for routing and draining so the hot path does not allocate.
     pub(super) scratch: Vec<SubEntry>,
     pub(super) batch: Vec<(u16, Delivery)>,
@@ -260,6 +344,10 @@ pub(super) struct Connection {
     pub(super) gate: TicketSpan,
     /// The limits in force when the client connected.
     pub(super) limits: Arc<starling_model::config::Limits>,
+    /// Batches written: the quiet check's sign of outgoing traffic.
+    pub(super) flushes: u32,
+    /// Not yet parked since CONNECT.
+    pub(super) fresh: bool,
 }
 
 impl Connection {
@@ -403,12 +491,12 @@ impl Connection {
                 Box::new(w)
             }),
             principal,
-            acl_cache: HashMap::new(),
+            acl_cache: LazyMap::default(),
             peer,
             wbuf: BytesMut::new(),
             last_rx: Instant::now(),
-            aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
+            aliases_in: LazyMap::default(),
+            aliases_out: LazyMap::default(),
             scratch: Vec::new(),
             batch: Vec::new(),
             blocked: None,
@@ -417,6 +505,8 @@ impl Connection {
             handled: 0,
             gate,
             limits,
+            flushes: 0,
+            fresh: true,
         };
         conn.session.set_reader(conn.principal.clone());
         conn.session.set_info(super::state::ClientInfo {
@@ -461,15 +551,53 @@ impl Connection {
         Some(conn)
     }
 
-    async fn run<T: Transport>(&mut self, t: &mut T, rbuf: &mut BytesMut) -> End {
+    /// The keep-alive interval the broker holds the client to (1.5 × what
+    /// it asked for, MQTT-3.1.2-24); zero for none.
+    pub(super) fn keepalive(&self) -> Duration {
+        Duration::from_millis(u64::from(self.agreed.keep_alive) * 1500)
+    }
+
+    /// Whether nothing is in progress that only this task would notice:
+    /// then the connection can be parked, and a readable socket or a wake
+    /// resumes it.
+    fn parkable(&self) -> bool {
+        self.wbuf.is_empty()
+            && self.gate.is_empty()
+            && self.blocked.is_none()
+            && !self.yield_soon
+            && (!self.window_open() || self.session.lock().queue.is_empty())
+    }
+
+    /// Handles packets and deliveries until the connection ends (`Some`),
+    /// or, over a parkable transport, until it has been quiet for
+    /// [`PARK_AFTER`] (`None`).
+    async fn run<T: Transport>(&mut self, t: &mut T, rbuf: &mut BytesMut) -> Option<End> {
         let mut shutdown = self.shared.shutdown.subscribe();
-        let ka = Duration::from_millis(u64::from(self.agreed.keep_alive) * 1500);
-        let far = Duration::from_secs(86400 * 365);
-        let keepalive = sleep_until(Instant::now() + if ka.is_zero() { far } else { ka });
+        if *shutdown.borrow() {
+            // Resumed by the parker at shutdown.
+            return Some(End::Server(reason::SERVER_SHUTTING_DOWN));
+        }
+        let ka = self.keepalive();
+        // One timer for the keep-alive and the quiet check, re-armed only
+        // when it fires (not per packet).
+        let next_check = |last_rx: Instant, now: Instant| {
+            let lapse = if ka.is_zero() {
+                now + Duration::from_secs(86400 * 365)
+            } else {
+                last_rx + ka
+            };
+            if T::PARKS {
+                lapse.min(now + PARK_AFTER)
+            } else {
+                lapse
+            }
+        };
+        let keepalive = sleep_until(next_check(self.last_rx, Instant::now()));
         tokio::pin!(keepalive);
+        let mut flushes_seen = self.flushes;
         // Anything already buffered after CONNECT is processed before reading again.
         if let Some(end) = self.process(rbuf) {
-            return end;
+            return Some(end);
         }
         if rbuf.is_empty() {
             *rbuf = BytesMut::new();
@@ -482,18 +610,18 @@ impl Connection {
                 if !self.wbuf.is_empty()
                     && let Some(end) = self.flush(t).await
                 {
-                    return end;
+                    return Some(end);
                 }
                 tokio::task::yield_now().await;
                 if let Some(end) = self.process(rbuf) {
-                    return end;
+                    return Some(end);
                 }
                 continue;
             }
             self.drain();
             if !self.wbuf.is_empty() {
                 if let Some(end) = self.flush(t).await {
-                    return end;
+                    return Some(end);
                 }
                 // The drain stopped at the batch size: keep going first.
                 if !self.session.lock().queue.is_empty() && self.window_open() {
@@ -505,19 +633,24 @@ impl Connection {
                 && !self.gate_settled()
                 && let Some(end) = Box::pin(self.settle(WRITE_STALL)).await
             {
-                return end;
+                return Some(end);
+            }
+            if T::PARKS && std::mem::take(&mut self.fresh) && self.parkable() {
+                // Just connected and nothing to do: parked at once, so that a
+                // burst of connections never holds a task each.
+                return None;
             }
             let blocked = self.blocked.clone();
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => return End::Server(reason::SERVER_SHUTTING_DOWN),
+                _ = shutdown.changed() => return Some(End::Server(reason::SERVER_SHUTTING_DOWN)),
                 _ = self.link.wake.notified() => {
                     if let Some(r) = self.link.kicked() {
-                        return End::Server(r);
+                        return Some(End::Server(r));
                     }
                     if self.link.take_recheck()
                         && let Some(end) = self.reauthorize() {
-                            return end;
+                            return Some(end);
                         }
                 }
                 room = async {
@@ -532,17 +665,17 @@ impl Connection {
                     self.blocked = None;
                     // Packets read before the pause are handled first.
                     if let Some(end) = self.process(rbuf) {
-                        return end;
+                        return Some(end);
                     }
                 }
                 n = t.read_into(rbuf), if blocked.is_none() => {
                     match n {
-                        Ok(0) | Err(_) => return End::Lost,
+                        Ok(0) | Err(_) => return Some(End::Lost),
                         Ok(n) => {
                             metrics::add(&self.shared.metrics.bytes_in, n as u64);
                             self.last_rx = Instant::now();
                             if let Some(end) = self.process(rbuf) {
-                                return end;
+                                return Some(end);
                             }
                             if rbuf.is_empty() {
                                 // Frozen payload slices keep the block alive for
@@ -553,13 +686,18 @@ impl Connection {
                     }
                 }
                 _ = &mut keepalive => {
-                    let deadline = self.last_rx + ka;
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    if !ka.is_zero() && now >= self.last_rx + ka {
                         metrics::inc(&self.shared.metrics.keepalive_timeouts);
                         tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, "keepalive timeout");
-                        return End::Server(reason::KEEP_ALIVE_TIMEOUT);
+                        return Some(End::Server(reason::KEEP_ALIVE_TIMEOUT));
                     }
-                    keepalive.as_mut().reset(deadline);
+                    let quiet = self.flushes == flushes_seen && now >= self.last_rx + PARK_AFTER;
+                    if T::PARKS && quiet && self.parkable() {
+                        return None;
+                    }
+                    flushes_seen = self.flushes;
+                    keepalive.as_mut().reset(next_check(self.last_rx, now));
                 }
             }
         }
@@ -608,6 +746,7 @@ impl Connection {
             )),
             Some(Ok(Ok(()))) => {
                 metrics::add(&self.shared.metrics.bytes_out, n as u64);
+                self.flushes = self.flushes.wrapping_add(1);
                 // Released rather than kept: an idle connection should hold
                 // no buffers; a busy one pays one allocation per batch.
                 self.wbuf = BytesMut::new();
@@ -704,7 +843,7 @@ impl Connection {
     /// hands the session back and handles the will — all before the socket
     /// is closed, so a peer that stops reading cannot delay any of it — and
     /// then closes the socket within a deadline.
-    async fn finish<T: Transport>(mut self, t: &mut T, end: End) {
+    async fn finish<T: Transport>(&mut self, t: &mut T, end: End) {
         if let End::Server(code) = end {
             if code == reason::SERVER_SHUTTING_DOWN {
                 // Flush what is queued before saying goodbye.

@@ -5,7 +5,9 @@ mod authz;
 pub mod connection;
 pub mod handshake;
 mod inbound;
+mod lazy_map;
 mod outbound;
+pub mod park;
 pub mod registry;
 pub mod state;
 

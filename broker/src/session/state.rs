@@ -6,10 +6,12 @@
 //! the session through its [`ConnLink`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use starling_codec::{ByteString, QoS};
 use starling_model::acl::Principal;
 use tokio::sync::Notify;
@@ -22,7 +24,8 @@ use crate::store::{
 };
 
 /// The wake-up line between publishers (and the registry) and the one
-/// connection task currently serving a session.
+/// connection task currently serving a session — or, while the connection
+/// is parked (no task: see `super::park`), the parker's waker for it.
 #[derive(Debug, Default)]
 pub struct ConnLink {
     pub wake: Notify,
@@ -32,17 +35,49 @@ pub struct ConnLink {
     /// Set when the auth bundle changed or a token expired: the connection
     /// must re-check its token and subscriptions.
     recheck: AtomicBool,
+    /// The connection is parked: wakes go to `parker` too. A flag read
+    /// before the waker so that a delivery to a running connection pays a
+    /// load, not a read-modify-write.
+    parked: AtomicBool,
+    parker: AtomicWaker,
 }
 
 impl ConnLink {
+    /// Wakes the connection: its task, or the parker holding it.
+    pub fn notify(&self) {
+        self.wake.notify_one();
+        // SeqCst pairs with `park`: either this load sees the flag, or the
+        // parker's check of `wake` after setting it sees this permit.
+        if self.parked.load(Ordering::SeqCst) {
+            self.parker.wake();
+        }
+    }
+
+    /// Routes wakes to `waker` until [`ConnLink::unpark`]. Returns whether
+    /// a wake was already pending (then it is consumed: the caller resumes
+    /// the connection, which must be told again with [`ConnLink::notify`]).
+    pub fn park(&self, waker: &std::task::Waker) -> bool {
+        self.parker.register(waker);
+        self.parked.store(true, Ordering::SeqCst);
+        let pending = std::pin::pin!(self.wake.notified());
+        pending
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+            .is_ready()
+    }
+
+    pub fn unpark(&self) {
+        self.parked.store(false, Ordering::SeqCst);
+        drop(self.parker.take());
+    }
+
     pub fn kick(&self, reason: u8) {
         self.kicked.store(reason.max(1), Ordering::Release);
-        self.wake.notify_one();
+        self.notify();
     }
 
     pub fn request_recheck(&self) {
         self.recheck.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.notify();
     }
 
     pub fn take_recheck(&self) -> bool {
@@ -475,7 +510,7 @@ impl Session {
         st.queued_bytes += cost;
         st.queue.push_back(d);
         if let Some(link) = &st.link {
-            link.wake.notify_one();
+            link.notify();
         }
         if reliable && st.over_cap() {
             self.congested.store(true, Ordering::Release);
