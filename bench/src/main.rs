@@ -683,6 +683,14 @@ async fn measure(
             return rec;
         }
     };
+    // It inherits this process's limit (sys::raise_nofile); say so if that
+    // is too low for the scenario's connections.
+    let need = sc.connections() as u64 + 100;
+    if let Some(lim) = sys::proc_nofile(b.pid).filter(|l| *l < need) {
+        rec.errors.push(format!(
+            "the broker's open-file limit is {lim}, below the {need} this scenario needs"
+        ));
+    }
     let ctx = Ctx {
         addr: b.addr,
         http: b.http,
