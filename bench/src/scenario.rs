@@ -1864,28 +1864,28 @@ fn source_for(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 1 + (i / 20_000) as u8)
 }
 
-async fn run_idle(ctx: &Ctx, n: usize, settle: f64, rec: &mut Record) -> Result<()> {
-    let pid = ctx.broker_pid;
-    let rss = || pid.and_then(|p| sys::proc_mem(p).ok());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss();
-    let m0 = meter(ctx);
-    let tag = run_tag();
-    let (addr, v) = (ctx.addr, ctx.v);
-    let t = Instant::now();
+/// Open `n` connections (client ids `prefix` + index, read buffers of
+/// `rbuf` bytes), 256 at a time, from [`source_for`] addresses. These
+/// scenarios measure the many connections, not connection storms: a
+/// connection the broker reset (e.g. a full accept backlog) is retried,
+/// twice at most; returns the results in order and the retries.
+async fn open_many(
+    addr: SocketAddr,
+    v: Version,
+    n: usize,
+    prefix: &str,
+    rbuf: usize,
+) -> (Vec<Result<Conn>>, u64) {
     let retries = Rc::new(Cell::new(0u64));
     let res = bounded(n, 256, |i| {
-        let id = format!("sb-{tag}-i{i}");
+        let id = format!("{prefix}{i}");
         let retries = retries.clone();
         async move {
-            // This scenario measures memory, not connection storms: a
-            // connection the broker reset (e.g. a full accept backlog) is
-            // retried, twice at most, and counted.
             let mut attempt = 0;
             loop {
                 let r = async {
                     let s = tcp_from(addr, source_for(i)).await?;
-                    tokio::time::timeout(Duration::from_secs(20), Conn::open(s, v, &id, 300, 256))
+                    tokio::time::timeout(Duration::from_secs(20), Conn::open(s, v, &id, 300, rbuf))
                         .await
                         .context("no CONNACK within 20 s")?
                 }
@@ -1902,9 +1902,22 @@ async fn run_idle(ctx: &Ctx, n: usize, settle: f64, rec: &mut Record) -> Result<
         }
     })
     .await;
-    if retries.get() > 0 {
+    let retried = retries.get();
+    (res, retried)
+}
+
+async fn run_idle(ctx: &Ctx, n: usize, settle: f64, rec: &mut Record) -> Result<()> {
+    let pid = ctx.broker_pid;
+    let rss = || pid.and_then(|p| sys::proc_mem(p).ok());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss();
+    let m0 = meter(ctx);
+    let tag = run_tag();
+    let t = Instant::now();
+    let (res, retries) = open_many(ctx.addr, ctx.v, n, &format!("sb-{tag}-i"), 256).await;
+    if retries > 0 {
         rec.errors
-            .push(format!("{} connection attempts retried", retries.get()));
+            .push(format!("{retries} connection attempts retried"));
     }
     let took = t.elapsed().as_secs_f64();
     let mut conns = Vec::with_capacity(n);
