@@ -541,6 +541,19 @@ fn summary_body(r: &Record) -> String {
             if let Some(c) = r.broker_cpu_us_per_msg {
                 s.push_str(&format!(", {} µs CPU/msg", f(c)));
             }
+            if let (Some(b), Some(n)) = (r.rss_per_conn, r.conns) {
+                s.push_str(&format!(", {} B RSS/conn ({n} conns)", f(b)));
+            }
+            if let Some(l) = &r.send_lag_us {
+                s.push_str(&format!(
+                    ", send lag p99/max {}/{} µs",
+                    f(l.p99),
+                    f(l.max)
+                ));
+            }
+            if let Some(m) = r.msgs_per_write.filter(|_| r.send_lag_us.is_some()) {
+                s.push_str(&format!(", {m:.2} msg/write"));
+            }
             if let (Some(q), Some(l)) = (r.req_per_s.filter(|_| r.kind == "admin"), &r.admin_lat_us)
             {
                 s.push_str(&format!(

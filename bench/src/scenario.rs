@@ -567,6 +567,15 @@ pub struct Record {
     /// something else (`f-http`: `lat_us` is request → response).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_lat_us: Option<Lat>,
+    /// Staggered publishers (`i-`): how late each write was against its
+    /// schedule (due time → write), microseconds, in the window. The
+    /// generator kept its rate if this stays small (p99 ≤ 5 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_lag_us: Option<Lat>,
+    /// Fixed-rate runs: PUBLISH packets per publisher write, whole run
+    /// (1 = one message per write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msgs_per_write: Option<f64>,
     /// Admin API request → whole response (`h-admin-latency-q1`, over the
     /// whole time the admin load ran; `req_per_s` is its rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -683,6 +692,13 @@ struct Shared {
     hist: RefCell<Histogram<u64>>,
     /// Request → response (`f-http`).
     req_hist: RefCell<Histogram<u64>>,
+    /// Staggered publishers: due time → write, in the window.
+    lag_hist: RefCell<Histogram<u64>>,
+    /// Publisher writes (each one or more PUBLISH packets).
+    writes: Cell<u64>,
+    /// Woken when the window ends (staggered publishers sleep up to a
+    /// whole period between sends).
+    drain: tokio::sync::Notify,
     errors: RefCell<Vec<String>>,
 }
 
@@ -706,6 +722,11 @@ impl Shared {
             req_hist: RefCell::new(
                 Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
             ),
+            lag_hist: RefCell::new(
+                Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
+            ),
+            writes: Cell::new(0),
+            drain: tokio::sync::Notify::new(),
             errors: RefCell::new(Vec::new()),
         }))
     }
@@ -973,6 +994,7 @@ async fn spawn_publishers(
             window: ctx.window,
             batch: ctx.batch,
             limit,
+            sched: None,
         };
         let sh = sh.clone();
         tasks.spawn_local(async move {
@@ -1400,6 +1422,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 slow_sub: *slow_sub,
                 persistent: *persistent,
                 ws: false,
+                many: false,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
         }
@@ -1433,6 +1456,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 slow_sub: false,
                 persistent: false,
                 ws: part == Part::Main,
+                many: false,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
         }
@@ -1475,6 +1499,12 @@ struct PubSubParams {
     /// Subscribers are WebSocket topic streams on the HTTP listener
     /// instead of MQTT sessions.
     ws: bool,
+    /// Many small publishers (`i-`, needs `rate`): sends staggered over the
+    /// period (see [`PubCfg::sched`]); publishers connect as d-idle's
+    /// connections do (several source addresses, small buffers, a reset
+    /// connection retried); warm-up at least one period; the broker's RSS
+    /// per publisher connection (before they connect → end of window).
+    many: bool,
 }
 
 async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) -> Result<()> {
@@ -1535,13 +1565,37 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
         .collect::<Result<Vec<SubConn>>>()
         .context("subscribers")?
     };
-    let pubs = bounded(p.pubs, 128, |i| {
-        open(addr, v, format!("sb-{tag}-p{i}"), mqtt::READ_SIZE)
-    })
-    .await
-    .into_iter()
-    .collect::<Result<Vec<Conn>>>()
-    .context("publishers")?;
+    // Many publishers: the broker's RSS per connection, from before they
+    // connect to the end of the window (all connected, each having
+    // published for at least one period).
+    let rss = || ctx.broker_pid.and_then(|p| sys::proc_mem(p).ok());
+    let rss_before = if p.many {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rss()
+    } else {
+        None
+    };
+    let pubs = if p.many {
+        let (res, retries) = open_many(addr, v, p.pubs, &format!("sb-{tag}-p"), 256).await;
+        if retries > 0 {
+            rec.errors
+                .push(format!("{retries} connection attempts retried"));
+        }
+        res.into_iter()
+            .collect::<Result<Vec<Conn>>>()
+            .context("publishers")?
+    } else {
+        bounded(p.pubs, 128, |i| {
+            open(addr, v, format!("sb-{tag}-p{i}"), mqtt::READ_SIZE)
+        })
+        .await
+        .into_iter()
+        .collect::<Result<Vec<Conn>>>()
+        .context("publishers")?
+    };
+    if p.many {
+        rec.conns = Some(pubs.len() as u64);
+    }
 
     let mut tasks = JoinSet::new();
     for c in subs {
@@ -1560,7 +1614,14 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             }
         });
     }
+    // Staggered: publisher i's sends are due i/pubs of a period after
+    // publisher 0's.
+    let start = Instant::now();
+    let period = p.rate.map(|r| Duration::from_secs_f64(1.0 / r));
     for (i, c) in pubs.into_iter().enumerate() {
+        let sched = period
+            .filter(|_| p.many)
+            .map(|t| (start, t.mul_f64(i as f64 / p.pubs as f64)));
         let cfg = PubCfg {
             id: i as u32,
             topic: topic_of(i).into_bytes(),
@@ -1570,6 +1631,7 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             window: ctx.window,
             batch: ctx.batch,
             limit: None,
+            sched,
         };
         let sh = sh.clone();
         tasks.spawn_local(async move {
@@ -1582,8 +1644,12 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
         });
     }
 
-    // Warm-up, then the measured window.
-    let warm = (secs / 5.0).clamp(0.2, 1.0);
+    // Warm-up (many publishers: at least one period, so that each has
+    // published before the window), then the measured window.
+    let mut warm = (secs / 5.0).clamp(0.2, 1.0);
+    if let Some(t) = period.filter(|_| p.many) {
+        warm = warm.max(t.as_secs_f64());
+    }
     tokio::time::sleep(Duration::from_secs_f64(warm)).await;
     let m0 = meter(ctx);
     let (d0, p0) = (sh.delivered.get(), sh.published.get());
@@ -1602,8 +1668,14 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
         tokio::time::sleep(left.min(Duration::from_millis(250))).await;
     }
     sh.phase.set(Phase::Drain);
+    sh.drain.notify_waiters();
     let m1 = meter(ctx);
     let (d1, p1) = (sh.delivered.get(), sh.published.get());
+    if let (Some(a), Some(b)) = (rss_before, rss().filter(|_| p.many))
+        && p.pubs > 0
+    {
+        rec.rss_per_conn = Some((b.rss as f64 - a.rss as f64) / p.pubs as f64);
+    }
     rec.rss_growth_mib_s = growth(&samples);
     rec.rss_window_max_mib = samples.iter().map(|s| s.1).reduce(f64::max);
     let wall = account(ctx, &m0, &m1, rec);
@@ -1682,9 +1754,23 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             sh.malformed.get()
         ));
     }
+    if p.rate.is_some() && sh.writes.get() > 0 {
+        rec.msgs_per_write = Some(sh.sent.get() as f64 / sh.writes.get() as f64);
+    }
+    // Staggered publishers: late sends mean the generator fell behind its
+    // schedule even if the rate averaged out.
+    let lag = p.many.then(|| lat_from(&sh.lag_hist.borrow()));
+    let late = lag.as_ref().is_some_and(|l| l.p99 > SEND_LAG_LIMIT_US);
+    if let Some(l) = lag.as_ref().filter(|_| late) {
+        sh.error(format!(
+            "generator behind its schedule: send lag p99 {} µs (max {} µs) > {} µs",
+            l.p99, l.max, SEND_LAG_LIMIT_US
+        ));
+    }
+    rec.send_lag_us = lag;
     let rate_met = rec
         .rate_target
-        .map(|t| rec.pub_per_s.unwrap_or(0.0) >= 0.95 * t);
+        .map(|t| rec.pub_per_s.unwrap_or(0.0) >= 0.95 * t && !late);
     rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, rate_met);
     rec.errors.extend(sh.errors.borrow().iter().cloned());
     Ok(())
@@ -1765,7 +1851,34 @@ struct PubCfg {
     batch: usize,
     /// Stop after this many messages (None: until the window ends).
     limit: Option<u64>,
+    /// A staggered schedule (with `rate`): (start, offset); message k is
+    /// due at start + offset + k / rate, and the publisher sleeps until
+    /// then (woken early by PUBACKs and the window's end), so 1,000 or
+    /// 50,000 publishers cost a wake-up per message, not per millisecond.
+    /// None: a 1 ms ticker paces the publisher, message k due (k + 1) /
+    /// rate after its own start (`b-`, `c-`, `g-`, `h-`: all publishers in
+    /// the same millisecond).
+    sched: Option<(Instant, Duration)>,
 }
+
+/// Messages of a staggered schedule due `elapsed` after its start:
+/// message k is due at `offset + k × period`.
+fn due_count(elapsed: Duration, offset: Duration, period: Duration) -> u64 {
+    match elapsed.checked_sub(offset) {
+        None => 0,
+        Some(e) => (e.as_nanos() / period.as_nanos().max(1)) as u64 + 1,
+    }
+}
+
+/// When message `k` of a staggered schedule is due.
+fn due_at(start: Instant, offset: Duration, period: Duration, k: u64) -> Instant {
+    let ns = (period.as_nanos() as u64).saturating_mul(k);
+    start + offset + Duration::from_nanos(ns)
+}
+
+/// A staggered send is late if its due time passed this long before the
+/// write (p99 over the window): then the generator did not keep the rate.
+pub const SEND_LAG_LIMIT_US: f64 = 5000.0;
 
 /// Count PUBACKs in the read buffer.
 fn take_acks(c: &mut Conn) -> Result<u64> {
@@ -1780,19 +1893,35 @@ fn take_acks(c: &mut Conn) -> Result<u64> {
 }
 
 async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
-    let mut w: Vec<u8> = Vec::with_capacity(mqtt::READ_SIZE + 2048);
+    // Fixed rates write one message per wake-up: a small buffer.
+    let cap = match cfg.rate {
+        None => mqtt::READ_SIZE + 2048,
+        Some(_) => 4 * (cfg.payload + 64),
+    };
+    let mut w: Vec<u8> = Vec::with_capacity(cap);
     let (mut seq, mut acked, mut pid) = (0u64, 0u64, 0u16);
-    let mut ticker = cfg.rate.map(|_| {
-        let mut t = tokio::time::interval(Duration::from_millis(1));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        t
-    });
+    let mut ticker = match (cfg.rate, cfg.sched) {
+        (Some(_), None) => {
+            let mut t = tokio::time::interval(Duration::from_millis(1));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            Some(t)
+        }
+        _ => None,
+    };
+    let period = Duration::from_secs_f64(1.0 / cfg.rate.unwrap_or(1.0));
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
     let t0 = Instant::now();
     let per_write = cfg.batch.min((mqtt::READ_SIZE / (cfg.payload + 32)).max(1));
     while sh.phase.get() < Phase::Drain && cfg.limit.is_none_or(|l| seq < l) {
-        let mut n = match cfg.rate {
-            None => per_write,
-            Some(r) => ((t0.elapsed().as_secs_f64() * r) as u64).saturating_sub(seq) as usize,
+        let mut n = match (cfg.rate, cfg.sched) {
+            (None, _) => per_write,
+            (Some(r), None) => {
+                ((t0.elapsed().as_secs_f64() * r) as u64).saturating_sub(seq) as usize
+            }
+            (Some(_), Some((start, off))) => {
+                due_count(start.elapsed(), off, period).saturating_sub(seq) as usize
+            }
         }
         .min(4096);
         if let Some(l) = cfg.limit {
@@ -1803,6 +1932,16 @@ async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
         }
         if n > 0 {
             let ts = sh.now_ns();
+            if let Some((start, off)) = cfg.sched
+                && sh.phase.get() == Phase::Measure
+            {
+                // How late the first of these was against its due time.
+                let due = due_at(start, off, period, seq);
+                let late = Instant::now().saturating_duration_since(due);
+                sh.lag_hist
+                    .borrow_mut()
+                    .saturating_record((late.as_nanos() as u64).max(1));
+            }
             for _ in 0..n {
                 if cfg.qos > 0 {
                     pid = pid.wrapping_add(1).max(1);
@@ -1814,9 +1953,39 @@ async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
             c.stream.write_all(&w).await.context("send PUBLISH")?;
             w.clear();
             Shared::add(&sh.sent, n as u64);
+            Shared::add(&sh.writes, 1);
             if cfg.qos == 0 {
                 Shared::add(&sh.published, n as u64);
             }
+        }
+        if let Some((start, off)) = cfg.sched {
+            // Sleep until the next message is due, the window ends or
+            // (QoS 1) a PUBACK arrives. The phase may have changed while
+            // the write waited: no await from this check to the
+            // registration of `notified` below.
+            if sh.phase.get() >= Phase::Drain {
+                continue;
+            }
+            sleep.as_mut().reset(due_at(start, off, period, seq).into());
+            if cfg.qos == 0 {
+                tokio::select! {
+                    _ = &mut sleep => {}
+                    _ = sh.drain.notified() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = &mut sleep => {}
+                    _ = sh.drain.notified() => {}
+                    r = c.stream.readable() => {
+                        r.context("wait readable")?;
+                        c.rb.try_fill(&c.stream)?;
+                    }
+                }
+                let a = take_acks(&mut c)?;
+                acked += a;
+                Shared::add(&sh.published, a);
+            }
+            continue;
         }
         match (cfg.qos, ticker.as_mut()) {
             (0, None) => tokio::task::yield_now().await,
@@ -2547,6 +2716,7 @@ async fn run_admin_latency(
         slow_sub: false,
         ws: false,
         persistent: false,
+        many: false,
     };
     let res = run_pubsub(ctx, &p, secs, rec).await;
     if let Some(load) = load {
