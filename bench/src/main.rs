@@ -82,6 +82,15 @@ struct LoadArgs {
     /// Idle connection counts (each run only if `ulimit -n` allows).
     #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
     idle: Vec<usize>,
+    /// Publishers of i-many-q0/q1 (each 20 msg/s, staggered).
+    #[arg(long, default_value_t = scenario::MANY_PUBS)]
+    many_pubs: usize,
+    /// Connection counts of i-sparse (each run only if `ulimit -n` allows).
+    #[arg(long, value_delimiter = ',', default_value = scenario::SPARSE_CONNS)]
+    sparse: Vec<usize>,
+    /// Seconds between two messages of one i-sparse connection.
+    #[arg(long, default_value_t = scenario::SPARSE_PERIOD)]
+    sparse_period: f64,
     /// Only scenarios whose id starts with one of these (e.g. `a-,c-latency-q1`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -412,6 +421,9 @@ fn select(load: &LoadArgs, nofile: u64) -> (Vec<Scenario>, Vec<String>) {
         http_clients: load.http_clients,
         restart_messages: load.restart_messages,
         store_bytes_messages: load.store_bytes_messages,
+        many_pubs: load.many_pubs,
+        sparse: load.sparse.clone(),
+        sparse_period: load.sparse_period,
     };
     let (all, mut notes) = scenario::all(&d, nofile, &load.idle);
     let keep =
@@ -1124,6 +1136,9 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         latency_secs: a.secs,
         connect_secs: a.secs,
         idle: vec![a.idle],
+        many_pubs: scenario::MANY_PUBS,
+        sparse: Vec::new(),
+        sparse_period: scenario::SPARSE_PERIOD,
         only: [
             "a-fanin-q0-64B",
             "a-fanin-q1-64B",

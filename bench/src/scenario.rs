@@ -72,6 +72,20 @@ pub enum Spec {
         messages: u64,
         payload: usize,
     },
+    /// Many publishers that each send little (issue 14: the shape most IoT
+    /// brokers live in): `pubs` publishers at `rate` msg/s each, each on its
+    /// own topic, → 1 subscriber on a `+` wildcard. Each publisher's sends
+    /// are due at fixed times, offset by i/`pubs` of the period (1/`rate`)
+    /// from publisher to publisher, so the load is spread evenly over the
+    /// period; each is one message in one write. `sparse`: also the broker's
+    /// RSS per connection (kind `sparse`; otherwise `latency`, as c-latency).
+    Many {
+        pubs: usize,
+        qos: u8,
+        payload: usize,
+        rate: f64,
+        sparse: bool,
+    },
     /// Open `conns` connections, hold them idle, measure the broker's RSS.
     Idle { conns: usize },
     /// `workers` loops of connect / CONNACK / DISCONNECT.
@@ -125,6 +139,7 @@ impl Scenario {
     pub fn connections(&self) -> usize {
         match self.spec {
             Spec::PubSub { pubs, subs, .. } => pubs + subs,
+            Spec::Many { pubs, .. } => pubs + 1,
             Spec::Queue { pubs, .. } | Spec::Restart { pubs, .. } => pubs + 1,
             Spec::StoreBytes { sessions, .. } => sessions + 1,
             Spec::Idle { conns } => conns,
@@ -141,7 +156,10 @@ impl Scenario {
     pub fn latency_sensitive(&self) -> bool {
         matches!(
             self.spec,
-            Spec::PubSub { rate: Some(_), .. } | Spec::WsFanout { .. } | Spec::AdminLatency { .. }
+            Spec::PubSub { rate: Some(_), .. }
+                | Spec::Many { .. }
+                | Spec::WsFanout { .. }
+                | Spec::AdminLatency { .. }
         )
     }
 
@@ -197,6 +215,8 @@ impl Scenario {
             Spec::StoreBytes { .. } => "storebytes",
             Spec::PubSub { rate: None, .. } => "throughput",
             Spec::PubSub { fan_in: true, .. } => "latency",
+            Spec::Many { sparse: true, .. } => "sparse",
+            Spec::Many { .. } => "latency",
             Spec::PubSub { .. } => "fixed",
             Spec::Idle { .. } => "idle",
             Spec::Connect { .. } => "connect",
@@ -222,6 +242,14 @@ pub struct Durations {
     pub restart_messages: u64,
     /// Messages of `p-fanout-1000-bytes`.
     pub store_bytes_messages: u64,
+    /// Publishers of `i-many-q*` (default [`MANY_PUBS`]).
+    pub many_pubs: usize,
+    /// Connection counts of `i-sparse-*` (default [`SPARSE_CONNS`]; each
+    /// run only if `ulimit -n` allows).
+    pub sparse: Vec<usize>,
+    /// Seconds between two messages of one `i-sparse` connection (default
+    /// [`SPARSE_PERIOD`]).
+    pub sparse_period: f64,
 }
 
 /// The full list (a–e), with the idle connection counts that fit `nofile`.
@@ -365,6 +393,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
         secs: d.throughput,
     });
     push_admin_latency(&mut v, &mut notes, d, nofile);
+    push_many(&mut v, &mut notes, d, nofile);
     persistence(d, &mut v);
     (v, notes)
 }
@@ -406,6 +435,79 @@ fn push_admin_latency(v: &mut Vec<Scenario>, notes: &mut Vec<String>, d: &Durati
         },
         secs: d.latency,
     });
+}
+
+/// Publishers of `i-many-q*`, each at [`MANY_RATE`] msg/s.
+pub const MANY_PUBS: usize = 1000;
+pub const MANY_RATE: f64 = 20.0;
+/// Connections of `i-sparse-*` (where `ulimit -n` allows), each publishing
+/// one message every [`SPARSE_PERIOD`] seconds.
+pub const SPARSE_CONNS: &str = "10000,50000";
+pub const SPARSE_PERIOD: f64 = 5.0;
+
+/// Many clients that each send little (issue 14, `i-`).
+fn push_many(v: &mut Vec<Scenario>, notes: &mut Vec<String>, d: &Durations, nofile: u64) {
+    for qos in [0u8, 1] {
+        v.push(Scenario {
+            id: format!("i-many-q{qos}"),
+            title: format!(
+                "i. many: {}×{MANY_RATE} msg/s (staggered)→1 (wildcard), QoS {qos}, 64B",
+                grouped(d.many_pubs)
+            ),
+            spec: Spec::Many {
+                pubs: d.many_pubs.max(1),
+                qos,
+                payload: 64,
+                rate: MANY_RATE,
+                sparse: false,
+            },
+            secs: d.latency,
+        });
+    }
+    let period = d.sparse_period.max(0.01);
+    for &n in d.sparse.iter().filter(|n| **n > 0) {
+        let id = if n % 1000 == 0 {
+            format!("i-sparse-{}k", n / 1000)
+        } else {
+            format!("i-sparse-{n}")
+        };
+        // As d-idle: the generator holds n sockets, the broker n + a few.
+        if (n as u64) + 200 > nofile {
+            notes.push(format!(
+                "{id} skipped: `ulimit -n` hard limit {nofile} < {n} connections + margin"
+            ));
+            continue;
+        }
+        v.push(Scenario {
+            id,
+            title: format!(
+                "i. sparse: {} connections × 1 msg / {period} s (staggered)→1 (wildcard), QoS 1, 64B",
+                grouped(n)
+            ),
+            spec: Spec::Many {
+                pubs: n,
+                qos: 1,
+                payload: 64,
+                rate: 1.0 / period,
+                sparse: true,
+            },
+            // Two periods: every connection publishes twice in the window.
+            secs: d.latency.max(2.0 * period),
+        });
+    }
+}
+
+/// `50000` → `50,000`.
+pub fn grouped(n: usize) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// The persistence scenarios of issue 13 (`p-`).
@@ -1423,6 +1525,27 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 persistent: *persistent,
                 ws: false,
                 many: false,
+            };
+            run_pubsub(ctx, &p, sc.secs, rec).await
+        }
+        Spec::Many {
+            pubs,
+            qos,
+            payload,
+            rate,
+            sparse: _,
+        } => {
+            let p = PubSubParams {
+                pubs: *pubs,
+                subs: 1,
+                qos: *qos,
+                payload: (*payload).max(PAYLOAD_HEADER),
+                rate: Some(*rate),
+                fan_in: true,
+                slow_sub: false,
+                persistent: false,
+                ws: false,
+                many: true,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
         }
@@ -3133,6 +3256,9 @@ mod tests {
             http_clients: HTTP_CLIENTS,
             restart_messages: 1000,
             store_bytes_messages: 10,
+            many_pubs: MANY_PUBS,
+            sparse: vec![10_000, 50_000],
+            sparse_period: SPARSE_PERIOD,
         };
         let (v, notes) = all(&d, 20_000, &[10_000, 50_000]);
         assert!(v.iter().any(|s| s.id == "d-idle-10k"));
@@ -3188,6 +3314,9 @@ mod tests {
             http_clients: HTTP_CLIENTS,
             restart_messages: 1000,
             store_bytes_messages: 10,
+            many_pubs: MANY_PUBS,
+            sparse: vec![10_000, 50_000],
+            sparse_period: SPARSE_PERIOD,
         };
         let (v, notes) = all(&d, 20_000, &[]);
         let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
@@ -3233,6 +3362,70 @@ mod tests {
         assert!(check(0).check(200, refused).is_err());
         assert_eq!(count(b"ababa", b"aba"), 1);
         assert_eq!(count(b"xyxyxy", b"xy"), 3);
+    }
+
+    #[test]
+    fn many_scenarios() {
+        let d = Durations {
+            throughput: 1.0,
+            latency: 6.0,
+            connect: 1.0,
+            http_clients: HTTP_CLIENTS,
+            restart_messages: 1000,
+            store_bytes_messages: 10,
+            many_pubs: MANY_PUBS,
+            sparse: vec![10_000, 50_000],
+            sparse_period: SPARSE_PERIOD,
+        };
+        let (v, notes) = all(&d, 20_000, &[]);
+        let by = |id: &str| v.iter().find(|s| s.id == id);
+        for q in ["i-many-q0", "i-many-q1"] {
+            let s = by(q).unwrap();
+            assert_eq!(s.kind(), "latency");
+            assert!(s.latency_sensitive());
+            assert_eq!(s.connections(), MANY_PUBS + 1);
+            assert!(s.supports(crate::broker::Kind::Mosquitto));
+            assert!(!s.supports(crate::broker::Kind::StarlingMem));
+        }
+        assert!(by("i-many-q1").unwrap().title.contains("1,000×20 msg/s"));
+        let sparse = by("i-sparse-10k").unwrap();
+        assert_eq!(sparse.kind(), "sparse");
+        assert!(matches!(
+            sparse.spec,
+            Spec::Many {
+                pubs: 10_000,
+                qos: 1,
+                sparse: true,
+                ..
+            }
+        ));
+        assert_eq!(sparse.secs, 10.0);
+        assert!(by("i-sparse-50k").is_none());
+        assert!(notes.iter().any(|n| n.starts_with("i-sparse-50k skipped")));
+        let (v, notes) = all(&d, 262_144, &[]);
+        assert!(v.iter().any(|s| s.id == "i-sparse-50k"));
+        assert!(!notes.iter().any(|n| n.starts_with("i-")));
+    }
+
+    #[test]
+    fn staggered_schedule() {
+        let period = Duration::from_millis(50);
+        let off = Duration::from_millis(20);
+        let ms = Duration::from_millis;
+        assert_eq!(due_count(ms(0), off, period), 0);
+        assert_eq!(due_count(ms(19), off, period), 0);
+        assert_eq!(due_count(ms(20), off, period), 1);
+        assert_eq!(due_count(ms(69), off, period), 1);
+        assert_eq!(due_count(ms(70), off, period), 2);
+        let t = Instant::now();
+        // Sleeping until message k is due makes exactly k + 1 due.
+        for k in [0u64, 1, 7, 1000] {
+            let at = due_at(t, off, period, k);
+            assert_eq!(due_count(at - t, off, period), k + 1);
+        }
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(50_000), "50,000");
+        assert_eq!(grouped(999), "999");
     }
 
     #[test]
