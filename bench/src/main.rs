@@ -174,6 +174,12 @@ struct SmokeArgs {
     /// Idle connections in the smoke.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
+    /// Publishers of i-many-q0/q1 in the smoke.
+    #[arg(long, default_value_t = 100)]
+    many_pubs: usize,
+    /// Connections of i-sparse in the smoke (one message a second each).
+    #[arg(long, default_value_t = 1000)]
+    sparse: usize,
     /// Messages queued before the kill -9 of p-restart (smoke: a short one).
     #[arg(long, default_value_t = 20_000)]
     restart_messages: u64,
@@ -1136,9 +1142,9 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         latency_secs: a.secs,
         connect_secs: a.secs,
         idle: vec![a.idle],
-        many_pubs: scenario::MANY_PUBS,
-        sparse: Vec::new(),
-        sparse_period: scenario::SPARSE_PERIOD,
+        many_pubs: a.many_pubs,
+        sparse: vec![a.sparse],
+        sparse_period: 1.0,
         only: [
             "a-fanin-q0-64B",
             "a-fanin-q1-64B",
@@ -1150,6 +1156,7 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             "f-http",
             "g-ws-fanout",
             "h-admin-latency-q1",
+            "i-",
             "p-",
         ]
         .iter()
