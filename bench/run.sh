@@ -29,6 +29,9 @@
 #   bench/run.sh --only p- --repeat 3
 #                                  # persistence (issue 13): Starling with its
 #                                  # store, Starling memory-only, mosquitto
+#   bench/run.sh --only i- --brokers starling,mosquitto
+#                                  # many clients that each send little
+#                                  # (issue 14): i-many-q0/q1, i-sparse-10k/50k
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

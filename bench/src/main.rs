@@ -82,6 +82,15 @@ struct LoadArgs {
     /// Idle connection counts (each run only if `ulimit -n` allows).
     #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
     idle: Vec<usize>,
+    /// Publishers of i-many-q0/q1 (each 20 msg/s, staggered).
+    #[arg(long, default_value_t = scenario::MANY_PUBS)]
+    many_pubs: usize,
+    /// Connection counts of i-sparse (each run only if `ulimit -n` allows).
+    #[arg(long, value_delimiter = ',', default_value = scenario::SPARSE_CONNS)]
+    sparse: Vec<usize>,
+    /// Seconds between two messages of one i-sparse connection.
+    #[arg(long, default_value_t = scenario::SPARSE_PERIOD)]
+    sparse_period: f64,
     /// Only scenarios whose id starts with one of these (e.g. `a-,c-latency-q1`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -165,6 +174,12 @@ struct SmokeArgs {
     /// Idle connections in the smoke.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
+    /// Publishers of i-many-q0/q1 in the smoke.
+    #[arg(long, default_value_t = 100)]
+    many_pubs: usize,
+    /// Connections of i-sparse in the smoke (one message a second each).
+    #[arg(long, default_value_t = 1000)]
+    sparse: usize,
     /// Messages queued before the kill -9 of p-restart (smoke: a short one).
     #[arg(long, default_value_t = 20_000)]
     restart_messages: u64,
@@ -412,6 +427,9 @@ fn select(load: &LoadArgs, nofile: u64) -> (Vec<Scenario>, Vec<String>) {
         http_clients: load.http_clients,
         restart_messages: load.restart_messages,
         store_bytes_messages: load.store_bytes_messages,
+        many_pubs: load.many_pubs,
+        sparse: load.sparse.clone(),
+        sparse_period: load.sparse_period,
     };
     let (all, mut notes) = scenario::all(&d, nofile, &load.idle);
     let keep =
@@ -540,6 +558,19 @@ fn summary_body(r: &Record) -> String {
             ));
             if let Some(c) = r.broker_cpu_us_per_msg {
                 s.push_str(&format!(", {} µs CPU/msg", f(c)));
+            }
+            if let (Some(b), Some(n)) = (r.rss_per_conn, r.conns) {
+                s.push_str(&format!(", {} B RSS/conn ({n} conns)", f(b)));
+            }
+            if let Some(l) = &r.send_lag_us {
+                s.push_str(&format!(
+                    ", send lag p99/max {}/{} µs",
+                    f(l.p99),
+                    f(l.max)
+                ));
+            }
+            if let Some(m) = r.msgs_per_write.filter(|_| r.send_lag_us.is_some()) {
+                s.push_str(&format!(", {m:.2} msg/write"));
             }
             if let (Some(q), Some(l)) = (r.req_per_s.filter(|_| r.kind == "admin"), &r.admin_lat_us)
             {
@@ -683,6 +714,14 @@ async fn measure(
             return rec;
         }
     };
+    // It inherits this process's limit (sys::raise_nofile); say so if that
+    // is too low for the scenario's connections.
+    let need = sc.connections() as u64 + 100;
+    if let Some(lim) = sys::proc_nofile(b.pid).filter(|l| *l < need) {
+        rec.errors.push(format!(
+            "the broker's open-file limit is {lim}, below the {need} this scenario needs"
+        ));
+    }
     let ctx = Ctx {
         addr: b.addr,
         http: b.http,
@@ -1103,6 +1142,9 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
         latency_secs: a.secs,
         connect_secs: a.secs,
         idle: vec![a.idle],
+        many_pubs: a.many_pubs,
+        sparse: vec![a.sparse],
+        sparse_period: 1.0,
         only: [
             "a-fanin-q0-64B",
             "a-fanin-q1-64B",
@@ -1114,6 +1156,7 @@ async fn smoke(a: SmokeArgs, pin: &Pinning, nofile: u64) -> Result<()> {
             "f-http",
             "g-ws-fanout",
             "h-admin-latency-q1",
+            "i-",
             "p-",
         ]
         .iter()

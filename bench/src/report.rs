@@ -41,6 +41,17 @@ fn metrics(kind: &str) -> Vec<(&'static str, Get, bool)> {
             ("broker CPU µs / delivered msg", cpu, false),
             ("loss %", loss, false),
         ],
+        "sparse" => vec![
+            ("latency p50 µs", p50, false),
+            ("latency p99 µs", p99, false),
+            ("broker CPU µs / delivered msg", cpu, false),
+            (
+                "broker RSS bytes / connection (all connected, publishing)",
+                |r| r.rss_per_conn,
+                false,
+            ),
+            ("loss %", loss, false),
+        ],
         "overload" => vec![
             ("broker peak RSS MiB", peak, false),
             (

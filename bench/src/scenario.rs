@@ -72,6 +72,20 @@ pub enum Spec {
         messages: u64,
         payload: usize,
     },
+    /// Many publishers that each send little (issue 14: the shape most IoT
+    /// brokers live in): `pubs` publishers at `rate` msg/s each, each on its
+    /// own topic, → 1 subscriber on a `+` wildcard. Each publisher's sends
+    /// are due at fixed times, offset by i/`pubs` of the period (1/`rate`)
+    /// from publisher to publisher, so the load is spread evenly over the
+    /// period; each is one message in one write. `sparse`: also the broker's
+    /// RSS per connection (kind `sparse`; otherwise `latency`, as c-latency).
+    Many {
+        pubs: usize,
+        qos: u8,
+        payload: usize,
+        rate: f64,
+        sparse: bool,
+    },
     /// Open `conns` connections, hold them idle, measure the broker's RSS.
     Idle { conns: usize },
     /// `workers` loops of connect / CONNACK / DISCONNECT.
@@ -125,6 +139,7 @@ impl Scenario {
     pub fn connections(&self) -> usize {
         match self.spec {
             Spec::PubSub { pubs, subs, .. } => pubs + subs,
+            Spec::Many { pubs, .. } => pubs + 1,
             Spec::Queue { pubs, .. } | Spec::Restart { pubs, .. } => pubs + 1,
             Spec::StoreBytes { sessions, .. } => sessions + 1,
             Spec::Idle { conns } => conns,
@@ -141,7 +156,10 @@ impl Scenario {
     pub fn latency_sensitive(&self) -> bool {
         matches!(
             self.spec,
-            Spec::PubSub { rate: Some(_), .. } | Spec::WsFanout { .. } | Spec::AdminLatency { .. }
+            Spec::PubSub { rate: Some(_), .. }
+                | Spec::Many { .. }
+                | Spec::WsFanout { .. }
+                | Spec::AdminLatency { .. }
         )
     }
 
@@ -197,6 +215,8 @@ impl Scenario {
             Spec::StoreBytes { .. } => "storebytes",
             Spec::PubSub { rate: None, .. } => "throughput",
             Spec::PubSub { fan_in: true, .. } => "latency",
+            Spec::Many { sparse: true, .. } => "sparse",
+            Spec::Many { .. } => "latency",
             Spec::PubSub { .. } => "fixed",
             Spec::Idle { .. } => "idle",
             Spec::Connect { .. } => "connect",
@@ -222,6 +242,14 @@ pub struct Durations {
     pub restart_messages: u64,
     /// Messages of `p-fanout-1000-bytes`.
     pub store_bytes_messages: u64,
+    /// Publishers of `i-many-q*` (default [`MANY_PUBS`]).
+    pub many_pubs: usize,
+    /// Connection counts of `i-sparse-*` (default [`SPARSE_CONNS`]; each
+    /// run only if `ulimit -n` allows).
+    pub sparse: Vec<usize>,
+    /// Seconds between two messages of one `i-sparse` connection (default
+    /// [`SPARSE_PERIOD`]).
+    pub sparse_period: f64,
 }
 
 /// The full list (a–e), with the idle connection counts that fit `nofile`.
@@ -365,6 +393,7 @@ pub fn all(d: &Durations, nofile: u64, idle_counts: &[usize]) -> (Vec<Scenario>,
         secs: d.throughput,
     });
     push_admin_latency(&mut v, &mut notes, d, nofile);
+    push_many(&mut v, &mut notes, d, nofile);
     persistence(d, &mut v);
     (v, notes)
 }
@@ -406,6 +435,79 @@ fn push_admin_latency(v: &mut Vec<Scenario>, notes: &mut Vec<String>, d: &Durati
         },
         secs: d.latency,
     });
+}
+
+/// Publishers of `i-many-q*`, each at [`MANY_RATE`] msg/s.
+pub const MANY_PUBS: usize = 1000;
+pub const MANY_RATE: f64 = 20.0;
+/// Connections of `i-sparse-*` (where `ulimit -n` allows), each publishing
+/// one message every [`SPARSE_PERIOD`] seconds.
+pub const SPARSE_CONNS: &str = "10000,50000";
+pub const SPARSE_PERIOD: f64 = 5.0;
+
+/// Many clients that each send little (issue 14, `i-`).
+fn push_many(v: &mut Vec<Scenario>, notes: &mut Vec<String>, d: &Durations, nofile: u64) {
+    for qos in [0u8, 1] {
+        v.push(Scenario {
+            id: format!("i-many-q{qos}"),
+            title: format!(
+                "i. many: {}×{MANY_RATE} msg/s (staggered)→1 (wildcard), QoS {qos}, 64B",
+                grouped(d.many_pubs)
+            ),
+            spec: Spec::Many {
+                pubs: d.many_pubs.max(1),
+                qos,
+                payload: 64,
+                rate: MANY_RATE,
+                sparse: false,
+            },
+            secs: d.latency,
+        });
+    }
+    let period = d.sparse_period.max(0.01);
+    for &n in d.sparse.iter().filter(|n| **n > 0) {
+        let id = if n % 1000 == 0 {
+            format!("i-sparse-{}k", n / 1000)
+        } else {
+            format!("i-sparse-{n}")
+        };
+        // As d-idle: the generator holds n sockets, the broker n + a few.
+        if (n as u64) + 200 > nofile {
+            notes.push(format!(
+                "{id} skipped: `ulimit -n` hard limit {nofile} < {n} connections + margin"
+            ));
+            continue;
+        }
+        v.push(Scenario {
+            id,
+            title: format!(
+                "i. sparse: {} connections × 1 msg / {period} s (staggered)→1 (wildcard), QoS 1, 64B",
+                grouped(n)
+            ),
+            spec: Spec::Many {
+                pubs: n,
+                qos: 1,
+                payload: 64,
+                rate: 1.0 / period,
+                sparse: true,
+            },
+            // Two periods: every connection publishes twice in the window.
+            secs: d.latency.max(2.0 * period),
+        });
+    }
+}
+
+/// `50000` → `50,000`.
+pub fn grouped(n: usize) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// The persistence scenarios of issue 13 (`p-`).
@@ -567,6 +669,15 @@ pub struct Record {
     /// something else (`f-http`: `lat_us` is request → response).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_lat_us: Option<Lat>,
+    /// Staggered publishers (`i-`): how late each write was against its
+    /// schedule (due time → write), microseconds, in the window. The
+    /// generator kept its rate if this stays small (p99 ≤ 5 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_lag_us: Option<Lat>,
+    /// Fixed-rate runs: PUBLISH packets per publisher write, whole run
+    /// (1 = one message per write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msgs_per_write: Option<f64>,
     /// Admin API request → whole response (`h-admin-latency-q1`, over the
     /// whole time the admin load ran; `req_per_s` is its rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -683,6 +794,13 @@ struct Shared {
     hist: RefCell<Histogram<u64>>,
     /// Request → response (`f-http`).
     req_hist: RefCell<Histogram<u64>>,
+    /// Staggered publishers: due time → write, in the window.
+    lag_hist: RefCell<Histogram<u64>>,
+    /// Publisher writes (each one or more PUBLISH packets).
+    writes: Cell<u64>,
+    /// Woken when the window ends (staggered publishers sleep up to a
+    /// whole period between sends).
+    drain: tokio::sync::Notify,
     errors: RefCell<Vec<String>>,
 }
 
@@ -706,6 +824,11 @@ impl Shared {
             req_hist: RefCell::new(
                 Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
             ),
+            lag_hist: RefCell::new(
+                Histogram::new_with_bounds(1, 120_000_000_000, 3).context("histogram")?,
+            ),
+            writes: Cell::new(0),
+            drain: tokio::sync::Notify::new(),
             errors: RefCell::new(Vec::new()),
         }))
     }
@@ -973,6 +1096,7 @@ async fn spawn_publishers(
             window: ctx.window,
             batch: ctx.batch,
             limit,
+            sched: None,
         };
         let sh = sh.clone();
         tasks.spawn_local(async move {
@@ -1400,6 +1524,28 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 slow_sub: *slow_sub,
                 persistent: *persistent,
                 ws: false,
+                many: false,
+            };
+            run_pubsub(ctx, &p, sc.secs, rec).await
+        }
+        Spec::Many {
+            pubs,
+            qos,
+            payload,
+            rate,
+            sparse: _,
+        } => {
+            let p = PubSubParams {
+                pubs: *pubs,
+                subs: 1,
+                qos: *qos,
+                payload: (*payload).max(PAYLOAD_HEADER),
+                rate: Some(*rate),
+                fan_in: true,
+                slow_sub: false,
+                persistent: false,
+                ws: false,
+                many: true,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
         }
@@ -1433,6 +1579,7 @@ pub async fn run_scenario(ctx: &Ctx, sc: &Scenario, part: Part, rec: &mut Record
                 slow_sub: false,
                 persistent: false,
                 ws: part == Part::Main,
+                many: false,
             };
             run_pubsub(ctx, &p, sc.secs, rec).await
         }
@@ -1475,6 +1622,12 @@ struct PubSubParams {
     /// Subscribers are WebSocket topic streams on the HTTP listener
     /// instead of MQTT sessions.
     ws: bool,
+    /// Many small publishers (`i-`, needs `rate`): sends staggered over the
+    /// period (see [`PubCfg::sched`]); publishers connect as d-idle's
+    /// connections do (several source addresses, small buffers, a reset
+    /// connection retried); warm-up at least one period; the broker's RSS
+    /// per publisher connection (before they connect → end of window).
+    many: bool,
 }
 
 async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) -> Result<()> {
@@ -1535,13 +1688,37 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
         .collect::<Result<Vec<SubConn>>>()
         .context("subscribers")?
     };
-    let pubs = bounded(p.pubs, 128, |i| {
-        open(addr, v, format!("sb-{tag}-p{i}"), mqtt::READ_SIZE)
-    })
-    .await
-    .into_iter()
-    .collect::<Result<Vec<Conn>>>()
-    .context("publishers")?;
+    // Many publishers: the broker's RSS per connection, from before they
+    // connect to the end of the window (all connected, each having
+    // published for at least one period).
+    let rss = || ctx.broker_pid.and_then(|p| sys::proc_mem(p).ok());
+    let rss_before = if p.many {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rss()
+    } else {
+        None
+    };
+    let pubs = if p.many {
+        let (res, retries) = open_many(addr, v, p.pubs, &format!("sb-{tag}-p"), 256).await;
+        if retries > 0 {
+            rec.errors
+                .push(format!("{retries} connection attempts retried"));
+        }
+        res.into_iter()
+            .collect::<Result<Vec<Conn>>>()
+            .context("publishers")?
+    } else {
+        bounded(p.pubs, 128, |i| {
+            open(addr, v, format!("sb-{tag}-p{i}"), mqtt::READ_SIZE)
+        })
+        .await
+        .into_iter()
+        .collect::<Result<Vec<Conn>>>()
+        .context("publishers")?
+    };
+    if p.many {
+        rec.conns = Some(pubs.len() as u64);
+    }
 
     let mut tasks = JoinSet::new();
     for c in subs {
@@ -1560,7 +1737,14 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             }
         });
     }
+    // Staggered: publisher i's sends are due i/pubs of a period after
+    // publisher 0's.
+    let start = Instant::now();
+    let period = p.rate.map(|r| Duration::from_secs_f64(1.0 / r));
     for (i, c) in pubs.into_iter().enumerate() {
+        let sched = period
+            .filter(|_| p.many)
+            .map(|t| (start, t.mul_f64(i as f64 / p.pubs as f64)));
         let cfg = PubCfg {
             id: i as u32,
             topic: topic_of(i).into_bytes(),
@@ -1570,6 +1754,7 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             window: ctx.window,
             batch: ctx.batch,
             limit: None,
+            sched,
         };
         let sh = sh.clone();
         tasks.spawn_local(async move {
@@ -1582,8 +1767,12 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
         });
     }
 
-    // Warm-up, then the measured window.
-    let warm = (secs / 5.0).clamp(0.2, 1.0);
+    // Warm-up (many publishers: at least one period, so that each has
+    // published before the window), then the measured window.
+    let mut warm = (secs / 5.0).clamp(0.2, 1.0);
+    if let Some(t) = period.filter(|_| p.many) {
+        warm = warm.max(t.as_secs_f64());
+    }
     tokio::time::sleep(Duration::from_secs_f64(warm)).await;
     let m0 = meter(ctx);
     let (d0, p0) = (sh.delivered.get(), sh.published.get());
@@ -1602,8 +1791,14 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
         tokio::time::sleep(left.min(Duration::from_millis(250))).await;
     }
     sh.phase.set(Phase::Drain);
+    sh.drain.notify_waiters();
     let m1 = meter(ctx);
     let (d1, p1) = (sh.delivered.get(), sh.published.get());
+    if let (Some(a), Some(b)) = (rss_before, rss().filter(|_| p.many))
+        && p.pubs > 0
+    {
+        rec.rss_per_conn = Some((b.rss as f64 - a.rss as f64) / p.pubs as f64);
+    }
     rec.rss_growth_mib_s = growth(&samples);
     rec.rss_window_max_mib = samples.iter().map(|s| s.1).reduce(f64::max);
     let wall = account(ctx, &m0, &m1, rec);
@@ -1682,9 +1877,23 @@ async fn run_pubsub(ctx: &Ctx, p: &PubSubParams, secs: f64, rec: &mut Record) ->
             sh.malformed.get()
         ));
     }
+    if p.rate.is_some() && sh.writes.get() > 0 {
+        rec.msgs_per_write = Some(sh.sent.get() as f64 / sh.writes.get() as f64);
+    }
+    // Staggered publishers: late sends mean the generator fell behind its
+    // schedule even if the rate averaged out.
+    let lag = p.many.then(|| lat_from(&sh.lag_hist.borrow()));
+    let late = lag.as_ref().is_some_and(|l| l.p99 > SEND_LAG_LIMIT_US);
+    if let Some(l) = lag.as_ref().filter(|_| late) {
+        sh.error(format!(
+            "generator behind its schedule: send lag p99 {} µs (max {} µs) > {} µs",
+            l.p99, l.max, SEND_LAG_LIMIT_US
+        ));
+    }
+    rec.send_lag_us = lag;
     let rate_met = rec
         .rate_target
-        .map(|t| rec.pub_per_s.unwrap_or(0.0) >= 0.95 * t);
+        .map(|t| rec.pub_per_s.unwrap_or(0.0) >= 0.95 * t && !late);
     rec.limit = verdict(rec, ctx.gen_cores, ctx.broker_cores, rate_met);
     rec.errors.extend(sh.errors.borrow().iter().cloned());
     Ok(())
@@ -1765,7 +1974,34 @@ struct PubCfg {
     batch: usize,
     /// Stop after this many messages (None: until the window ends).
     limit: Option<u64>,
+    /// A staggered schedule (with `rate`): (start, offset); message k is
+    /// due at start + offset + k / rate, and the publisher sleeps until
+    /// then (woken early by PUBACKs and the window's end), so 1,000 or
+    /// 50,000 publishers cost a wake-up per message, not per millisecond.
+    /// None: a 1 ms ticker paces the publisher, message k due (k + 1) /
+    /// rate after its own start (`b-`, `c-`, `g-`, `h-`: all publishers in
+    /// the same millisecond).
+    sched: Option<(Instant, Duration)>,
 }
+
+/// Messages of a staggered schedule due `elapsed` after its start:
+/// message k is due at `offset + k × period`.
+fn due_count(elapsed: Duration, offset: Duration, period: Duration) -> u64 {
+    match elapsed.checked_sub(offset) {
+        None => 0,
+        Some(e) => (e.as_nanos() / period.as_nanos().max(1)) as u64 + 1,
+    }
+}
+
+/// When message `k` of a staggered schedule is due.
+fn due_at(start: Instant, offset: Duration, period: Duration, k: u64) -> Instant {
+    let ns = (period.as_nanos() as u64).saturating_mul(k);
+    start + offset + Duration::from_nanos(ns)
+}
+
+/// A staggered send is late if its due time passed this long before the
+/// write (p99 over the window): then the generator did not keep the rate.
+pub const SEND_LAG_LIMIT_US: f64 = 5000.0;
 
 /// Count PUBACKs in the read buffer.
 fn take_acks(c: &mut Conn) -> Result<u64> {
@@ -1780,19 +2016,35 @@ fn take_acks(c: &mut Conn) -> Result<u64> {
 }
 
 async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
-    let mut w: Vec<u8> = Vec::with_capacity(mqtt::READ_SIZE + 2048);
+    // Fixed rates write one message per wake-up: a small buffer.
+    let cap = match cfg.rate {
+        None => mqtt::READ_SIZE + 2048,
+        Some(_) => 4 * (cfg.payload + 64),
+    };
+    let mut w: Vec<u8> = Vec::with_capacity(cap);
     let (mut seq, mut acked, mut pid) = (0u64, 0u64, 0u16);
-    let mut ticker = cfg.rate.map(|_| {
-        let mut t = tokio::time::interval(Duration::from_millis(1));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        t
-    });
+    let mut ticker = match (cfg.rate, cfg.sched) {
+        (Some(_), None) => {
+            let mut t = tokio::time::interval(Duration::from_millis(1));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            Some(t)
+        }
+        _ => None,
+    };
+    let period = Duration::from_secs_f64(1.0 / cfg.rate.unwrap_or(1.0));
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
     let t0 = Instant::now();
     let per_write = cfg.batch.min((mqtt::READ_SIZE / (cfg.payload + 32)).max(1));
     while sh.phase.get() < Phase::Drain && cfg.limit.is_none_or(|l| seq < l) {
-        let mut n = match cfg.rate {
-            None => per_write,
-            Some(r) => ((t0.elapsed().as_secs_f64() * r) as u64).saturating_sub(seq) as usize,
+        let mut n = match (cfg.rate, cfg.sched) {
+            (None, _) => per_write,
+            (Some(r), None) => {
+                ((t0.elapsed().as_secs_f64() * r) as u64).saturating_sub(seq) as usize
+            }
+            (Some(_), Some((start, off))) => {
+                due_count(start.elapsed(), off, period).saturating_sub(seq) as usize
+            }
         }
         .min(4096);
         if let Some(l) = cfg.limit {
@@ -1803,6 +2055,16 @@ async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
         }
         if n > 0 {
             let ts = sh.now_ns();
+            if let Some((start, off)) = cfg.sched
+                && sh.phase.get() == Phase::Measure
+            {
+                // How late the first of these was against its due time.
+                let due = due_at(start, off, period, seq);
+                let late = Instant::now().saturating_duration_since(due);
+                sh.lag_hist
+                    .borrow_mut()
+                    .saturating_record((late.as_nanos() as u64).max(1));
+            }
             for _ in 0..n {
                 if cfg.qos > 0 {
                     pid = pid.wrapping_add(1).max(1);
@@ -1814,9 +2076,39 @@ async fn publisher(mut c: Conn, cfg: &PubCfg, sh: &Shared) -> Result<()> {
             c.stream.write_all(&w).await.context("send PUBLISH")?;
             w.clear();
             Shared::add(&sh.sent, n as u64);
+            Shared::add(&sh.writes, 1);
             if cfg.qos == 0 {
                 Shared::add(&sh.published, n as u64);
             }
+        }
+        if let Some((start, off)) = cfg.sched {
+            // Sleep until the next message is due, the window ends or
+            // (QoS 1) a PUBACK arrives. The phase may have changed while
+            // the write waited: no await from this check to the
+            // registration of `notified` below.
+            if sh.phase.get() >= Phase::Drain {
+                continue;
+            }
+            sleep.as_mut().reset(due_at(start, off, period, seq).into());
+            if cfg.qos == 0 {
+                tokio::select! {
+                    _ = &mut sleep => {}
+                    _ = sh.drain.notified() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = &mut sleep => {}
+                    _ = sh.drain.notified() => {}
+                    r = c.stream.readable() => {
+                        r.context("wait readable")?;
+                        c.rb.try_fill(&c.stream)?;
+                    }
+                }
+                let a = take_acks(&mut c)?;
+                acked += a;
+                Shared::add(&sh.published, a);
+            }
+            continue;
         }
         match (cfg.qos, ticker.as_mut()) {
             (0, None) => tokio::task::yield_now().await,
@@ -1864,28 +2156,28 @@ fn source_for(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 1 + (i / 20_000) as u8)
 }
 
-async fn run_idle(ctx: &Ctx, n: usize, settle: f64, rec: &mut Record) -> Result<()> {
-    let pid = ctx.broker_pid;
-    let rss = || pid.and_then(|p| sys::proc_mem(p).ok());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss();
-    let m0 = meter(ctx);
-    let tag = run_tag();
-    let (addr, v) = (ctx.addr, ctx.v);
-    let t = Instant::now();
+/// Open `n` connections (client ids `prefix` + index, read buffers of
+/// `rbuf` bytes), 256 at a time, from [`source_for`] addresses. These
+/// scenarios measure the many connections, not connection storms: a
+/// connection the broker reset (e.g. a full accept backlog) is retried,
+/// twice at most; returns the results in order and the retries.
+async fn open_many(
+    addr: SocketAddr,
+    v: Version,
+    n: usize,
+    prefix: &str,
+    rbuf: usize,
+) -> (Vec<Result<Conn>>, u64) {
     let retries = Rc::new(Cell::new(0u64));
     let res = bounded(n, 256, |i| {
-        let id = format!("sb-{tag}-i{i}");
+        let id = format!("{prefix}{i}");
         let retries = retries.clone();
         async move {
-            // This scenario measures memory, not connection storms: a
-            // connection the broker reset (e.g. a full accept backlog) is
-            // retried, twice at most, and counted.
             let mut attempt = 0;
             loop {
                 let r = async {
                     let s = tcp_from(addr, source_for(i)).await?;
-                    tokio::time::timeout(Duration::from_secs(20), Conn::open(s, v, &id, 300, 256))
+                    tokio::time::timeout(Duration::from_secs(20), Conn::open(s, v, &id, 300, rbuf))
                         .await
                         .context("no CONNACK within 20 s")?
                 }
@@ -1902,9 +2194,22 @@ async fn run_idle(ctx: &Ctx, n: usize, settle: f64, rec: &mut Record) -> Result<
         }
     })
     .await;
-    if retries.get() > 0 {
+    let retried = retries.get();
+    (res, retried)
+}
+
+async fn run_idle(ctx: &Ctx, n: usize, settle: f64, rec: &mut Record) -> Result<()> {
+    let pid = ctx.broker_pid;
+    let rss = || pid.and_then(|p| sys::proc_mem(p).ok());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss();
+    let m0 = meter(ctx);
+    let tag = run_tag();
+    let t = Instant::now();
+    let (res, retries) = open_many(ctx.addr, ctx.v, n, &format!("sb-{tag}-i"), 256).await;
+    if retries > 0 {
         rec.errors
-            .push(format!("{} connection attempts retried", retries.get()));
+            .push(format!("{retries} connection attempts retried"));
     }
     let took = t.elapsed().as_secs_f64();
     let mut conns = Vec::with_capacity(n);
@@ -2534,6 +2839,7 @@ async fn run_admin_latency(
         slow_sub: false,
         ws: false,
         persistent: false,
+        many: false,
     };
     let res = run_pubsub(ctx, &p, secs, rec).await;
     if let Some(load) = load {
@@ -2950,6 +3256,9 @@ mod tests {
             http_clients: HTTP_CLIENTS,
             restart_messages: 1000,
             store_bytes_messages: 10,
+            many_pubs: MANY_PUBS,
+            sparse: vec![10_000, 50_000],
+            sparse_period: SPARSE_PERIOD,
         };
         let (v, notes) = all(&d, 20_000, &[10_000, 50_000]);
         assert!(v.iter().any(|s| s.id == "d-idle-10k"));
@@ -3005,6 +3314,9 @@ mod tests {
             http_clients: HTTP_CLIENTS,
             restart_messages: 1000,
             store_bytes_messages: 10,
+            many_pubs: MANY_PUBS,
+            sparse: vec![10_000, 50_000],
+            sparse_period: SPARSE_PERIOD,
         };
         let (v, notes) = all(&d, 20_000, &[]);
         let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
@@ -3050,6 +3362,70 @@ mod tests {
         assert!(check(0).check(200, refused).is_err());
         assert_eq!(count(b"ababa", b"aba"), 1);
         assert_eq!(count(b"xyxyxy", b"xy"), 3);
+    }
+
+    #[test]
+    fn many_scenarios() {
+        let d = Durations {
+            throughput: 1.0,
+            latency: 6.0,
+            connect: 1.0,
+            http_clients: HTTP_CLIENTS,
+            restart_messages: 1000,
+            store_bytes_messages: 10,
+            many_pubs: MANY_PUBS,
+            sparse: vec![10_000, 50_000],
+            sparse_period: SPARSE_PERIOD,
+        };
+        let (v, notes) = all(&d, 20_000, &[]);
+        let by = |id: &str| v.iter().find(|s| s.id == id);
+        for q in ["i-many-q0", "i-many-q1"] {
+            let s = by(q).unwrap();
+            assert_eq!(s.kind(), "latency");
+            assert!(s.latency_sensitive());
+            assert_eq!(s.connections(), MANY_PUBS + 1);
+            assert!(s.supports(crate::broker::Kind::Mosquitto));
+            assert!(!s.supports(crate::broker::Kind::StarlingMem));
+        }
+        assert!(by("i-many-q1").unwrap().title.contains("1,000×20 msg/s"));
+        let sparse = by("i-sparse-10k").unwrap();
+        assert_eq!(sparse.kind(), "sparse");
+        assert!(matches!(
+            sparse.spec,
+            Spec::Many {
+                pubs: 10_000,
+                qos: 1,
+                sparse: true,
+                ..
+            }
+        ));
+        assert_eq!(sparse.secs, 10.0);
+        assert!(by("i-sparse-50k").is_none());
+        assert!(notes.iter().any(|n| n.starts_with("i-sparse-50k skipped")));
+        let (v, notes) = all(&d, 262_144, &[]);
+        assert!(v.iter().any(|s| s.id == "i-sparse-50k"));
+        assert!(!notes.iter().any(|n| n.starts_with("i-")));
+    }
+
+    #[test]
+    fn staggered_schedule() {
+        let period = Duration::from_millis(50);
+        let off = Duration::from_millis(20);
+        let ms = Duration::from_millis;
+        assert_eq!(due_count(ms(0), off, period), 0);
+        assert_eq!(due_count(ms(19), off, period), 0);
+        assert_eq!(due_count(ms(20), off, period), 1);
+        assert_eq!(due_count(ms(69), off, period), 1);
+        assert_eq!(due_count(ms(70), off, period), 2);
+        let t = Instant::now();
+        // Sleeping until message k is due makes exactly k + 1 due.
+        for k in [0u64, 1, 7, 1000] {
+            let at = due_at(t, off, period, k);
+            assert_eq!(due_count(at - t, off, period), k + 1);
+        }
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(50_000), "50,000");
+        assert_eq!(grouped(999), "999");
     }
 
     #[test]

@@ -108,26 +108,65 @@ pub fn jiffies_to_secs(j: u64) -> f64 {
     j as f64 / clock_ticks() as f64
 }
 
-/// Raise the soft open-file limit to the hard limit; returns the new soft limit.
-/// Children (the brokers) inherit it.
+/// Most open files [`raise_nofile`] asks for: enough for `d-idle-50k` and
+/// `i-sparse-50k` (both ends on one machine) with room to spare.
+pub const NOFILE_CAP: u64 = 262_144;
+
+/// Raise the open-file limit as far as this process may; returns the new
+/// soft limit. Children (the brokers) inherit it.
+///
+/// Where permitted (root with CAP_SYS_RESOURCE) the hard limit is raised
+/// too, to `/proc/sys/fs/nr_open` capped at [`NOFILE_CAP`]; where setrlimit
+/// refuses that, the soft limit goes up to the hard limit as before.
 pub fn raise_nofile() -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let cap = nr_open.min(NOFILE_CAP);
     // SAFETY: get/setrlimit only read/write the struct we pass.
     unsafe {
         let mut rl: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
             return 1024;
         }
-        if rl.rlim_cur < rl.rlim_max {
+        if rl.rlim_max < cap {
             let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
+                rlim_cur: cap,
+                rlim_max: cap,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return cap;
+            }
+        }
+        // The soft limit may not exceed nr_open even if the hard limit is
+        // unlimited.
+        let soft = rl.rlim_max.min(nr_open);
+        if rl.rlim_cur < soft {
+            let want = libc::rlimit {
+                rlim_cur: soft,
                 rlim_max: rl.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur;
+                return soft;
             }
         }
         rl.rlim_cur
     }
+}
+
+/// Soft open-file limit of another process (`Max open files` of
+/// `/proc/<pid>/limits`).
+pub fn proc_nofile(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let rest = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    let soft = rest.split_whitespace().next()?;
+    if soft == "unlimited" {
+        return Some(u64::MAX);
+    }
+    soft.parse().ok()
 }
 
 /// CPUs this process may run on.
