@@ -270,6 +270,14 @@ impl Principal {
         self.perms.publish(topic).allowed()
     }
 
+    /// The publish verdict when no rule names a topic (anonymous access,
+    /// a token with only a default): the same for every valid topic name,
+    /// so the caller need not look the topic up at all.
+    pub fn publish_for_every_topic(&self) -> Option<bool> {
+        let p = &self.perms;
+        (p.publish_allow.is_empty() && p.publish_deny.is_empty()).then_some(p.default_allow)
+    }
+
     /// May this principal subscribe to `filter`? A `$share/group/` prefix is
     /// removed first; the rules apply to the filter inside it.
     pub fn may_subscribe(&self, filter: &str) -> bool {

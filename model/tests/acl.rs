@@ -331,6 +331,37 @@ fn anonymous_acls_fence_anonymous_clients() {
 }
 
 #[test]
+fn the_every_topic_shortcut_agrees_with_the_rules() {
+    let mut b = bundle();
+    b.default_policy = Some(Effect::Allow);
+    let s = AuthState::compile(&b).unwrap();
+    let now = at(EXPIRY - 10);
+    let bare = s.authenticate(None, b"bare-secret-000000000", now).unwrap();
+    let sensor = s.authenticate(None, b"sensor-secret-000000", now).unwrap();
+    let topics = [
+        "sensors/1/temp",
+        "sensors/vault/x",
+        "admin",
+        "a/b/c",
+        "$SYS/x",
+    ];
+    // No rule names a topic: one verdict, the default, for every topic.
+    for p in [&s.anonymous(), &bare] {
+        let every = p.publish_for_every_topic();
+        assert_eq!(every, Some(true));
+        for t in topics {
+            assert_eq!(every, Some(p.may_publish(t)), "{t}");
+        }
+    }
+    // Rules: no shortcut, the topic decides.
+    assert_eq!(sensor.publish_for_every_topic(), None);
+    b.default_policy = Some(Effect::Deny);
+    let s = AuthState::compile(&b).unwrap();
+    assert_eq!(s.anonymous().publish_for_every_topic(), Some(false));
+    assert!(!s.anonymous().may_publish("a/b/c"));
+}
+
+#[test]
 fn decisions_name_the_rule() {
     let s = state();
     let sensor = s
