@@ -115,7 +115,25 @@ impl Transport for TcpTransport {
                 buf.reserve(want);
             }
             let space = buf.capacity() - buf.len();
-            match self.stream.try_read_buf(buf) {
+            // A read that did not fill its space emptied the socket: its
+            // readiness is cleared now (by answering WouldBlock to tokio),
+            // not by one more read that finds nothing. Edge-triggered
+            // epoll reports what arrives after this read anew.
+            let stream = &self.stream;
+            let mut short = None;
+            let r = stream.try_io(tokio::io::Interest::READABLE, || {
+                let n = stream.try_read_buf(buf)?;
+                if n > 0 && n < space {
+                    short = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            if let Some(n) = short {
+                self.busy = false;
+                return Ok(n);
+            }
+            match r {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Readiness was stale: give the buffer back before
                     // waiting, or every idle connection would keep one.
