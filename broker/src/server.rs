@@ -491,6 +491,15 @@ impl BrokerHandle {
     /// connections to close.
     pub async fn shutdown(mut self, deadline: Duration) {
         let _ = self.shared.shutdown.send(true);
+        // Connections watch their link, not the shutdown signal: each
+        // attached one is told there (those attaching after this see the
+        // signal when their loop starts).
+        for s in self.shared.registry.all() {
+            let link = s.lock().link.clone();
+            if let Some(link) = link {
+                link.kick(starling_codec::reason::SERVER_SHUTTING_DOWN);
+            }
+        }
         let until = tokio::time::Instant::now() + deadline;
         while self
             .shared

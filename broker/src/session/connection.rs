@@ -568,13 +568,22 @@ impl Connection {
             && (!self.window_open() || self.session.lock().queue.is_empty())
     }
 
+    /// Gives back the buffers a busy connection keeps between batches.
+    fn shed_buffers(&mut self) {
+        self.wbuf = BytesMut::new();
+        self.scratch = Vec::new();
+        self.batch = Vec::new();
+    }
+
     /// Handles packets and deliveries until the connection ends (`Some`),
     /// or, over a parkable transport, until it has been quiet for
     /// [`PARK_AFTER`] (`None`).
     async fn run<T: Transport>(&mut self, t: &mut T, rbuf: &mut BytesMut) -> Option<End> {
-        let mut shutdown = self.shared.shutdown.subscribe();
-        if *shutdown.borrow() {
-            // Resumed by the parker at shutdown.
+        // Shutdown reaches a running connection as a kick on its link (see
+        // `BrokerHandle::shutdown`): one waiter fewer to register on every
+        // turn of the loop. A connection that attached after the kicks, or
+        // that the parker resumed, sees the flag here.
+        if *self.shared.shutdown.borrow() {
             return Some(End::Server(reason::SERVER_SHUTTING_DOWN));
         }
         let ka = self.keepalive();
@@ -638,12 +647,12 @@ impl Connection {
             if T::PARKS && std::mem::take(&mut self.fresh) && self.parkable() {
                 // Just connected and nothing to do: parked at once, so that a
                 // burst of connections never holds a task each.
+                self.shed_buffers();
                 return None;
             }
             let blocked = self.blocked.clone();
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => return Some(End::Server(reason::SERVER_SHUTTING_DOWN)),
                 _ = self.link.wake.notified() => {
                     if let Some(r) = self.link.kicked() {
                         return Some(End::Server(r));
@@ -694,6 +703,7 @@ impl Connection {
                     }
                     let quiet = self.flushes == flushes_seen && now >= self.last_rx + PARK_AFTER;
                     if T::PARKS && quiet && self.parkable() {
+                        self.shed_buffers();
                         return None;
                     }
                     flushes_seen = self.flushes;
@@ -747,9 +757,15 @@ impl Connection {
             Some(Ok(Ok(()))) => {
                 metrics::add(&self.shared.metrics.bytes_out, n as u64);
                 self.flushes = self.flushes.wrapping_add(1);
-                // Released rather than kept: an idle connection should hold
-                // no buffers; a busy one pays one allocation per batch.
-                self.wbuf = BytesMut::new();
+                if T::PARKS {
+                    // Kept for the next batch: an idle connection gives it
+                    // back when it is parked.
+                    self.wbuf.clear();
+                } else {
+                    // Released rather than kept: an idle connection should
+                    // hold no buffers; a busy one pays one allocation per batch.
+                    self.wbuf = BytesMut::new();
+                }
                 None
             }
             Some(Ok(Err(_))) => Some(End::Lost),
