@@ -69,7 +69,7 @@ impl Connection {
                 }
             }
             Packet::PubRel(r) => {
-                let known = self.session.lock().incoming_qos2.remove(&r.pkid);
+                let known = self.session.lock().incoming_qos2.remove(&r.pkid).is_some();
                 if known {
                     // PUBCOMP waits for this: a restart must not take a
                     // reuse of the id for a duplicate.
@@ -147,7 +147,7 @@ impl Connection {
             return self.protocol_error("empty topic");
         }
         let resent =
-            p.qos == QoS::ExactlyOnce && self.session.lock().incoming_qos2.contains(&p.pkid);
+            p.qos == QoS::ExactlyOnce && self.session.lock().incoming_qos2.get(&p.pkid).is_some();
         if p.qos != QoS::AtMostOnce && !resent && !self.shared.router.store.healthy() {
             // The store cannot write: accepting would promise what it cannot keep.
             metrics::inc(&self.shared.metrics.store_refusals);
@@ -166,7 +166,7 @@ impl Connection {
         }
         if p.qos == QoS::ExactlyOnce {
             let mut st = self.session.lock();
-            if st.incoming_qos2.contains(&p.pkid) {
+            if st.incoming_qos2.get(&p.pkid).is_some() {
                 // Re-sent before our PUBREC arrived: already routed once.
                 drop(st);
                 self.write_packet(&Packet::PubRec(PubResp::new(p.pkid, 0)));
@@ -177,7 +177,7 @@ impl Connection {
                 metrics::inc(&self.shared.metrics.protocol_errors);
                 return Some(End::Server(reason::RECEIVE_MAXIMUM_EXCEEDED));
             }
-            st.incoming_qos2.insert(p.pkid);
+            st.incoming_qos2.insert(p.pkid, ());
             drop(st);
             let t = self.session.qos2_stored(p.pkid, true);
             self.gate.note(t);
@@ -235,7 +235,7 @@ impl Connection {
             // A refusing PUBREC ends the QoS 2 flow (MQTT 4.3.3): the id is
             // free again, so its next use is a new message, not a duplicate,
             // and refusals never fill the Receive Maximum.
-            if self.session.lock().incoming_qos2.remove(&p.pkid) {
+            if self.session.lock().incoming_qos2.remove(&p.pkid).is_some() {
                 let t = self.session.qos2_stored(p.pkid, false);
                 self.gate.note(t);
             }

@@ -5,7 +5,7 @@
 //! lock on the delivery path) and wake the one connection task attached to
 //! the session through its [`ConnLink`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -17,6 +17,7 @@ use starling_model::acl::Principal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::lazy_map::LazyMap;
 use crate::metrics::{DropReason, Metrics};
 use crate::router::{Delivery, SubOptions};
 use crate::store::{
@@ -116,7 +117,7 @@ pub struct SessionState {
     next_pkid: u16,
     /// QoS 2 packet ids received (PUBREC sent) and not yet released: a
     /// re-sent PUBLISH with one of these ids is a duplicate and not routed again.
-    pub incoming_qos2: HashSet<u16>,
+    pub incoming_qos2: LazyMap<u16, ()>,
     /// Raw filter as the client sent it (with any `$share/g/` prefix) → options.
     pub subscriptions: HashMap<ByteString, SubOptions>,
     pub link: Option<Arc<ConnLink>>,
@@ -195,7 +196,7 @@ pub struct ClientInfo {
 #[derive(Debug, Default)]
 struct Reader {
     principal: Option<Arc<Principal>>,
-    cache: HashMap<ByteString, bool>,
+    cache: LazyMap<ByteString, bool>,
 }
 
 /// Topics whose read verdict a session remembers; past it the cache starts over.
@@ -230,7 +231,7 @@ impl Session {
                 queued_bytes: 0,
                 inflight: VecDeque::new(),
                 next_pkid: 0,
-                incoming_qos2: HashSet::new(),
+                incoming_qos2: LazyMap::default(),
                 subscriptions: HashMap::new(),
                 link: None,
                 expiry: Duration::ZERO,

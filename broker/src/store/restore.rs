@@ -105,7 +105,9 @@ pub fn restore(shared: &Arc<Shared>, snap: Snapshot) -> Restored {
                 }
                 r.queued += 1;
             }
-            st.incoming_qos2.extend(s.incoming_qos2);
+            for pkid in s.incoming_qos2 {
+                st.incoming_qos2.insert(pkid, ());
+            }
             st.stored_will = rec.will.clone().map(Box::new);
         }
         if let Some(w) = &rec.will {
