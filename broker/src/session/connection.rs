@@ -131,6 +131,12 @@ impl<T: Transport> Live<T> {
         &self.t
     }
 
+    /// Called as the parker resumes the connection after `parked` without a
+    /// task: after a long park, it parks again as soon as it is idle.
+    pub(super) fn resumed_after(&mut self, parked: Duration) {
+        self.conn.park_when_idle = parked >= PARK_AFTER;
+    }
+
     /// When the client's keep-alive lapses without a packet from it.
     pub(super) fn keepalive_deadline(&self) -> Option<Instant> {
         let ka = self.conn.keepalive();
@@ -346,8 +352,11 @@ pub(super) struct Connection {
     pub(super) limits: Arc<starling_model::config::Limits>,
     /// Batches written: the quiet check's sign of outgoing traffic.
     pub(super) flushes: u32,
-    /// Not yet parked since CONNECT.
-    pub(super) fresh: bool,
+    /// Park as soon as there is nothing to do, without waiting for
+    /// [`PARK_AFTER`] of quiet: just connected, or resumed after a long
+    /// park (a client that speaks every few seconds would otherwise keep a
+    /// task and a timer for most of its life).
+    pub(super) park_when_idle: bool,
 }
 
 impl Connection {
@@ -506,7 +515,7 @@ impl Connection {
             gate,
             limits,
             flushes: 0,
-            fresh: true,
+            park_when_idle: true,
         };
         conn.session.set_reader(conn.principal.clone());
         conn.session.set_info(super::state::ClientInfo {
@@ -604,6 +613,9 @@ impl Connection {
         let keepalive = sleep_until(next_check(self.last_rx, Instant::now()));
         tokio::pin!(keepalive);
         let mut flushes_seen = self.flushes;
+        // Whatever woke a resumed connection is handled before it may park
+        // again (a new one has handled its CONNECT already: nothing written).
+        let mut turned = self.flushes == 0;
         // Anything already buffered after CONNECT is processed before reading again.
         if let Some(end) = self.process(rbuf) {
             return Some(end);
@@ -644,9 +656,10 @@ impl Connection {
             {
                 return Some(end);
             }
-            if T::PARKS && std::mem::take(&mut self.fresh) && self.parkable() {
-                // Just connected and nothing to do: parked at once, so that a
-                // burst of connections never holds a task each.
+            if T::PARKS && turned && self.park_when_idle && self.parkable() {
+                self.park_when_idle = false;
+                // Just connected (a burst of connections never holds a task
+                // each), or a sparse client done with its wake-up.
                 self.shed_buffers();
                 return None;
             }
@@ -710,6 +723,7 @@ impl Connection {
                     keepalive.as_mut().reset(next_check(self.last_rx, now));
                 }
             }
+            turned = true;
         }
     }
 

@@ -62,6 +62,7 @@ struct Entry {
 
 struct Parked {
     live: Box<Live<TcpTransport>>,
+    since: Instant,
     /// When the keep-alive lapses (None: the client asked for none).
     deadline: Option<Instant>,
 }
@@ -168,7 +169,11 @@ impl Parker {
             tokio::spawn(connection::drive(live));
             return;
         }
-        let (index, generation) = slots.insert(Parked { live, deadline });
+        let (index, generation) = slots.insert(Parked {
+            live,
+            since: Instant::now(),
+            deadline,
+        });
         let waker = Waker::from(Arc::new(SlotWaker {
             inner: self.inner.clone(),
             index,
@@ -218,7 +223,8 @@ impl Parker {
     fn resume(&self, which: Vec<(u32, u32)>) {
         for (index, generation) in which {
             let parked = self.inner.slots().remove(index, generation);
-            if let Some(p) = parked {
+            if let Some(mut p) = parked {
+                p.live.resumed_after(p.since.elapsed());
                 let link = p.live.link();
                 link.unpark();
                 // The wake that resumed it (or the one `park` consumed) is
