@@ -32,7 +32,9 @@ pub struct LastValue {
 
 #[derive(Debug)]
 struct Shard {
-    map: LruCache<ByteString, LastValue>,
+    /// foldhash, seeded per process: SipHash cost more than the rest of
+    /// an update, and a random seed keeps chosen topics from colliding.
+    map: LruCache<ByteString, LastValue, foldhash::fast::RandomState>,
     bytes: usize,
 }
 
@@ -63,7 +65,7 @@ impl LastValues {
         let shards = (0..n)
             .map(|_| {
                 Mutex::new(Shard {
-                    map: LruCache::unbounded(),
+                    map: LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
                     bytes: 0,
                 })
             })
