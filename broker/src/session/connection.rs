@@ -29,6 +29,8 @@ use starling_model::config::ClientIds;
 
 /// Stop filling the write buffer past this; it is flushed and the drain resumes.
 pub(super) const WRITE_BATCH: usize = 64 * 1024;
+/// Largest write buffer a parkable connection keeps between batches.
+const KEPT_WRITE_BUFFER: usize = 4096;
 /// A client that takes longer than this to accept one batch is stalled.
 const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Longest wait for the last bytes (acks, DISCONNECT) when closing.
@@ -771,13 +773,14 @@ impl Connection {
             Some(Ok(Ok(()))) => {
                 metrics::add(&self.shared.metrics.bytes_out, n as u64);
                 self.flushes = self.flushes.wrapping_add(1);
-                if T::PARKS {
-                    // Kept for the next batch: an idle connection gives it
-                    // back when it is parked.
+                if T::PARKS && self.wbuf.capacity() <= KEPT_WRITE_BUFFER {
+                    // Kept for the next batch: a connection trading a few
+                    // packets per wake-up reuses it, and gives it back when
+                    // it is parked.
                     self.wbuf.clear();
                 } else {
-                    // Released rather than kept: an idle connection should
-                    // hold no buffers; a busy one pays one allocation per batch.
+                    // Released rather than kept: a busy subscriber's batch
+                    // buffer is large, and thousands of them would hold it.
                     self.wbuf = BytesMut::new();
                 }
                 None

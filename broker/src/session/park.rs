@@ -38,26 +38,48 @@ pub struct Parker {
 
 #[derive(Default)]
 struct Inner {
-    slots: Mutex<Slots>,
+    slots: Mutex<Slots<Parked>>,
     /// Slots whose waker fired, for the parker's task to resume.
     ready: Mutex<Vec<(u32, u32)>>,
     woken: Notify,
 }
 
-#[derive(Default)]
-struct Slots {
-    entries: Vec<Entry>,
+/// Slots addressed by (index, generation), reused through a free list.
+/// Generic over what they hold so that the bookkeeping is tested without
+/// a connection.
+struct Slots<P> {
+    entries: Vec<Entry<P>>,
     free: Vec<u32>,
     /// Shutdown started: nothing is parked any more.
     closed: bool,
 }
 
-#[derive(Default)]
-struct Entry {
+impl<P> Default for Slots<P> {
+    fn default() -> Self {
+        Slots {
+            entries: Vec::new(),
+            free: Vec::new(),
+            closed: false,
+        }
+    }
+}
+
+struct Entry<P> {
     /// Bumped on every removal, so a stale waker cannot resume a later
     /// occupant of the slot.
     generation: u32,
-    parked: Option<Parked>,
+    parked: Option<P>,
+}
+
+/// When a parked connection's keep-alive lapses (None: never).
+trait Lapses {
+    fn lapses_at(&self) -> Option<Instant>;
+}
+
+impl Lapses for Parked {
+    fn lapses_at(&self) -> Option<Instant> {
+        self.deadline
+    }
 }
 
 struct Parked {
@@ -85,7 +107,7 @@ impl Wake for SlotWaker {
 }
 
 impl Inner {
-    fn slots(&self) -> MutexGuard<'_, Slots> {
+    fn slots(&self) -> MutexGuard<'_, Slots<Parked>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -98,12 +120,15 @@ impl Inner {
     }
 }
 
-impl Slots {
-    fn insert(&mut self, p: Parked) -> (u32, u32) {
+impl<P: Lapses> Slots<P> {
+    fn insert(&mut self, p: P) -> (u32, u32) {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
-                self.entries.push(Entry::default());
+                self.entries.push(Entry {
+                    generation: 0,
+                    parked: None,
+                });
                 (self.entries.len() - 1) as u32
             }
         };
@@ -112,7 +137,7 @@ impl Slots {
         (index, e.generation)
     }
 
-    fn remove(&mut self, index: u32, generation: u32) -> Option<Parked> {
+    fn remove(&mut self, index: u32, generation: u32) -> Option<P> {
         let e = self.entries.get_mut(index as usize)?;
         if e.generation != generation {
             return None;
@@ -131,7 +156,7 @@ impl Slots {
             .enumerate()
             .filter_map(|(i, e)| {
                 let p = e.parked.as_ref()?;
-                (everything || p.deadline.is_some_and(|d| d <= now))
+                (everything || p.lapses_at().is_some_and(|d| d <= now))
                     .then_some((i as u32, e.generation))
             })
             .collect()
@@ -234,5 +259,49 @@ impl Parker {
                 tokio::spawn(connection::drive(p.live));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Stub(Option<Instant>);
+
+    impl Lapses for Stub {
+        fn lapses_at(&self) -> Option<Instant> {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_stale_waker_cannot_resume_the_next_occupant() {
+        let mut s = Slots::default();
+        let (i, g) = s.insert(Stub(None));
+        assert!(s.remove(i, g).is_some());
+        assert!(s.remove(i, g).is_none(), "removed twice");
+        let (j, h) = s.insert(Stub(None));
+        assert_eq!(j, i, "the slot is reused");
+        assert_ne!(h, g);
+        assert!(
+            s.remove(i, g).is_none(),
+            "the old generation woke the new occupant"
+        );
+        assert!(s.remove(j, h).is_some());
+        assert!(s.remove(99, 0).is_none());
+    }
+
+    #[test]
+    fn due_lists_lapsed_keepalives_or_everything() {
+        let now = Instant::now();
+        let mut s = Slots::default();
+        let past = s.insert(Stub(Some(now - Duration::from_secs(1))));
+        let at = s.insert(Stub(Some(now)));
+        let future = s.insert(Stub(Some(now + Duration::from_secs(1))));
+        let never = s.insert(Stub(None));
+        assert_eq!(s.due(now, false), vec![past, at]);
+        assert_eq!(s.due(now, true), vec![past, at, future, never]);
+        s.remove(past.0, past.1);
+        assert_eq!(s.due(now, false), vec![at]);
     }
 }
