@@ -86,17 +86,6 @@ impl TcpTransport {
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
-
-    /// Whether input (or EOF, or an error) is waiting, without reading it.
-    /// A "no" also clears the readiness the last read left behind, so the
-    /// parker is woken by new input only, not by what was already read.
-    pub fn has_input(&self) -> bool {
-        let mut byte = [std::mem::MaybeUninit::uninit(); 1];
-        let peek = self.stream.try_io(tokio::io::Interest::READABLE, || {
-            socket2::SockRef::from(&self.stream).peek(&mut byte)
-        });
-        !matches!(peek, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
 }
 
 impl Transport for TcpTransport {

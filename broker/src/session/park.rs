@@ -208,11 +208,14 @@ impl Parker {
             .parked
             .as_ref()
             .is_some_and(|p| {
-                let t = p.live.transport();
-                t.has_input()
-                    || t.stream()
-                        .poll_read_ready(&mut Context::from_waker(&waker))
-                        .is_ready()
+                // No stale readiness to fear: the task parks from its
+                // select, whose read cleared it (see `TcpTransport`), so
+                // "ready" here means input arrived since.
+                p.live
+                    .transport()
+                    .stream()
+                    .poll_read_ready(&mut Context::from_waker(&waker))
+                    .is_ready()
             });
         let pending = link.park(&waker);
         drop(slots);
