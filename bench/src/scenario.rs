@@ -3238,6 +3238,22 @@ pub fn smoke_check(rec: &Record) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// One-second windows (latency windows of `latency` s), the default
+    /// client counts, and both `i-sparse` sizes.
+    fn test_durations(latency: f64) -> Durations {
+        Durations {
+            throughput: 1.0,
+            latency,
+            connect: 1.0,
+            http_clients: HTTP_CLIENTS,
+            restart_messages: 1000,
+            store_bytes_messages: 10,
+            many_pubs: MANY_PUBS,
+            sparse: vec![10_000, 50_000],
+            sparse_period: SPARSE_PERIOD,
+        }
+    }
+
     #[test]
     fn payload_header_round_trip() {
         let mut b = Vec::new();
@@ -3249,17 +3265,7 @@ mod tests {
 
     #[test]
     fn scenario_list_respects_fd_limit() {
-        let d = Durations {
-            throughput: 1.0,
-            latency: 1.0,
-            connect: 1.0,
-            http_clients: HTTP_CLIENTS,
-            restart_messages: 1000,
-            store_bytes_messages: 10,
-            many_pubs: MANY_PUBS,
-            sparse: vec![10_000, 50_000],
-            sparse_period: SPARSE_PERIOD,
-        };
+        let d = test_durations(1.0);
         let (v, notes) = all(&d, 20_000, &[10_000, 50_000]);
         assert!(v.iter().any(|s| s.id == "d-idle-10k"));
         assert!(!v.iter().any(|s| s.id == "d-idle-50k"));
@@ -3307,17 +3313,7 @@ mod tests {
 
     #[test]
     fn admin_scenario_fits_the_fd_limit() {
-        let d = Durations {
-            throughput: 1.0,
-            latency: 1.0,
-            connect: 1.0,
-            http_clients: HTTP_CLIENTS,
-            restart_messages: 1000,
-            store_bytes_messages: 10,
-            many_pubs: MANY_PUBS,
-            sparse: vec![10_000, 50_000],
-            sparse_period: SPARSE_PERIOD,
-        };
+        let d = test_durations(1.0);
         let (v, notes) = all(&d, 20_000, &[]);
         let h = v.iter().find(|s| s.id == "h-admin-latency-q1").unwrap();
         assert!(matches!(h.spec, Spec::AdminLatency { idle: 10_000, .. }));
@@ -3366,17 +3362,7 @@ mod tests {
 
     #[test]
     fn many_scenarios() {
-        let d = Durations {
-            throughput: 1.0,
-            latency: 6.0,
-            connect: 1.0,
-            http_clients: HTTP_CLIENTS,
-            restart_messages: 1000,
-            store_bytes_messages: 10,
-            many_pubs: MANY_PUBS,
-            sparse: vec![10_000, 50_000],
-            sparse_period: SPARSE_PERIOD,
-        };
+        let d = test_durations(6.0);
         let (v, notes) = all(&d, 20_000, &[]);
         let by = |id: &str| v.iter().find(|s| s.id == id);
         for q in ["i-many-q0", "i-many-q1"] {
