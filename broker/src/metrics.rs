@@ -118,7 +118,9 @@ pub struct OpenConnection {
     /// any task (see `session::park`).
     metrics: Arc<Metrics>,
     listener: Listener,
-    client: Option<usize>,
+    /// The protocol index once connected (a byte: every parked connection
+    /// carries this guard).
+    client: Option<u8>,
 }
 
 impl Metrics {
@@ -143,7 +145,7 @@ impl OpenConnection {
         let l = &self.metrics.listeners;
         inc(&l.connects[self.listener as usize][p]);
         inc(&l.clients[self.listener as usize][p]);
-        self.client = Some(p);
+        self.client = Some(p as u8);
     }
 }
 
@@ -151,7 +153,7 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         let l = &self.metrics.listeners;
         if let Some(p) = self.client {
-            dec(&l.clients[self.listener as usize][p]);
+            dec(&l.clients[self.listener as usize][usize::from(p)]);
         }
         dec(&l.open[self.listener as usize]);
         dec(&self.metrics.connections_current);

@@ -1,7 +1,9 @@
 //! Client id → session map: clean/persistent start, takeover, expiry, and
 //! who owns a client id.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,9 +14,36 @@ use super::state::{ConnLink, QueueLimits, Session};
 
 #[derive(Debug, Default)]
 struct Map {
-    by_id: HashMap<Arc<str>, Arc<Session>>,
+    by_id: HashSet<ById>,
     /// Sessions counted against `max_persistent_sessions`.
     persistent: usize,
+}
+
+/// A session in the map, found by its client id: the id is the session's
+/// own, so an entry is one pointer rather than a key and a value (every
+/// connected client has one).
+#[derive(Debug)]
+struct ById(Arc<Session>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.client_id
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.client_id == other.0.client_id
+    }
+}
+
+impl Eq for ById {}
+
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // As `str` hashes: lookups borrow the id as one.
+        (*self.0.client_id).hash(h)
+    }
 }
 
 impl Map {
@@ -90,7 +119,7 @@ impl Registry {
     /// live connection whose session is no longer registered.
     pub fn open(&self, req: OpenRequest<'_>) -> Result<Opened, OpenError> {
         let mut map = self.lock();
-        let existing = map.by_id.get(req.key).cloned();
+        let existing = map.by_id.get(req.key).map(|e| e.0.clone());
         if let Some(s) = &existing
             && !may_take_over(s.owner.as_deref(), req.owner.as_deref())
         {
@@ -133,7 +162,8 @@ impl Registry {
                     s.counted_persistent.store(true, Ordering::Relaxed);
                     map.persistent += 1;
                 }
-                map.by_id.insert(s.client_id.clone(), s.clone());
+                // Replaces the old session, if any (forgotten above).
+                map.by_id.replace(ById(s.clone()));
                 (s, false, other)
             }
         };
@@ -166,8 +196,8 @@ impl Registry {
         let mut map = self.lock();
         s.counted_persistent.store(true, Ordering::Relaxed);
         map.persistent += 1;
-        if let Some(old) = map.by_id.insert(id, s.clone()) {
-            map.forget(&old);
+        if let Some(old) = map.by_id.replace(ById(s.clone())) {
+            map.forget(&old.0);
         }
         s
     }
@@ -175,9 +205,9 @@ impl Registry {
     /// Removes the session if it is still the one registered for its id.
     pub fn remove(&self, session: &Arc<Session>) -> bool {
         let mut map = self.lock();
-        match map.by_id.get(&session.client_id) {
-            Some(cur) if Arc::ptr_eq(cur, session) => {
-                map.by_id.remove(&session.client_id);
+        match map.by_id.get(&*session.client_id) {
+            Some(cur) if Arc::ptr_eq(&cur.0, session) => {
+                map.by_id.remove(&*session.client_id);
                 map.forget(session);
                 true
             }
@@ -192,18 +222,18 @@ impl Registry {
         let expired: Vec<Arc<str>> = map
             .by_id
             .iter()
-            .filter(|(_, s)| {
+            .filter(|ById(s)| {
                 let st = s.lock();
                 st.link.is_none()
                     && st
                         .disconnected_at
                         .is_some_and(|at| now.saturating_duration_since(at) >= st.expiry)
             })
-            .map(|(k, _)| k.clone())
+            .map(|e| e.0.client_id.clone())
             .collect();
         let mut out = Vec::with_capacity(expired.len());
         for k in &expired {
-            if let Some(s) = map.by_id.remove(k) {
+            if let Some(ById(s)) = map.by_id.take(&**k) {
                 map.forget(&s);
                 out.push(s);
             }
@@ -241,27 +271,27 @@ impl Registry {
 
     /// Every session, online or not (for the admin API).
     pub fn all(&self) -> Vec<Arc<Session>> {
-        self.lock().by_id.values().cloned().collect()
+        self.lock().by_id.iter().map(|e| e.0.clone()).collect()
     }
 
     /// The session registered for `client_id`.
     pub fn get(&self, client_id: &str) -> Option<Arc<Session>> {
-        self.lock().by_id.get(client_id).cloned()
+        self.lock().by_id.get(client_id).map(|e| e.0.clone())
     }
 
     /// Every session with a connection attached (for shutdown and kicks).
     pub fn online(&self) -> Vec<Arc<Session>> {
         self.lock()
             .by_id
-            .values()
-            .filter(|s| s.is_online())
-            .cloned()
+            .iter()
+            .filter(|e| e.0.is_online())
+            .map(|e| e.0.clone())
             .collect()
     }
 
     /// Key of the session currently registered for `client_id`.
     pub fn current_key(&self, client_id: &str) -> Option<u64> {
-        self.lock().by_id.get(client_id).map(|s| s.key)
+        self.lock().by_id.get(client_id).map(|e| e.0.key)
     }
 }
 
@@ -374,7 +404,7 @@ mod tests {
         let live: Vec<_> = links.iter().filter(|l| l.kicked().is_none()).collect();
         assert_eq!(live.len(), 1, "one connection may stay: the last one");
         let map = r.lock();
-        let s = map.by_id.get("x").unwrap();
+        let s = &map.by_id.get("x").unwrap().0;
         assert!(
             s.lock().owned_by(live[0]),
             "and its session is the registered one"

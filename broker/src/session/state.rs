@@ -5,7 +5,7 @@
 //! lock on the delivery path) and wake the one connection task attached to
 //! the session through its [`ConnLink`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -119,7 +119,8 @@ pub struct SessionState {
     /// re-sent PUBLISH with one of these ids is a duplicate and not routed again.
     pub incoming_qos2: LazyMap<u16, ()>,
     /// Raw filter as the client sent it (with any `$share/g/` prefix) → options.
-    pub subscriptions: HashMap<ByteString, SubOptions>,
+    /// Lazy: many devices only publish.
+    pub subscriptions: LazyMap<ByteString, SubOptions>,
     pub link: Option<Arc<ConnLink>>,
     /// Session expiry interval; zero means the session ends with its connection.
     pub expiry: Duration,
@@ -140,7 +141,7 @@ pub enum Queued {
     /// should give the subscriber's task a turn before routing more.
     Busy,
     /// Queued, but the session is over its cap: the publisher should pause
-    /// until [`Session::space`] signals room (backpressure for QoS 1/2).
+    /// until [`Session::wait_for_room`] sees room (backpressure for QoS 1/2).
     Congested,
     Dropped,
 }
@@ -158,8 +159,10 @@ pub struct Session {
     /// Set when a QoS 1/2 delivery went over the queue cap; cleared (and
     /// `space` signalled) once the connection has drained below it.
     congested: AtomicBool,
-    /// Publishers paused by backpressure wait here.
-    pub space: Notify,
+    /// Publishers paused by backpressure wait here. Made by the first one
+    /// that waits: most sessions never see backpressure, and every session
+    /// would otherwise carry 32 bytes.
+    space: OnceLock<Box<Notify>>,
     /// The token that made the session (`None`: anonymous). With tokens, a
     /// client id belongs to its owner: another token may not take it over.
     pub owner: Option<Arc<str>>,
@@ -218,7 +221,7 @@ impl Session {
             client_id,
             online: AtomicBool::new(false),
             congested: AtomicBool::new(false),
-            space: Notify::new(),
+            space: OnceLock::new(),
             owner,
             counted_persistent: AtomicBool::new(false),
             reader: Mutex::new(Reader::default()),
@@ -232,7 +235,7 @@ impl Session {
                 inflight: VecDeque::new(),
                 next_pkid: 0,
                 incoming_qos2: LazyMap::default(),
-                subscriptions: HashMap::new(),
+                subscriptions: LazyMap::default(),
                 link: None,
                 expiry: Duration::ZERO,
                 disconnected_at: None,
@@ -534,7 +537,7 @@ impl Session {
     /// `deadline` passes (false): how a QoS 1/2 publisher of any protocol
     /// pauses for a subscriber over its queue cap.
     pub async fn wait_for_room(&self, deadline: Instant) -> bool {
-        let notified = self.space.notified();
+        let notified = self.space.get_or_init(Box::default).notified();
         tokio::pin!(notified);
         // Registered before the check, so a drain in between is not missed.
         notified.as_mut().enable();
@@ -553,7 +556,9 @@ impl Session {
 
     fn release_publishers(&self) {
         self.congested.store(false, Ordering::Release);
-        self.space.notify_waiters();
+        if let Some(space) = self.space.get() {
+            space.notify_waiters();
+        }
     }
 }
 
