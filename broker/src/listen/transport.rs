@@ -82,9 +82,17 @@ impl TcpTransport {
         }
     }
 
-    /// The socket, for the parker to watch while no task reads it.
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
+    /// The socket without its registration in tokio's reactor, for the
+    /// parker to hold: that registration is a quarter of what an idle
+    /// connection costs, and the parker watches parked sockets itself.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        self.stream.into_std()
+    }
+
+    /// Registers a socket the parker held with tokio's reactor again. Must
+    /// run inside the runtime.
+    pub fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
+        TcpStream::from_std(stream).map(Self::new)
     }
 }
 
@@ -178,4 +186,21 @@ where
     async fn close(&mut self, linger: bool) {
         shut_and_linger(&mut self.0, linger).await;
     }
+}
+
+/// A connection whose socket was lost while it had no task (the reactor
+/// refused it again): every read and write fails, so the connection ends
+/// as lost through its ordinary path (will, session expiry, counters).
+pub struct Severed;
+
+impl Transport for Severed {
+    async fn read_into(&mut self, _buf: &mut BytesMut) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    async fn write_all(&mut self, _data: &[u8]) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    async fn close(&mut self, _linger: bool) {}
 }

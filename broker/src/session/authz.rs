@@ -41,7 +41,7 @@ impl Connection {
                 self.acl_cache.clear();
             }
             Err(e) => {
-                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, reason = %e, "closing connection: token no longer valid");
+                tracing::info!(peer = %self.peer, client_id = %self.client_id(), reason = %e, "closing connection: token no longer valid");
                 // A revoked token publishes nothing more, its will included.
                 self.will = None;
                 return Some(End::Server(reason::NOT_AUTHORIZED));
@@ -77,7 +77,7 @@ impl Connection {
                     .router
                     .unsubscribe(self.session.key, parsed.filter, parsed.share_group);
                 metrics::inc(&self.shared.metrics.acl_refusals);
-                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, filter = %raw, "subscription removed: no longer allowed");
+                tracing::info!(peer = %self.peer, client_id = %self.client_id(), filter = %raw, "subscription removed: no longer allowed");
                 continue;
             }
             let check_read = grant == Grant::Filtered;
@@ -111,7 +111,7 @@ impl Connection {
         drop(st);
         if dropped > 0 {
             metrics::add(&self.shared.metrics.acl_refusals, dropped as u64);
-            tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, dropped, "queued messages dropped: no longer allowed");
+            tracing::info!(peer = %self.peer, client_id = %self.client_id(), dropped, "queued messages dropped: no longer allowed");
         }
     }
 }

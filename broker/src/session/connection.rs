@@ -12,7 +12,7 @@ use starling_codec::{
 };
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::handshake::{self, Agreed};
+use super::handshake::{self, Terms};
 use super::lazy_map::LazyMap;
 use super::park::PARK_AFTER;
 use super::registry::{OpenError, OpenRequest};
@@ -116,34 +116,18 @@ pub async fn serve<T: Transport>(
 /// span closes before the connection stops counting (shutdown waits for
 /// the count to reach zero and then flushes the spans).
 pub(super) struct Live<T> {
-    conn: Connection,
-    t: T,
-    rbuf: BytesMut,
-    span: Option<Box<tracing::Span>>,
-    _open: metrics::OpenConnection,
-    _slot: Option<Slot>,
+    pub(super) conn: Connection,
+    pub(super) t: T,
+    pub(super) rbuf: BytesMut,
+    pub(super) span: Option<Box<tracing::Span>>,
+    pub(super) _open: metrics::OpenConnection,
+    pub(super) _slot: Option<Slot>,
 }
 
-impl<T: Transport> Live<T> {
-    pub(super) fn link(&self) -> &Arc<ConnLink> {
-        &self.conn.link
-    }
-
-    pub(super) fn transport(&self) -> &T {
-        &self.t
-    }
-
-    /// Called as the parker resumes the connection after `parked` without a
-    /// task: after a long park, it parks again as soon as it is idle.
-    pub(super) fn resumed_after(&mut self, parked: Duration) {
-        self.conn.park_when_idle = parked >= PARK_AFTER;
-    }
-
-    /// When the client's keep-alive lapses without a packet from it.
-    pub(super) fn keepalive_deadline(&self) -> Option<Instant> {
-        let ka = self.conn.keepalive();
-        (!ka.is_zero()).then(|| self.conn.last_rx + ka)
-    }
+/// The keep-alive interval the broker holds a client to that asked for
+/// `seconds` (1.5 × that, MQTT-3.1.2-24); zero for none.
+pub(super) fn keepalive(seconds: u16) -> Duration {
+    Duration::from_millis(u64::from(seconds) * 1500)
 }
 
 /// Runs a connected client's packet loop until the connection ends, or
@@ -168,8 +152,8 @@ pub(super) async fn drive<T: Transport>(mut live: Box<Live<T>>) {
     }
 }
 
-/// Parks `live` if its transport can be parked (plain TCP); hands it back
-/// otherwise.
+/// Parks `live` if its transport can be parked (plain TCP) and the parker
+/// takes it; hands it back otherwise.
 fn offer_to_parker<T: Transport>(live: Box<Live<T>>) -> Option<Box<Live<T>>> {
     let mut cell = Some(live);
     if let Some(tcp) = (&mut cell as &mut dyn std::any::Any)
@@ -177,7 +161,7 @@ fn offer_to_parker<T: Transport>(live: Box<Live<T>>) -> Option<Box<Live<T>>> {
         && let Some(l) = tcp.take()
     {
         let shared = l.conn.shared.clone();
-        shared.parker.park(l);
+        *tcp = shared.parker.park(l);
     }
     cell
 }
@@ -225,7 +209,7 @@ async fn connect<T: Transport>(
             match Box::pin(start).await {
                 Some(conn) => {
                     // An assigned id replaces the empty one the client sent.
-                    span.record("client_id", crate::logging::cut(&conn.agreed.client_id));
+                    span.record("client_id", crate::logging::cut(conn.client_id()));
                     Ok(conn)
                 }
                 None => {
@@ -319,7 +303,7 @@ pub(super) struct Connection {
     pub(super) session: Arc<Session>,
     pub(super) link: Arc<ConnLink>,
     pub(super) version: ProtocolVersion,
-    pub(super) agreed: Agreed,
+    pub(super) agreed: Terms,
     /// Boxed: most connections have none, and it is large.
     pub(super) will: Option<Box<LastWill>>,
     /// The token this connection authenticated with (or anonymous).
@@ -430,7 +414,7 @@ impl Connection {
             let _ = t.write_all(&out).await;
             return None;
         }
-        let link = Arc::new(ConnLink::default());
+        let link = Arc::new(ConnLink::parkable(shared.parker.ready()));
         let owner: Option<Arc<str>> = principal.name().map(Arc::from);
         let key = match (&owner, shared.config.auth.client_ids) {
             // NUL cannot occur in an MQTT string, so keys cannot collide.
@@ -493,7 +477,7 @@ impl Connection {
             session: opened.session,
             link,
             version: v,
-            agreed,
+            agreed: Terms::from(&agreed),
             will: c.will.map(|mut w| {
                 // Kept for the whole connection: not a slice of the CONNECT.
                 w.topic = ByteString::from(&*w.topic);
@@ -558,14 +542,22 @@ impl Connection {
                 conn.send_initial(&filter, &opts);
             }
         }
-        tracing::debug!(%peer, client_id = %conn.agreed.client_id, version = ?v, present = opened.present, "connected");
+        tracing::debug!(%peer, client_id = %conn.client_id(), version = ?v, present = opened.present, "connected");
         Some(conn)
+    }
+
+    /// The client's id, as it sent it (or was assigned it): the session's
+    /// key less the token it may be namespaced by (see `start`; NUL
+    /// cannot occur in a client id).
+    pub(super) fn client_id(&self) -> &str {
+        let key = &*self.session.client_id;
+        key.rsplit_once('\0').map_or(key, |(_, id)| id)
     }
 
     /// The keep-alive interval the broker holds the client to (1.5 × what
     /// it asked for, MQTT-3.1.2-24); zero for none.
     pub(super) fn keepalive(&self) -> Duration {
-        Duration::from_millis(u64::from(self.agreed.keep_alive) * 1500)
+        keepalive(self.agreed.keep_alive)
     }
 
     /// Whether nothing is in progress that only this task would notice:
@@ -713,7 +705,7 @@ impl Connection {
                     let now = Instant::now();
                     if !ka.is_zero() && now >= self.last_rx + ka {
                         metrics::inc(&self.shared.metrics.keepalive_timeouts);
-                        tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, "keepalive timeout");
+                        tracing::debug!(peer = %self.peer, client_id = %self.client_id(), "keepalive timeout");
                         return Some(End::Server(reason::KEEP_ALIVE_TIMEOUT));
                     }
                     let quiet = self.flushes == flushes_seen && now >= self.last_rx + PARK_AFTER;
@@ -787,7 +779,7 @@ impl Connection {
             }
             Some(Ok(Err(_))) => Some(End::Lost),
             Some(Err(_)) => {
-                tracing::info!(peer = %self.peer, client_id = %self.agreed.client_id, "client stalled: not reading");
+                tracing::info!(peer = %self.peer, client_id = %self.client_id(), "client stalled: not reading");
                 self.wbuf.clear();
                 Some(End::Lost)
             }
@@ -808,7 +800,7 @@ impl Connection {
                     Ok(Err(e)) => e.to_string(),
                     _ => "the store did not write in time".to_owned(),
                 };
-                tracing::warn!(peer = %self.peer, client_id = %self.agreed.client_id, error = %why, "acknowledgements withheld: the store could not write them; closing the connection");
+                tracing::warn!(peer = %self.peer, client_id = %self.client_id(), error = %why, "acknowledgements withheld: the store could not write them; closing the connection");
                 self.wbuf.clear();
                 Some(End::Server(reason::QUOTA_EXCEEDED))
             }
@@ -865,7 +857,7 @@ impl Connection {
                 Ok(None) => return None,
                 Err(e) => {
                     metrics::inc(&self.shared.metrics.protocol_errors);
-                    tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, error = %e, "protocol violation");
+                    tracing::debug!(peer = %self.peer, client_id = %self.client_id(), error = %e, "protocol violation");
                     return Some(End::Server(e.reason_code()));
                 }
             }
@@ -906,7 +898,7 @@ impl Connection {
         self.hand_back(end);
         // Broker-initiated closes linger so the client reads the reason.
         t.close(matches!(end, End::Server(_))).await;
-        tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, ?end, "disconnected");
+        tracing::debug!(peer = %self.peer, client_id = %self.client_id(), ?end, "disconnected");
     }
 
     /// Detaches the session (dropping it if it ends with the connection)

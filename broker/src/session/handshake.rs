@@ -25,6 +25,30 @@ pub struct Agreed {
     pub client_alias_max: u16,
 }
 
+/// What a connection keeps of [`Agreed`] for its whole life: the client
+/// id is its session's, and the rest served the CONNACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    /// Seconds; 0 = no keepalive.
+    pub keep_alive: u16,
+    pub session_expiry: Duration,
+    pub send_window: u16,
+    pub client_max_packet: Option<u32>,
+    pub client_alias_max: u16,
+}
+
+impl From<&Agreed> for Terms {
+    fn from(a: &Agreed) -> Terms {
+        Terms {
+            keep_alive: a.keep_alive,
+            session_expiry: a.session_expiry,
+            send_window: a.send_window,
+            client_max_packet: a.client_max_packet,
+            client_alias_max: a.client_alias_max,
+        }
+    }
+}
+
 /// Refusal: the CONNACK code to send (already version-specific).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused(pub u8);

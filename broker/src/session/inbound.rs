@@ -21,7 +21,7 @@ use crate::router::{GroupsFull, Message, SubOptions};
 impl Connection {
     pub(super) fn protocol_error(&self, why: &str) -> Option<End> {
         metrics::inc(&self.shared.metrics.protocol_errors);
-        tracing::debug!(peer = %self.peer, client_id = %self.agreed.client_id, why, "protocol violation");
+        tracing::debug!(peer = %self.peer, client_id = %self.client_id(), why, "protocol violation");
         Some(End::Server(reason::PROTOCOL_ERROR))
     }
 

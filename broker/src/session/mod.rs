@@ -3,6 +3,7 @@
 
 mod authz;
 pub mod connection;
+mod dormant;
 pub mod handshake;
 mod inbound;
 mod lazy_map;

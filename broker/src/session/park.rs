@@ -4,22 +4,26 @@
 //! its timers and select arms: about 2 KB), and tokio keeps that cell for
 //! the task's whole life. Most connections of an IoT fleet are idle almost
 //! all the time, so a connection that has neither read nor written for
-//! [`PARK_AFTER`] hands its state (`Live`: the connection, its socket and
-//! guards, a few hundred bytes) to the parker and its task ends. The parker
-//! holds it in a slot with a waker of its own registered on the socket's
-//! readiness and on the session's [`ConnLink`](super::state::ConnLink);
-//! the first of a readable socket, a delivery or kick, a lapsed keep-alive
-//! or the broker's shutdown spawns a new task that carries on where the
-//! old one stopped.
+//! [`PARK_AFTER`] is folded into its compact form ([`Dormant`]) and its
+//! task ends. The parker holds it in a slot, with its socket taken out of
+//! tokio's reactor and watched in an epoll set of the parker's own (one
+//! registration in the kernel instead of 256 bytes in the broker), and
+//! with the session's [`ConnLink`](super::state::ConnLink) pointing at the
+//! slot. The first of a readable socket, a delivery or kick, a lapsed
+//! keep-alive or the broker's shutdown unfolds it into a new task that
+//! carries on where the old one stopped.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
+use mio::unix::SourceFd;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connection::{self, Live};
+use super::dormant::{Dormant, Resumed};
 use crate::listen::transport::TcpTransport;
 
 /// A connection quiet (nothing read, nothing written) for this long is
@@ -29,24 +33,61 @@ pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
 /// How often lapsed keep-alives of parked connections are looked for: the
 /// spec allows 1.5 × the keep-alive, so a second late is within it.
 const KEEPALIVE_SCAN: Duration = Duration::from_secs(1);
+/// Readiness events taken from the epoll set per call.
+const EVENTS: usize = 1024;
+/// A slot's lapse that never comes (no keep-alive).
+const NEVER: u32 = u32::MAX;
+/// Lapses are kept in tenths of a second since the parker started: four
+/// bytes a slot, and a long way from wrapping (13 years).
+const TICK_MS: u128 = 100;
+/// [`PARK_AFTER`] in ticks.
+const PARK_AFTER_TICKS: u32 = (PARK_AFTER.as_millis() / TICK_MS) as u32;
+
+// A slot's key (generation and index) is the epoll token: it must fit.
+const _: () = assert!(usize::BITS >= 64);
 
 /// The parked connections; one per broker, shared by every listener.
-#[derive(Default)]
+/// `None` when its epoll set could not be made: connections then keep
+/// their tasks.
 pub struct Parker {
-    inner: Arc<Inner>,
+    inner: Option<Arc<Inner>>,
 }
 
-#[derive(Default)]
 struct Inner {
-    slots: Mutex<Slots<Parked>>,
-    /// Slots whose waker fired, for the parker's task to resume.
-    ready: Mutex<Vec<(u32, u32)>>,
+    slots: Mutex<Slots<Box<Dormant>>>,
+    ready: Arc<Ready>,
+    /// Where parked sockets are registered (and deregistered on resume).
+    registry: mio::Registry,
+    /// The epoll set itself, taken by the parker's task.
+    poll: Mutex<Option<mio::Poll>>,
+    epoch: Instant,
+}
+
+/// Keys of parked connections whose link was woken (a delivery, a kick, a
+/// re-check), for the parker's task to resume.
+#[derive(Debug, Default)]
+pub struct Ready {
+    keys: Mutex<Vec<u64>>,
     woken: Notify,
 }
 
-/// Slots addressed by (index, generation), reused through a free list.
-/// Generic over what they hold so that the bookkeeping is tested without
-/// a connection.
+impl Ready {
+    pub fn push(&self, key: u64) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key);
+        self.woken.notify_one();
+    }
+
+    fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Slots addressed by a key of (generation, index), reused through a free
+/// list. Generic over what they hold so that the bookkeeping is tested
+/// without a connection.
 struct Slots<P> {
     entries: Vec<Entry<P>>,
     free: Vec<u32>,
@@ -64,69 +105,29 @@ impl<P> Default for Slots<P> {
     }
 }
 
+/// Sixteen bytes a slot: the keep-alive scan reads `lapse` without
+/// touching the parked connection.
 struct Entry<P> {
-    /// Bumped on every removal, so a stale waker cannot resume a later
-    /// occupant of the slot.
+    /// Never zero (so no key is), and bumped on every removal, so a stale
+    /// key cannot resume a later occupant of the slot.
     generation: u32,
+    /// When the keep-alive lapses, in ticks ([`NEVER`]: it does not).
+    lapse: u32,
     parked: Option<P>,
 }
 
-/// When a parked connection's keep-alive lapses (None: never).
-trait Lapses {
-    fn lapses_at(&self) -> Option<Instant>;
+fn key(index: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(index)
 }
 
-impl Lapses for Parked {
-    fn lapses_at(&self) -> Option<Instant> {
-        self.deadline
-    }
-}
-
-struct Parked {
-    live: Box<Live<TcpTransport>>,
-    since: Instant,
-    /// When the keep-alive lapses (None: the client asked for none).
-    deadline: Option<Instant>,
-}
-
-/// The waker of one slot: queues it for resumption.
-struct SlotWaker {
-    inner: Arc<Inner>,
-    index: u32,
-    generation: u32,
-}
-
-impl Wake for SlotWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.inner.mark_ready(self.index, self.generation);
-    }
-}
-
-impl Inner {
-    fn slots(&self) -> MutexGuard<'_, Slots<Parked>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn mark_ready(&self, index: u32, generation: u32) {
-        self.ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((index, generation));
-        self.woken.notify_one();
-    }
-}
-
-impl<P: Lapses> Slots<P> {
-    fn insert(&mut self, p: P) -> (u32, u32) {
+impl<P> Slots<P> {
+    fn insert(&mut self, p: P, lapse: u32) -> u64 {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
                 self.entries.push(Entry {
-                    generation: 0,
+                    generation: 1,
+                    lapse: NEVER,
                     parked: None,
                 });
                 (self.entries.len() - 1) as u32
@@ -134,32 +135,106 @@ impl<P: Lapses> Slots<P> {
         };
         let e = &mut self.entries[index as usize];
         e.parked = Some(p);
-        (index, e.generation)
+        e.lapse = lapse;
+        key(index, e.generation)
     }
 
-    fn remove(&mut self, index: u32, generation: u32) -> Option<P> {
+    fn remove(&mut self, key: u64) -> Option<P> {
+        let (index, generation) = (key as u32, (key >> 32) as u32);
         let e = self.entries.get_mut(index as usize)?;
         if e.generation != generation {
             return None;
         }
         let p = e.parked.take()?;
-        e.generation = e.generation.wrapping_add(1);
+        e.generation = e.generation.wrapping_add(1).max(1);
         self.free.push(index);
         Some(p)
     }
 
-    /// The slots whose keep-alive lapsed by `now` (all of them with
-    /// `everything`).
-    fn due(&self, now: Instant, everything: bool) -> Vec<(u32, u32)> {
+    /// The keys of the slots whose keep-alive lapsed by tick `now` (all of
+    /// them with `everything`).
+    fn due(&self, now: u32, everything: bool) -> Vec<u64> {
         self.entries
             .iter()
             .enumerate()
-            .filter_map(|(i, e)| {
-                let p = e.parked.as_ref()?;
-                (everything || p.lapses_at().is_some_and(|d| d <= now))
-                    .then_some((i as u32, e.generation))
+            .filter(|(_, e)| {
+                e.parked.is_some() && (everything || (e.lapse != NEVER && e.lapse <= now))
             })
+            .map(|(i, e)| key(i as u32, e.generation))
             .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
+    }
+}
+
+impl Inner {
+    fn new() -> std::io::Result<Inner> {
+        let poll = mio::Poll::new()?;
+        Ok(Inner {
+            slots: Mutex::default(),
+            ready: Arc::default(),
+            registry: poll.registry().try_clone()?,
+            poll: Mutex::new(Some(poll)),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Slots<Box<Dormant>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `t` in ticks, rounded down (a time that has come) or up (a deadline
+    /// not to act on early).
+    fn tick(&self, t: Instant, up: bool) -> u32 {
+        let ms = t.saturating_duration_since(self.epoch).as_millis();
+        let ticks = if up {
+            ms.div_ceil(TICK_MS)
+        } else {
+            ms / TICK_MS
+        };
+        ticks.min(u128::from(NEVER - 1)) as u32
+    }
+
+    fn watch(&self, d: &Dormant, key: u64) -> std::io::Result<()> {
+        self.registry.register(
+            &mut SourceFd(&d.socket().as_raw_fd()),
+            mio::Token(key as usize),
+            mio::Interest::READABLE,
+        )
+    }
+
+    /// Takes the connection out of its slot and hands it to a new task.
+    fn resume(&self, key: u64) {
+        let Some(d) = self.slots().remove(key) else {
+            return;
+        };
+        // Out of the parker's set before the reactor takes the socket; a
+        // socket that was never registered (see `park`) is not in it.
+        let _ = self
+            .registry
+            .deregister(&mut SourceFd(&d.socket().as_raw_fd()));
+        d.link().unpark();
+        let long = self.tick(Instant::now(), false).saturating_sub(d.since) >= PARK_AFTER_TICKS;
+        match d.unfold(long) {
+            Resumed::Tcp(live) => drop(tokio::spawn(connection::drive(live))),
+            Resumed::Severed(live) => drop(tokio::spawn(connection::drive(live))),
+        }
+    }
+}
+
+impl Default for Parker {
+    fn default() -> Self {
+        match Inner::new() {
+            Ok(inner) => Parker {
+                inner: Some(Arc::new(inner)),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "idle connections will not be parked: the parker's epoll set could not be created");
+                Parker { inner: None }
+            }
+        }
     }
 }
 
@@ -172,94 +247,139 @@ impl std::fmt::Debug for Parker {
 }
 
 impl Parker {
-    /// Connections parked now (for tests and the idle-memory profile).
+    /// Connections parked now (for the gauge, tests and the idle-memory
+    /// profile).
     pub fn len(&self) -> usize {
-        let s = self.inner.slots();
-        s.entries.len() - s.free.len()
+        self.inner.as_ref().map_or(0, |i| i.slots().len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Takes `live` out of its task until something needs it. Whatever
-    /// happened since its task last looked (a readable socket, a pending
-    /// wake) resumes it at once.
-    pub(super) fn park(&self, live: Box<Live<TcpTransport>>) {
-        let deadline = live.keepalive_deadline();
-        let link = live.link().clone();
-        let mut slots = self.inner.slots();
-        if slots.closed {
-            drop(slots);
-            tokio::spawn(connection::drive(live));
-            return;
-        }
-        let (index, generation) = slots.insert(Parked {
-            live,
-            since: Instant::now(),
-            deadline,
-        });
-        let waker = Waker::from(Arc::new(SlotWaker {
-            inner: self.inner.clone(),
-            index,
-            generation,
-        }));
-        let readable = slots.entries[index as usize]
-            .parked
-            .as_ref()
-            .is_some_and(|p| {
-                // No stale readiness to fear: the task parks from its
-                // select, whose read cleared it (see `TcpTransport`), so
-                // "ready" here means input arrived since.
-                p.live
-                    .transport()
-                    .stream()
-                    .poll_read_ready(&mut Context::from_waker(&waker))
-                    .is_ready()
-            });
-        let pending = link.park(&waker);
-        drop(slots);
-        if readable || pending {
-            self.inner.mark_ready(index, generation);
-        }
+    /// The queue a connection's link tells the parker of wakes through
+    /// (`None`: nothing is parked).
+    pub fn ready(&self) -> Option<Arc<Ready>> {
+        self.inner.as_ref().map(|i| i.ready.clone())
     }
 
-    /// Resumes parked connections as they are woken, when their keep-alive
-    /// lapses, and all of them at shutdown (after which nothing parks).
+    /// Takes `live` out of its task until something needs it, or hands it
+    /// back (no parking: shutdown started, or there is no epoll set).
+    /// Whatever happened since its task last looked (input that arrived, a
+    /// pending wake) resumes it at once.
+    pub(super) fn park(&self, live: Box<Live<TcpTransport>>) -> Option<Box<Live<TcpTransport>>> {
+        let Some(inner) = &self.inner else {
+            return Some(live);
+        };
+        let mut slots = inner.slots();
+        if slots.closed || !live.conn.link.parks() {
+            return Some(live);
+        }
+        let dormant = match Dormant::fold(live, inner.tick(Instant::now(), false)) {
+            Ok(d) => d,
+            Err(severed) => {
+                drop(slots);
+                tokio::spawn(connection::drive(severed));
+                return None;
+            }
+        };
+        let lapse = dormant
+            .keepalive_deadline()
+            .map_or(NEVER, |d| inner.tick(d, true));
+        let link = dormant.link().clone();
+        let key = slots.insert(dormant, lapse);
+        let watched = slots.entries[key as u32 as usize]
+            .parked
+            .as_ref()
+            .map(|d| inner.watch(d, key));
+        // Registering reports input that is already there (epoll checks
+        // at once), so nothing that arrived since the task's last read is
+        // missed.
+        let pending = link.park(key);
+        drop(slots);
+        if pending {
+            // `park` took the permit the connection's loop looks for.
+            link.wake.notify_one();
+        }
+        if let Some(Err(e)) = watched {
+            // Once: the cause (the kernel's epoll limits) is the same for
+            // every connection, and each would try again every second.
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "idle connections cannot be parked: their sockets could not be watched; they keep their tasks");
+            } else {
+                tracing::debug!(error = %e, "an idle connection's socket could not be watched; it keeps its task");
+            }
+            inner.resume(key);
+        } else if pending {
+            inner.ready.push(key);
+        }
+        None
+    }
+
+    /// Resumes parked connections as their sockets become readable, as
+    /// their links are woken, when their keep-alive lapses, and all of them
+    /// at shutdown (after which nothing parks).
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let Some(inner) = self.inner.clone() else {
+            return;
+        };
+        let Some(poll) = inner.poll.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        // SAFETY: `mio::Poll` owns its epoll descriptor and closes it only
+        // when dropped, which the `AsyncFd` owning it does last; its
+        // `as_raw_fd` always returns that one descriptor.
+        let set = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) };
+        let mut set = match set {
+            Ok(set) => set,
+            Err(e) => {
+                tracing::warn!(error = %e, "idle connections will not be parked: the parker's epoll set could not be watched");
+                inner.slots().closed = true;
+                return;
+            }
+        };
+        let mut events = mio::Events::with_capacity(EVENTS);
         let mut scan = tokio::time::interval(KEEPALIVE_SCAN);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closed = false;
         loop {
-            let due = tokio::select! {
-                _ = self.inner.woken.notified() => Vec::new(),
-                _ = scan.tick() => self.inner.slots().due(Instant::now(), false),
+            let mut due = Vec::new();
+            tokio::select! {
+                _ = inner.ready.woken.notified() => {}
+                guard = set.readable_mut() => {
+                    let Ok(mut guard) = guard else {
+                        return;
+                    };
+                    loop {
+                        if let Err(e) = guard.get_inner_mut().poll(&mut events, Some(Duration::ZERO)) {
+                            if e.kind() == std::io::ErrorKind::Interrupted {
+                                continue;
+                            }
+                            tracing::warn!(error = %e, "the parker could not read its epoll set");
+                        }
+                        let before = due.len();
+                        due.extend(events.iter().map(|e| e.token().0 as u64));
+                        if due.len() - before < EVENTS {
+                            guard.clear_ready();
+                            break;
+                        }
+                    }
+                }
+                _ = scan.tick() => {
+                    due = inner.slots().due(inner.tick(Instant::now(), false), false);
+                }
                 _ = shutdown.changed(), if !closed => {
                     closed = true;
-                    let mut slots = self.inner.slots();
+                    let mut slots = inner.slots();
                     slots.closed = true;
-                    slots.due(Instant::now(), true)
+                    due = slots.due(0, true);
                 }
-            };
-            let woken =
-                std::mem::take(&mut *self.inner.ready.lock().unwrap_or_else(|e| e.into_inner()));
-            self.resume(due);
-            self.resume(woken);
-        }
-    }
-
-    fn resume(&self, which: Vec<(u32, u32)>) {
-        for (index, generation) in which {
-            let parked = self.inner.slots().remove(index, generation);
-            if let Some(mut p) = parked {
-                p.live.resumed_after(p.since.elapsed());
-                let link = p.live.link();
-                link.unpark();
-                // The wake that resumed it (or the one `park` consumed) is
-                // for the connection's loop: it looks at kicks and re-checks
-                // only when woken.
-                link.wake.notify_one();
-                tokio::spawn(connection::drive(p.live));
+            }
+            due.extend(inner.ready.take());
+            for key in due {
+                inner.resume(key);
             }
         }
     }
@@ -269,42 +389,61 @@ impl Parker {
 mod tests {
     use super::*;
 
-    struct Stub(Option<Instant>);
-
-    impl Lapses for Stub {
-        fn lapses_at(&self) -> Option<Instant> {
-            self.0
-        }
+    #[test]
+    fn a_stale_key_cannot_resume_the_next_occupant() {
+        let mut s = Slots::default();
+        let k = s.insert("a", NEVER);
+        assert_ne!(k, 0, "zero means not parked");
+        assert_eq!(s.remove(k), Some("a"));
+        assert_eq!(s.remove(k), None, "removed twice");
+        let j = s.insert("b", NEVER);
+        assert_eq!(j as u32, k as u32, "the slot is reused");
+        assert_ne!(j, k);
+        assert_eq!(s.remove(k), None, "the old key woke the new occupant");
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.remove(j), Some("b"));
+        assert_eq!(s.remove(key(99, 1)), None);
+        assert_eq!(s.len(), 0);
     }
 
     #[test]
-    fn a_stale_waker_cannot_resume_the_next_occupant() {
+    fn generations_skip_zero_when_they_wrap() {
         let mut s = Slots::default();
-        let (i, g) = s.insert(Stub(None));
-        assert!(s.remove(i, g).is_some());
-        assert!(s.remove(i, g).is_none(), "removed twice");
-        let (j, h) = s.insert(Stub(None));
-        assert_eq!(j, i, "the slot is reused");
-        assert_ne!(h, g);
-        assert!(
-            s.remove(i, g).is_none(),
-            "the old generation woke the new occupant"
-        );
-        assert!(s.remove(j, h).is_some());
-        assert!(s.remove(99, 0).is_none());
+        let k = s.insert((), NEVER);
+        s.entries[0].generation = u32::MAX;
+        let k = key(k as u32, u32::MAX);
+        assert!(s.remove(k).is_some());
+        let j = s.insert((), NEVER);
+        assert_eq!(j >> 32, 1, "generation 0 would make key 0 for slot 0");
     }
 
     #[test]
     fn due_lists_lapsed_keepalives_or_everything() {
-        let now = Instant::now();
         let mut s = Slots::default();
-        let past = s.insert(Stub(Some(now - Duration::from_secs(1))));
-        let at = s.insert(Stub(Some(now)));
-        let future = s.insert(Stub(Some(now + Duration::from_secs(1))));
-        let never = s.insert(Stub(None));
-        assert_eq!(s.due(now, false), vec![past, at]);
-        assert_eq!(s.due(now, true), vec![past, at, future, never]);
-        s.remove(past.0, past.1);
-        assert_eq!(s.due(now, false), vec![at]);
+        let past = s.insert((), 9);
+        let at = s.insert((), 10);
+        let future = s.insert((), 11);
+        let never = s.insert((), NEVER);
+        assert_eq!(s.due(10, false), vec![past, at]);
+        assert_eq!(s.due(10, true), vec![past, at, future, never]);
+        s.remove(past);
+        assert_eq!(s.due(10, false), vec![at]);
+        assert_eq!(s.due(NEVER - 1, false), vec![at, future]);
+    }
+
+    #[test]
+    fn deadlines_round_up_and_the_present_down() {
+        let inner = Inner::new().expect("an epoll set");
+        let t = inner.epoch + Duration::from_millis(1_050);
+        assert_eq!(inner.tick(t, true), 11, "a lapse is not acted on early");
+        assert_eq!(inner.tick(t, false), 10);
+        assert_eq!(inner.tick(inner.epoch - Duration::from_secs(1), false), 0);
+        let far = inner.epoch + Duration::from_secs(20 * 365 * 86_400);
+        assert_eq!(inner.tick(far, true), NEVER - 1, "saturates short of NEVER");
+    }
+
+    #[test]
+    fn a_slot_entry_is_sixteen_bytes() {
+        assert_eq!(std::mem::size_of::<Entry<Box<Dormant>>>(), 16);
     }
 }

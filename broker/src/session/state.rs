@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use starling_codec::{ByteString, QoS};
 use starling_model::acl::Principal;
 use tokio::sync::Notify;
@@ -26,7 +25,7 @@ use crate::store::{
 
 /// The wake-up line between publishers (and the registry) and the one
 /// connection task currently serving a session — or, while the connection
-/// is parked (no task: see `super::park`), the parker's waker for it.
+/// is parked (no task: see `super::park`), the parker's queue.
 #[derive(Debug, Default)]
 pub struct ConnLink {
     pub wake: Notify,
@@ -36,30 +35,52 @@ pub struct ConnLink {
     /// Set when the auth bundle changed or a token expired: the connection
     /// must re-check its token and subscriptions.
     recheck: AtomicBool,
-    /// The connection is parked: wakes go to `parker` too. A flag read
-    /// before the waker so that a delivery to a running connection pays a
-    /// load, not a read-modify-write.
-    parked: AtomicBool,
-    parker: AtomicWaker,
+    /// The parker's key of the connection while it is parked, 0 while it
+    /// is not: wakes go to `parker` too. Read before anything else so that
+    /// a delivery to a running connection pays a load, not a
+    /// read-modify-write.
+    parked: AtomicU64,
+    /// The parker's queue, for a link whose connection may be parked. A
+    /// queue rather than a waker: a waker per parked connection would be
+    /// one more allocation each.
+    parker: Option<Arc<super::park::Ready>>,
 }
 
 impl ConnLink {
-    /// Wakes the connection: its task, or the parker holding it.
-    pub fn notify(&self) {
-        self.wake.notify_one();
-        // SeqCst pairs with `park`: either this load sees the flag, or the
-        // parker's check of `wake` after setting it sees this permit.
-        if self.parked.load(Ordering::SeqCst) {
-            self.parker.wake();
+    /// A link for a connection the parker may hold (`parker`: its queue;
+    /// `None` when there is no parker).
+    pub fn parkable(parker: Option<Arc<super::park::Ready>>) -> ConnLink {
+        ConnLink {
+            parker,
+            ..ConnLink::default()
         }
     }
 
-    /// Routes wakes to `waker` until [`ConnLink::unpark`]. Returns whether
-    /// a wake was already pending (then it is consumed: the caller resumes
-    /// the connection, which must be told again with [`ConnLink::notify`]).
-    pub fn park(&self, waker: &std::task::Waker) -> bool {
-        self.parker.register(waker);
-        self.parked.store(true, Ordering::SeqCst);
+    /// Whether [`ConnLink::park`] may be used.
+    pub fn parks(&self) -> bool {
+        self.parker.is_some()
+    }
+
+    /// Wakes the connection: its task, or the parker holding it.
+    pub fn notify(&self) {
+        self.wake.notify_one();
+        // SeqCst pairs with `park`: either this load sees the key, or the
+        // parker's check of `wake` after setting it sees this permit.
+        let key = self.parked.load(Ordering::SeqCst);
+        if key != 0
+            && let Some(parker) = &self.parker
+        {
+            parker.push(key);
+        }
+    }
+
+    /// Routes wakes to the parker's queue as `key` (non-zero) until
+    /// [`ConnLink::unpark`]; only for a link that [`parks`](Self::parks).
+    /// Returns whether a wake was already pending (then it is consumed:
+    /// the caller resumes the connection, which must be told again).
+    pub fn park(&self, key: u64) -> bool {
+        debug_assert!(key != 0 && self.parks());
+        self.parked.store(key, Ordering::SeqCst);
         let pending = std::pin::pin!(self.wake.notified());
         pending
             .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
@@ -67,8 +88,7 @@ impl ConnLink {
     }
 
     pub fn unpark(&self) {
-        self.parked.store(false, Ordering::SeqCst);
-        drop(self.parker.take());
+        self.parked.store(0, Ordering::SeqCst);
     }
 
     pub fn kick(&self, reason: u8) {
