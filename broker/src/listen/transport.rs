@@ -70,14 +70,34 @@ async fn shut_and_linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, linger: b
 /// Reads start small and go to [`READ_CHUNK`] once a read fills its space,
 /// so a chatty client gets big reads and a quiet one small allocations.
 pub struct TcpTransport {
-    stream: TcpStream,
+    socket: Socket,
     busy: bool,
+}
+
+/// A socket resumed from the parker is used directly until it would block,
+/// and only then registered with tokio's reactor: a client that wakes for
+/// one message and its acknowledgement is served with a read and a write,
+/// without a registration (and a reactor turn before the first byte moves)
+/// that the next park would undo.
+enum Socket {
+    Loose(std::net::TcpStream),
+    Registered(TcpStream),
+    /// Only while changing from the one to the other.
+    Gone,
 }
 
 impl TcpTransport {
     pub fn new(stream: TcpStream) -> Self {
         TcpTransport {
-            stream,
+            socket: Socket::Registered(stream),
+            busy: false,
+        }
+    }
+
+    /// A socket the parker held (non-blocking, registered nowhere).
+    pub fn loose(stream: std::net::TcpStream) -> Self {
+        TcpTransport {
+            socket: Socket::Loose(stream),
             busy: false,
         }
     }
@@ -86,37 +106,86 @@ impl TcpTransport {
     /// parker to hold: that registration is a quarter of what an idle
     /// connection costs, and the parker watches parked sockets itself.
     pub fn into_std(self) -> io::Result<std::net::TcpStream> {
-        self.stream.into_std()
+        match self.socket {
+            Socket::Loose(s) => Ok(s),
+            Socket::Registered(s) => s.into_std(),
+            Socket::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
     }
+}
 
-    /// Registers a socket the parker held with tokio's reactor again. Must
-    /// run inside the runtime.
-    pub fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
-        TcpStream::from_std(stream).map(Self::new)
+impl Socket {
+    /// The socket registered with the reactor (inside the runtime); a
+    /// failure loses it, and the connection ends.
+    fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        if let Socket::Loose(_) = self
+            && let Socket::Loose(s) = std::mem::replace(self, Socket::Gone)
+        {
+            match TcpStream::from_std(s) {
+                Ok(s) => *self = Socket::Registered(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a resumed connection's socket could not be registered with the reactor; the connection is closed");
+                    return Err(e);
+                }
+            }
+        }
+        match self {
+            Socket::Registered(s) => Ok(s),
+            _ => Err(io::ErrorKind::NotConnected.into()),
+        }
     }
+}
+
+/// Space to read into, reserved only now that there is input.
+fn reserve_read(busy: bool, buf: &mut BytesMut) -> usize {
+    let want = if busy { READ_CHUNK } else { 2048 };
+    if buf.capacity() - buf.len() < want / 4 {
+        buf.reserve(want);
+    }
+    buf.capacity() - buf.len()
 }
 
 impl Transport for TcpTransport {
     const PARKS: bool = true;
 
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        if let Socket::Loose(s) = &self.socket {
+            // Resumed by the parker (input, or a wake): read at once.
+            let space = reserve_read(self.busy, buf);
+            let len = buf.len();
+            // Zeroed, not uninitialised: `Read` wants initialised bytes,
+            // and a couple of kilobytes cost nothing next to the syscall.
+            buf.resize(len + space, 0);
+            let r = std::io::Read::read(&mut &*s, &mut buf[len..]);
+            buf.truncate(len + *r.as_ref().unwrap_or(&0));
+            match r {
+                Ok(n) => {
+                    self.busy = n == space;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing yet: wait through the reactor from now on.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let stream = self.socket.registered()?;
         loop {
-            self.stream.readable().await?;
+            stream.readable().await?;
             // Readiness and try_read never spend tokio's cooperative budget:
             // a client whose socket always has data would keep its worker
             // thread and starve every connection queued there. Spent before
             // reading, so a cancelled call has read nothing (cancel safety).
             tokio::task::consume_budget().await;
-            let want = if self.busy { READ_CHUNK } else { 2048 };
-            if buf.capacity() - buf.len() < want / 4 {
-                buf.reserve(want);
-            }
-            let space = buf.capacity() - buf.len();
+            let space = reserve_read(self.busy, buf);
             // A read that did not fill its space emptied the socket: its
             // readiness is cleared now (by answering WouldBlock to tokio),
             // not by one more read that finds nothing. Edge-triggered
             // epoll reports what arrives after this read anew.
-            let stream = &self.stream;
             let mut short = None;
             let r = stream.try_io(tokio::io::Interest::READABLE, || {
                 let n = stream.try_read_buf(buf)?;
@@ -148,12 +217,28 @@ impl Transport for TcpTransport {
         }
     }
 
-    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.stream.write_all(data).await
+    async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        if let Socket::Loose(s) = &self.socket {
+            while !data.is_empty() {
+                match std::io::Write::write(&mut &*s, data) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => data = &data[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+        }
+        self.socket.registered()?.write_all(data).await
     }
 
     async fn close(&mut self, linger: bool) {
-        shut_and_linger(&mut self.stream, linger).await;
+        if let Ok(s) = self.socket.registered() {
+            shut_and_linger(s, linger).await;
+        }
     }
 }
 
@@ -188,9 +273,10 @@ where
     }
 }
 
-/// A connection whose socket was lost while it had no task (the reactor
-/// refused it again): every read and write fails, so the connection ends
-/// as lost through its ordinary path (will, session expiry, counters).
+/// A connection whose socket was lost on its way to the parker (the
+/// reactor would not let go of it): every read and write fails, so the
+/// connection ends as lost through its ordinary path (will, session
+/// expiry, counters).
 pub struct Severed;
 
 impl Transport for Severed {
@@ -203,4 +289,69 @@ impl Transport for Severed {
     }
 
     async fn close(&mut self, _linger: bool) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A connected pair: the broker's side as the parker hands it over
+    /// (std, non-blocking), and the client's side (blocking std).
+    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (server, _) = l.accept().expect("accept");
+        server.set_nonblocking(true).expect("non-blocking");
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn a_loose_socket_serves_what_is_there_and_registers_only_to_wait() {
+        let (server, mut client) = pair();
+        client.write_all(b"first").expect("client write");
+        // The bytes are in the socket before the transport looks.
+        std::thread::sleep(Duration::from_millis(20));
+        let mut t = TcpTransport::loose(server);
+        let mut buf = BytesMut::new();
+        assert_eq!(t.read_into(&mut buf).await.expect("read"), 5);
+        assert_eq!(&buf[..], b"first");
+        assert!(
+            matches!(t.socket, Socket::Loose(_)),
+            "read without registering"
+        );
+        t.write_all(b"ack").await.expect("write");
+        assert!(
+            matches!(t.socket, Socket::Loose(_)),
+            "written without registering"
+        );
+        let mut got = [0u8; 3];
+        client.read_exact(&mut got).expect("client read");
+        assert_eq!(&got, b"ack");
+
+        // Nothing to read: it must wait, through the reactor.
+        buf.clear();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            client.write_all(b"later").expect("client write");
+            client
+        });
+        let n = tokio::time::timeout(Duration::from_secs(5), t.read_into(&mut buf))
+            .await
+            .expect("woken by the reactor")
+            .expect("read");
+        assert_eq!(&buf[..n], b"later");
+        assert!(matches!(t.socket, Socket::Registered(_)));
+        // And it can go back to the parker.
+        let client = writer.join().expect("writer");
+        let std = t.into_std().expect("out of the reactor");
+        drop(client);
+        let mut t = TcpTransport::loose(std);
+        buf.clear();
+        assert_eq!(
+            t.read_into(&mut buf).await.expect("eof"),
+            0,
+            "the peer closed"
+        );
+    }
 }

@@ -57,14 +57,6 @@ pub(super) struct Dormant {
     pub(super) since: u32,
 }
 
-/// A connection unfolded by the parker, ready for a task.
-pub(super) enum Resumed {
-    Tcp(Box<Live<TcpTransport>>),
-    /// Its socket could not be registered with the reactor again: the
-    /// connection ends as lost.
-    Severed(Box<Live<Severed>>),
-}
-
 impl Dormant {
     /// Folds a connection its task found idle (see `Connection::parkable`:
     /// nothing to write, no tickets, no backpressure wait). Fails only if
@@ -164,12 +156,11 @@ impl Dormant {
         (!ka.is_zero()).then(|| self.last_rx + ka)
     }
 
-    /// Unfolds the connection for a new task, its socket registered with
-    /// the reactor again (so this must run inside the runtime). After a
+    /// Unfolds the connection for a new task. After a
     /// `long` park it parks again as soon as it is idle: a client that
     /// speaks every few seconds would otherwise keep a task and a timer
     /// for most of its life.
-    pub(super) fn unfold(self: Box<Self>, long: bool) -> Resumed {
+    pub(super) fn unfold(self: Box<Self>, long: bool) -> Box<Live<TcpTransport>> {
         let d = *self;
         let conn = Connection {
             shared: d.shared,
@@ -199,33 +190,21 @@ impl Dormant {
             flushes: 1,
             park_when_idle: long,
         };
-        let rbuf = d.partial.map(|b| *b).unwrap_or_default();
-        match TcpTransport::from_std(d.socket) {
-            Ok(t) => Resumed::Tcp(Box::new(Live {
-                conn,
-                t,
-                rbuf,
-                span: d.span,
-                _open: d.open,
-                _slot: d.slot,
-            })),
-            Err(e) => {
-                lost_socket(&conn.peer, &conn.session.client_id, &e);
-                Resumed::Severed(Box::new(Live {
-                    conn,
-                    t: Severed,
-                    rbuf,
-                    span: d.span,
-                    _open: d.open,
-                    _slot: d.slot,
-                }))
-            }
-        }
+        Box::new(Live {
+            conn,
+            // Registered with the reactor only if it has to wait (see
+            // `TcpTransport::loose`).
+            t: TcpTransport::loose(d.socket),
+            rbuf: d.partial.map(|b| *b).unwrap_or_default(),
+            span: d.span,
+            _open: d.open,
+            _slot: d.slot,
+        })
     }
 }
 
 fn lost_socket(peer: &SocketAddr, client_id: &str, e: &io::Error) {
-    tracing::warn!(%peer, client_id, error = %e, "an idle connection's socket could not be moved between the parker and the reactor; the connection is closed");
+    tracing::warn!(%peer, client_id, error = %e, "an idle connection's socket could not be taken out of the reactor to park it; the connection is closed");
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connection::{self, Live};
-use super::dormant::{Dormant, Resumed};
+use super::dormant::Dormant;
 use crate::listen::transport::TcpTransport;
 
 /// A connection quiet (nothing read, nothing written) for this long is
@@ -217,10 +217,7 @@ impl Inner {
             .deregister(&mut SourceFd(&d.socket().as_raw_fd()));
         d.link().unpark();
         let long = self.tick(Instant::now(), false).saturating_sub(d.since) >= PARK_AFTER_TICKS;
-        match d.unfold(long) {
-            Resumed::Tcp(live) => drop(tokio::spawn(connection::drive(live))),
-            Resumed::Severed(live) => drop(tokio::spawn(connection::drive(live))),
-        }
+        tokio::spawn(connection::drive(d.unfold(long)));
     }
 }
 
