@@ -312,19 +312,36 @@ pub(super) struct Connection {
     /// the principal is refreshed after a bundle change.
     pub(super) acl_cache: LazyMap<ByteString, bool>,
     pub(super) peer: SocketAddr,
-    pub(super) wbuf: BytesMut,
     pub(super) last_rx: Instant,
     /// Inbound topic aliases (client → broker).
     pub(super) aliases_in: LazyMap<u16, ByteString>,
     /// Outbound topic aliases (broker → client).
     pub(super) aliases_out: LazyMap<ByteString, u16>,
+    /// The limits in force when the client connected.
+    pub(super) limits: Arc<starling_model::config::Limits>,
+    /// Park as soon as there is nothing to do, without waiting for
+    /// [`PARK_AFTER`] of quiet: just connected, or resumed after a long
+    /// park (a client that speaks every few seconds would otherwise keep a
+    /// task and a timer for most of its life).
+    pub(super) park_when_idle: bool,
+    /// What only the running task uses; a parked connection has none of it.
+    pub(super) work: Work,
+}
+
+/// The part of a connection that exists only while a task runs it, made
+/// empty again when a parked connection is resumed (see `dormant`).
+#[derive(Default)]
+pub(super) struct Work {
+    pub(super) wbuf: BytesMut,
     /// Reused for routing and draining so the hot path does not allocate.
     pub(super) scratch: Vec<SubEntry>,
     pub(super) batch: Vec<(u16, Delivery)>,
     /// A subscriber over its queue cap that this publisher waits for (and
     /// until when) before reading more: QoS 1/2 backpressure.
     pub(super) blocked: Option<(Arc<Session>, Instant)>,
-    /// A subscriber that did not make room in time, not waited for until then.
+    /// A subscriber that did not make room in time, not waited for until
+    /// then. Forgotten when parked: that costs at most one more wait of a
+    /// publisher quiet for a second.
     pub(super) skip: Option<(u64, Instant)>,
     /// A subscriber this connection feeds is filling up: stop decoding and
     /// let other tasks run before going on.
@@ -334,15 +351,8 @@ pub(super) struct Connection {
     /// Store tickets the write buffer's acknowledgements depend on: it is
     /// written only once they are durable.
     pub(super) gate: TicketSpan,
-    /// The limits in force when the client connected.
-    pub(super) limits: Arc<starling_model::config::Limits>,
     /// Batches written: the quiet check's sign of outgoing traffic.
     pub(super) flushes: u32,
-    /// Park as soon as there is nothing to do, without waiting for
-    /// [`PARK_AFTER`] of quiet: just connected, or resumed after a long
-    /// park (a client that speaks every few seconds would otherwise keep a
-    /// task and a timer for most of its life).
-    pub(super) park_when_idle: bool,
 }
 
 impl Connection {
@@ -488,20 +498,15 @@ impl Connection {
             principal,
             acl_cache: LazyMap::default(),
             peer,
-            wbuf: BytesMut::new(),
             last_rx: Instant::now(),
             aliases_in: LazyMap::default(),
             aliases_out: LazyMap::default(),
-            scratch: Vec::new(),
-            batch: Vec::new(),
-            blocked: None,
-            skip: None,
-            yield_soon: false,
-            handled: 0,
-            gate,
             limits,
-            flushes: 0,
             park_when_idle: true,
+            work: Work {
+                gate,
+                ..Work::default()
+            },
         };
         conn.session.set_reader(conn.principal.clone());
         conn.session.set_info(super::state::ClientInfo {
@@ -520,7 +525,7 @@ impl Connection {
             let will = conn.stored_will();
             conn.session.lock().stored_will = will;
             let t = conn.session.save();
-            conn.gate.note(t);
+            conn.work.gate.note(t);
         }
         conn.write_packet(&Packet::ConnAck(ack));
         conn.resend_inflight();
@@ -564,18 +569,18 @@ impl Connection {
     /// then the connection can be parked, and a readable socket or a wake
     /// resumes it.
     fn parkable(&self) -> bool {
-        self.wbuf.is_empty()
-            && self.gate.is_empty()
-            && self.blocked.is_none()
-            && !self.yield_soon
+        self.work.wbuf.is_empty()
+            && self.work.gate.is_empty()
+            && self.work.blocked.is_none()
+            && !self.work.yield_soon
             && (!self.window_open() || self.session.lock().queue.is_empty())
     }
 
     /// Gives back the buffers a busy connection keeps between batches.
     fn shed_buffers(&mut self) {
-        self.wbuf = BytesMut::new();
-        self.scratch = Vec::new();
-        self.batch = Vec::new();
+        self.work.wbuf = BytesMut::new();
+        self.work.scratch = Vec::new();
+        self.work.batch = Vec::new();
     }
 
     /// Handles packets and deliveries until the connection ends (`Some`),
@@ -606,10 +611,10 @@ impl Connection {
         };
         let keepalive = sleep_until(next_check(self.last_rx, Instant::now()));
         tokio::pin!(keepalive);
-        let mut flushes_seen = self.flushes;
+        let mut flushes_seen = self.work.flushes;
         // Whatever woke a resumed connection is handled before it may park
         // again (a new one has handled its CONNECT already: nothing written).
-        let mut turned = self.flushes == 0;
+        let mut turned = self.work.flushes == 0;
         // Anything already buffered after CONNECT is processed before reading again.
         if let Some(end) = self.process(rbuf) {
             return Some(end);
@@ -618,11 +623,11 @@ impl Connection {
             *rbuf = BytesMut::new();
         }
         loop {
-            if self.yield_soon && self.blocked.is_none() {
-                self.yield_soon = false;
-                self.handled = 0;
+            if self.work.yield_soon && self.work.blocked.is_none() {
+                self.work.yield_soon = false;
+                self.work.handled = 0;
                 // Flush acks first, then let the subscribers' tasks drain.
-                if !self.wbuf.is_empty()
+                if !self.work.wbuf.is_empty()
                     && let Some(end) = self.flush(t).await
                 {
                     return Some(end);
@@ -634,7 +639,7 @@ impl Connection {
                 continue;
             }
             self.drain();
-            if !self.wbuf.is_empty() {
+            if !self.work.wbuf.is_empty() {
                 if let Some(end) = self.flush(t).await {
                     return Some(end);
                 }
@@ -643,7 +648,7 @@ impl Connection {
                     continue;
                 }
             }
-            if !self.gate.is_empty()
+            if !self.work.gate.is_empty()
                 && self.shared.router.store.backlog() > STORE_BACKLOG
                 && !self.gate_settled()
                 && let Some(end) = Box::pin(self.settle(WRITE_STALL)).await
@@ -657,7 +662,7 @@ impl Connection {
                 self.shed_buffers();
                 return None;
             }
-            let blocked = self.blocked.clone();
+            let blocked = self.work.blocked.clone();
             tokio::select! {
                 biased;
                 _ = self.link.wake.notified() => {
@@ -676,9 +681,9 @@ impl Connection {
                     }
                 }, if blocked.is_some() => {
                     if let (false, Some((s, _))) = (room, &blocked) {
-                        self.skip = Some((s.key, Instant::now() + BACKPRESSURE_SKIP));
+                        self.work.skip = Some((s.key, Instant::now() + BACKPRESSURE_SKIP));
                     }
-                    self.blocked = None;
+                    self.work.blocked = None;
                     // Packets read before the pause are handled first.
                     if let Some(end) = self.process(rbuf) {
                         return Some(end);
@@ -708,12 +713,12 @@ impl Connection {
                         tracing::debug!(peer = %self.peer, client_id = %self.client_id(), "keepalive timeout");
                         return Some(End::Server(reason::KEEP_ALIVE_TIMEOUT));
                     }
-                    let quiet = self.flushes == flushes_seen && now >= self.last_rx + PARK_AFTER;
+                    let quiet = self.work.flushes == flushes_seen && now >= self.last_rx + PARK_AFTER;
                     if T::PARKS && quiet && self.parkable() {
                         self.shed_buffers();
                         return None;
                     }
-                    flushes_seen = self.flushes;
+                    flushes_seen = self.work.flushes;
                     keepalive.as_mut().reset(next_check(self.last_rx, now));
                 }
             }
@@ -734,11 +739,11 @@ impl Connection {
         {
             return Some(end);
         }
-        let n = self.wbuf.len();
+        let n = self.work.wbuf.len();
         let link = self.link.clone();
         let mut woken = false;
         let result = {
-            let write = timeout(WRITE_STALL, t.write_all(&self.wbuf));
+            let write = timeout(WRITE_STALL, t.write_all(&self.work.wbuf));
             tokio::pin!(write);
             loop {
                 tokio::select! {
@@ -764,23 +769,23 @@ impl Connection {
             )),
             Some(Ok(Ok(()))) => {
                 metrics::add(&self.shared.metrics.bytes_out, n as u64);
-                self.flushes = self.flushes.wrapping_add(1);
-                if T::PARKS && self.wbuf.capacity() <= KEPT_WRITE_BUFFER {
+                self.work.flushes = self.work.flushes.wrapping_add(1);
+                if T::PARKS && self.work.wbuf.capacity() <= KEPT_WRITE_BUFFER {
                     // Kept for the next batch: a connection trading a few
                     // packets per wake-up reuses it, and gives it back when
                     // it is parked.
-                    self.wbuf.clear();
+                    self.work.wbuf.clear();
                 } else {
                     // Released rather than kept: a busy subscriber's batch
                     // buffer is large, and thousands of them would hold it.
-                    self.wbuf = BytesMut::new();
+                    self.work.wbuf = BytesMut::new();
                 }
                 None
             }
             Some(Ok(Err(_))) => Some(End::Lost),
             Some(Err(_)) => {
                 tracing::info!(peer = %self.peer, client_id = %self.client_id(), "client stalled: not reading");
-                self.wbuf.clear();
+                self.work.wbuf.clear();
                 Some(End::Lost)
             }
         }
@@ -791,7 +796,7 @@ impl Connection {
     /// (v5: DISCONNECT 0x97) and the client resends what it has not had
     /// acknowledged.
     async fn settle(&mut self, within: Duration) -> Option<End> {
-        let gate = std::mem::take(&mut self.gate);
+        let gate = std::mem::take(&mut self.work.gate);
         let store = &self.shared.router.store;
         match timeout(within, store.durable(gate)).await {
             Ok(Ok(())) => None,
@@ -801,7 +806,7 @@ impl Connection {
                     _ => "the store did not write in time".to_owned(),
                 };
                 tracing::warn!(peer = %self.peer, client_id = %self.client_id(), error = %why, "acknowledgements withheld: the store could not write them; closing the connection");
-                self.wbuf.clear();
+                self.work.wbuf.clear();
                 Some(End::Server(reason::QUOTA_EXCEEDED))
             }
         }
@@ -811,9 +816,10 @@ impl Connection {
     /// or its writes already durable). Clears the gate when so.
     fn gate_settled(&mut self) -> bool {
         let store = &self.shared.router.store;
-        let settled = self.gate.is_empty() || store.is_durable(self.gate.last) && store.healthy();
+        let settled =
+            self.work.gate.is_empty() || store.is_durable(self.work.gate.last) && store.healthy();
         if settled {
-            self.gate = TicketSpan::default();
+            self.work.gate = TicketSpan::default();
         }
         settled
     }
@@ -840,15 +846,15 @@ impl Connection {
                     if let Some(end) = self.handle(p) {
                         return Some(end);
                     }
-                    self.handled += 1;
-                    if self.handled >= FAIR_SHARE {
+                    self.work.handled += 1;
+                    if self.work.handled >= FAIR_SHARE {
                         // A flood of small packets would otherwise keep the
                         // worker thread for the whole read buffer and every
                         // read after it (tokio's budget counts reads, not
                         // packets): the neighbours on this thread wait.
-                        self.yield_soon = true;
+                        self.work.yield_soon = true;
                     }
-                    if self.blocked.is_some() || self.yield_soon {
+                    if self.work.blocked.is_some() || self.work.yield_soon {
                         // Backpressure: the rest stays buffered until the
                         // subscriber has had its turn (or has room).
                         return None;
@@ -881,7 +887,7 @@ impl Connection {
                 }));
             }
         }
-        if !self.wbuf.is_empty() && !matches!(end, End::Lost) {
+        if !self.work.wbuf.is_empty() && !matches!(end, End::Lost) {
             // Acknowledgements the store has not written are not sent.
             if !self.gate_settled()
                 && Box::pin(self.settle(CLOSE_WRITE_DEADLINE)).await.is_some()
@@ -893,7 +899,7 @@ impl Connection {
                     properties: Properties::default(),
                 }));
             }
-            let _ = timeout(CLOSE_WRITE_DEADLINE, t.write_all(&self.wbuf)).await;
+            let _ = timeout(CLOSE_WRITE_DEADLINE, t.write_all(&self.work.wbuf)).await;
         }
         self.hand_back(end);
         // Broker-initiated closes linger so the client reads the reason.
@@ -949,7 +955,7 @@ impl Connection {
             );
             let shared = self.shared.clone();
             if delay.is_zero() {
-                shared.router.publish(msg, &mut self.scratch);
+                shared.router.publish(msg, &mut self.work.scratch);
             } else if !taken_over {
                 if persisted {
                     // Pending across a restart too.

@@ -19,7 +19,7 @@ use starling_codec::{ByteString, LastWill, ProtocolVersion};
 use starling_model::acl::Principal;
 use tokio::time::Instant;
 
-use super::connection::{Connection, Live};
+use super::connection::{Connection, Live, Work};
 use super::handshake::Terms;
 use super::lazy_map::LazyMap;
 use super::state::{ConnLink, Session};
@@ -27,7 +27,6 @@ use crate::listen::slots::Slot;
 use crate::listen::transport::{Severed, TcpTransport};
 use crate::metrics;
 use crate::server::Shared;
-use crate::store::TicketSpan;
 
 /// What a parked plain-TCP connection keeps.
 pub(super) struct Dormant {
@@ -100,24 +99,19 @@ impl Dormant {
             principal,
             acl_cache,
             peer,
-            wbuf,
             last_rx,
             aliases_in,
             aliases_out,
-            scratch: _,
-            batch: _,
-            blocked,
-            // A subscriber not waited for until then: forgetting it costs
-            // at most one more wait of a publisher quiet for a second.
-            skip: _,
-            yield_soon,
-            handled: _,
-            gate,
             limits,
-            flushes: _,
             park_when_idle: _,
+            work,
         } = conn;
-        debug_assert!(wbuf.is_empty() && gate.is_empty() && blocked.is_none() && !yield_soon);
+        debug_assert!(
+            work.wbuf.is_empty()
+                && work.gate.is_empty()
+                && work.blocked.is_none()
+                && !work.yield_soon
+        );
         Ok(Box::new(Dormant {
             shared,
             session,
@@ -172,23 +166,18 @@ impl Dormant {
             principal: d.principal,
             acl_cache: d.acl_cache,
             peer: d.peer,
-            wbuf: BytesMut::new(),
             last_rx: d.last_rx,
             aliases_in: d.aliases_in,
             aliases_out: d.aliases_out,
-            scratch: Vec::new(),
-            batch: Vec::new(),
-            blocked: None,
-            skip: None,
-            yield_soon: false,
-            handled: 0,
-            gate: TicketSpan::default(),
             limits: d.limits,
-            // Not zero: a connection that has written (its CONNACK at
-            // least) handles what woke it before it may park again (see
-            // `Connection::run`).
-            flushes: 1,
             park_when_idle: long,
+            work: Work {
+                // Not zero: a connection that has written (its CONNACK at
+                // least) handles what woke it before it may park again
+                // (see `Connection::run`).
+                flushes: 1,
+                ..Work::default()
+            },
         };
         Box::new(Live {
             conn,

@@ -54,7 +54,7 @@ impl Connection {
                             t = self.session.delivery_stored(&i.delivery, r.pkid, true);
                         }
                         drop(st);
-                        self.gate.note(t);
+                        self.work.gate.note(t);
                         self.write_packet(&Packet::PubRel(PubResp::new(r.pkid, 0)));
                     }
                     None => {
@@ -74,7 +74,7 @@ impl Connection {
                     // PUBCOMP waits for this: a restart must not take a
                     // reuse of the id for a duplicate.
                     let t = self.session.qos2_stored(r.pkid, false);
-                    self.gate.note(t);
+                    self.work.gate.note(t);
                 }
                 let code = if known || !self.version.is_v5() {
                     0
@@ -180,7 +180,7 @@ impl Connection {
             st.incoming_qos2.insert(p.pkid, ());
             drop(st);
             let t = self.session.qos2_stored(p.pkid, true);
-            self.gate.note(t);
+            self.work.gate.note(t);
         }
         let code = match self.shared.check_topic(&p.topic, &self.limits) {
             Err(e) => {
@@ -202,21 +202,22 @@ impl Connection {
             }
             Ok(()) => {
                 let msg = self.message_from(p.topic, p.payload, p.qos, p.retain, p.properties);
-                let routed = self.shared.router.publish(msg, &mut self.scratch);
-                self.gate.join(routed.span);
+                let routed = self.shared.router.publish(msg, &mut self.work.scratch);
+                self.work.gate.join(routed.span);
                 if routed.retained_full {
                     self.shared
                         .metrics
                         .dropped(p.qos as usize, DropReason::RetainedFull);
                 }
-                self.yield_soon |= routed.busy;
+                self.work.yield_soon |= routed.busy;
                 if let Some(s) = routed.congested {
                     let now = Instant::now();
                     let skipped = self
+                        .work
                         .skip
                         .is_some_and(|(k, until)| k == s.key && now < until);
                     if !skipped {
-                        self.blocked = Some((s, now + super::connection::BACKPRESSURE_WAIT));
+                        self.work.blocked = Some((s, now + super::connection::BACKPRESSURE_WAIT));
                     }
                 }
                 if routed.retained_full {
@@ -237,7 +238,7 @@ impl Connection {
             // and refusals never fill the Receive Maximum.
             if self.session.lock().incoming_qos2.remove(&p.pkid).is_some() {
                 let t = self.session.qos2_stored(p.pkid, false);
-                self.gate.note(t);
+                self.work.gate.note(t);
             }
         }
         match p.qos {
@@ -405,7 +406,7 @@ impl Connection {
         drop(st);
         // The SUBACK waits for the subscription to be stored.
         let t = self.session.store_subscription(key, &opts);
-        self.gate.note(t);
+        self.work.gate.note(t);
         let send_retained = parsed.share_group.is_none()
             && (opts.pub_states
                 || match f.retain_handling {
@@ -424,9 +425,9 @@ impl Connection {
     pub(super) fn send_initial(&mut self, filter: &str, opts: &SubOptions) {
         let router = &self.shared.router;
         if opts.pub_states {
-            router.deliver_last_values(&self.session, filter, opts, &mut self.gate);
+            router.deliver_last_values(&self.session, filter, opts, &mut self.work.gate);
         } else {
-            router.deliver_retained(&self.session, filter, opts, &mut self.gate);
+            router.deliver_retained(&self.session, filter, opts, &mut self.work.gate);
         }
     }
 
@@ -447,7 +448,7 @@ impl Connection {
             drop(st);
             if existed {
                 let t = self.session.unstore_subscription(raw);
-                self.gate.note(t);
+                self.work.gate.note(t);
             }
             codes.push(if existed {
                 reason::SUCCESS

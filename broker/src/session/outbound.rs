@@ -33,7 +33,7 @@ impl Connection {
     /// happens outside it so publishers are not held up.
     pub(super) fn drain(&mut self) {
         let window = usize::from(self.agreed.send_window);
-        let mut batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.work.batch);
         let mut bytes = 0;
         {
             let mut st = self.session.lock();
@@ -55,7 +55,7 @@ impl Connection {
                         // restart resends it under the same id and the
                         // client can tell it is a duplicate.
                         let t = self.session.delivery_stored(&d, id, false);
-                        self.gate.note(t);
+                        self.work.gate.note(t);
                     }
                     st.inflight.push_back(Inflight {
                         pkid: id,
@@ -70,7 +70,7 @@ impl Connection {
         }
         // One allocation for the whole batch (the buffer is released after
         // each flush).
-        self.wbuf.reserve(bytes + 64);
+        self.work.wbuf.reserve(bytes + 64);
         let now = Instant::now();
         for (pkid, d) in batch.drain(..) {
             if d.msg.is_expired(now) {
@@ -90,7 +90,7 @@ impl Connection {
                 self.session.dequeue_stored(&d);
             }
         }
-        self.batch = batch;
+        self.work.batch = batch;
     }
 
     /// Encodes one PUBLISH; false if it had to be dropped (too large for
@@ -142,14 +142,14 @@ impl Connection {
             }
             return false;
         }
-        codec::encode_publish(&p, self.version, &mut self.wbuf);
+        codec::encode_publish(&p, self.version, &mut self.work.wbuf);
         metrics::inc(&self.shared.metrics.messages_out[d.qos as usize]);
         metrics::inc(&self.session.messages_sent);
         true
     }
 
     pub(super) fn write_packet(&mut self, p: &Packet) {
-        if let Err(e) = codec::encode(p, self.version, &mut self.wbuf) {
+        if let Err(e) = codec::encode(p, self.version, &mut self.work.wbuf) {
             tracing::warn!(error = %e, "could not encode a packet for the client");
         }
     }
