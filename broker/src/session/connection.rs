@@ -353,6 +353,9 @@ pub(super) struct Work {
     pub(super) gate: TicketSpan,
     /// Batches written: the quiet check's sign of outgoing traffic.
     pub(super) flushes: u32,
+    /// Set by CONNECT only: a new connection may park as soon as its
+    /// CONNACK is out, where a resumed one first handles what woke it.
+    pub(super) just_connected: bool,
 }
 
 impl Connection {
@@ -505,6 +508,7 @@ impl Connection {
             park_when_idle: true,
             work: Work {
                 gate,
+                just_connected: true,
                 ..Work::default()
             },
         };
@@ -613,8 +617,8 @@ impl Connection {
         tokio::pin!(keepalive);
         let mut flushes_seen = self.work.flushes;
         // Whatever woke a resumed connection is handled before it may park
-        // again (a new one has handled its CONNECT already: nothing written).
-        let mut turned = self.work.flushes == 0;
+        // again (a new one has handled its CONNECT already).
+        let mut turned = std::mem::take(&mut self.work.just_connected);
         // Anything already buffered after CONNECT is processed before reading again.
         if let Some(end) = self.process(rbuf) {
             return Some(end);

@@ -87,45 +87,30 @@ impl Dormant {
                 }));
             }
         };
-        // Every field is named: a new one must be decided on here, kept or
-        // rebuilt in `unfold`.
-        let Connection {
-            shared,
-            session,
-            link,
-            version,
-            agreed,
-            will,
-            principal,
-            acl_cache,
-            peer,
-            last_rx,
-            aliases_in,
-            aliases_out,
-            limits,
-            park_when_idle: _,
-            work,
-        } = conn;
+        let work = &conn.work;
         debug_assert!(
             work.wbuf.is_empty()
                 && work.gate.is_empty()
                 && work.blocked.is_none()
                 && !work.yield_soon
         );
+        // What is not moved here (the running state, `park_when_idle`) is
+        // dropped; `unfold` names every field of `Connection`, so a new one
+        // is decided on there.
         Ok(Box::new(Dormant {
-            shared,
-            session,
-            link,
-            version,
-            agreed,
-            will,
-            principal,
-            acl_cache,
-            peer,
-            last_rx,
-            aliases_in,
-            aliases_out,
-            limits,
+            shared: conn.shared,
+            session: conn.session,
+            link: conn.link,
+            version: conn.version,
+            agreed: conn.agreed,
+            will: conn.will,
+            principal: conn.principal,
+            acl_cache: conn.acl_cache,
+            peer: conn.peer,
+            last_rx: conn.last_rx,
+            aliases_in: conn.aliases_in,
+            aliases_out: conn.aliases_out,
+            limits: conn.limits,
             socket,
             partial: (!rbuf.is_empty()).then(|| Box::new(rbuf)),
             span,
@@ -171,13 +156,7 @@ impl Dormant {
             aliases_out: d.aliases_out,
             limits: d.limits,
             park_when_idle: long,
-            work: Work {
-                // Not zero: a connection that has written (its CONNACK at
-                // least) handles what woke it before it may park again
-                // (see `Connection::run`).
-                flushes: 1,
-                ..Work::default()
-            },
+            work: Work::default(),
         };
         Box::new(Live {
             conn,

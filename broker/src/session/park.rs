@@ -197,9 +197,9 @@ impl Inner {
         ticks.min(u128::from(NEVER - 1)) as u32
     }
 
-    fn watch(&self, d: &Dormant, key: u64) -> std::io::Result<()> {
+    fn watch(&self, fd: std::os::fd::RawFd, key: u64) -> std::io::Result<()> {
         self.registry.register(
-            &mut SourceFd(&d.socket().as_raw_fd()),
+            &mut SourceFd(&fd),
             mio::Token(key as usize),
             mio::Interest::READABLE,
         )
@@ -284,21 +284,19 @@ impl Parker {
             .keepalive_deadline()
             .map_or(NEVER, |d| inner.tick(d, true));
         let link = dormant.link().clone();
+        let fd = dormant.socket().as_raw_fd();
         let key = slots.insert(dormant, lapse);
-        let watched = slots.entries[key as u32 as usize]
-            .parked
-            .as_ref()
-            .map(|d| inner.watch(d, key));
         // Registering reports input that is already there (epoll checks
         // at once), so nothing that arrived since the task's last read is
         // missed.
+        let watched = inner.watch(fd, key);
         let pending = link.park(key);
         drop(slots);
         if pending {
             // `park` took the permit the connection's loop looks for.
             link.wake.notify_one();
         }
-        if let Some(Err(e)) = watched {
+        if let Err(e) = watched {
             // Once: the cause (the kernel's epoll limits) is the same for
             // every connection, and each would try again every second.
             static WARNED: std::sync::atomic::AtomicBool =
